@@ -1,0 +1,253 @@
+//! The model card: everything a model file needs to be used correctly,
+//! stored as JSON in the safetensors `__metadata__` under [`CARD_KEY`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::{cnn::CnnConfig, densenet::DenseNetConfig};
+use crate::{Error, Result};
+
+/// The `__metadata__` key that holds the card.
+pub const CARD_KEY: &str = "model_card";
+/// Bumped when a card written by a newer version could be misread by an older one.
+pub const FORMAT: &str = "fracture-model/1";
+
+/// ImageNet statistics, as used by torchvision and Keras' DenseNet `preprocess_input`.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum Architecture {
+    Cnn(CnnConfig),
+    Densenet(DenseNetConfig),
+}
+
+impl Architecture {
+    /// The name users type (`--model`) and read in reports.
+    pub fn display_name(&self) -> String {
+        match self {
+            Architecture::Cnn(c) if c.kernel_size == 1 => "cnn".to_string(),
+            Architecture::Cnn(c) => format!("cnn (kernel {}, ours)", c.kernel_size),
+            Architecture::Densenet(c) => c.variant_name(),
+        }
+    }
+
+    /// How images must be normalised for this architecture by default.
+    pub fn default_preprocessing(&self, input_size: usize) -> Preprocessing {
+        match self {
+            Architecture::Cnn(_) => Preprocessing::unit(input_size),
+            Architecture::Densenet(_) => Preprocessing::imagenet(input_size),
+        }
+    }
+}
+
+/// How bytes become the model's input: decode to RGB, resize (bilinear, aspect
+/// not kept, as Keras' `image_dataset_from_directory`), divide by 255, then
+/// subtract `mean` and divide by `std` per channel.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Preprocessing {
+    pub input_size: usize,
+    pub resize: String,
+    pub channels: String,
+    pub scale: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Preprocessing {
+    /// The study's naive CNN: `Rescaling(1/255)` only.
+    pub fn unit(input_size: usize) -> Self {
+        Self {
+            input_size,
+            resize: "bilinear".into(),
+            channels: "rgb".into(),
+            scale: 1.0 / 255.0,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        }
+    }
+
+    /// DenseNet: 1/255, then ImageNet mean and std.
+    pub fn imagenet(input_size: usize) -> Self {
+        Self { mean: IMAGENET_MEAN, std: IMAGENET_STD, ..Self::unit(input_size) }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(8..=2048).contains(&self.input_size) {
+            return Err(Error::Card(format!(
+                "input_size {} is outside 8..=2048",
+                self.input_size
+            )));
+        }
+        if self.resize != "bilinear" || self.channels != "rgb" {
+            return Err(Error::Card(format!(
+                "unsupported preprocessing: resize `{}`, channels `{}` (expected bilinear, rgb)",
+                self.resize, self.channels
+            )));
+        }
+        if (self.scale - 1.0 / 255.0).abs() > 1e-9 {
+            return Err(Error::Card(format!("unsupported scale {} (expected 1/255)", self.scale)));
+        }
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || self.mean.iter().any(|m| !m.is_finite()) {
+            return Err(Error::Card(format!("invalid mean {:?} / std {:?}", self.mean, self.std)));
+        }
+        Ok(())
+    }
+}
+
+/// Which output means what. The model's single logit is P(`positive`): the
+/// study mixed up its class indices, so the card says it in words.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Classes {
+    pub negative: String,
+    pub positive: String,
+}
+
+impl Default for Classes {
+    fn default() -> Self {
+        Self { negative: "normal".into(), positive: "abnormal".into() }
+    }
+}
+
+/// What the model was trained on and how.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct TrainingSummary {
+    /// Where the data came from, in words (a directory name, "MURA v1.1 XR_HUMERUS train").
+    pub source: String,
+    pub layout: String,
+    pub images: usize,
+    pub positives: usize,
+    pub negatives: usize,
+    pub patients: Option<usize>,
+    pub skipped: usize,
+    /// Licence or terms of use of the training data, where they bind the weights.
+    pub terms: Option<String>,
+    /// The schedule as run: phases, epochs, learning rates, batch size, augmentation.
+    pub schedule: serde_json::Value,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SourceWeights {
+    pub file: String,
+    pub sha256: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelCard {
+    pub format: String,
+    pub architecture: Architecture,
+    pub preprocessing: Preprocessing,
+    pub classes: Classes,
+    /// P(positive) at or above this is labelled positive.
+    pub threshold: f64,
+    #[serde(default)]
+    pub training: Option<TrainingSummary>,
+    /// Validation figures measured when the model was made (free-form: accuracy, auc, ...).
+    #[serde(default)]
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Weights this model started from (an ImageNet import, a MURA-stage model).
+    #[serde(default)]
+    pub init: Option<SourceWeights>,
+    pub software: String,
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+impl ModelCard {
+    pub fn new(architecture: Architecture, input_size: usize) -> Self {
+        let preprocessing = architecture.default_preprocessing(input_size);
+        Self {
+            format: FORMAT.into(),
+            architecture,
+            preprocessing,
+            classes: Classes::default(),
+            threshold: 0.5,
+            training: None,
+            metrics: Default::default(),
+            seed: None,
+            init: None,
+            software: concat!("fracture ", env!("CARGO_PKG_VERSION")).into(),
+            notes: vec![
+                "Research use only. Not a medical device; not for clinical decisions.".into(),
+            ],
+        }
+    }
+
+    pub fn input_size(&self) -> usize {
+        self.preprocessing.input_size
+    }
+
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string(self).map_err(|e| Error::Card(e.to_string()))
+    }
+
+    pub fn from_json(json: &str) -> Result<Self> {
+        let card: ModelCard = serde_json::from_str(json).map_err(|e| Error::Card(e.to_string()))?;
+        card.validate()?;
+        Ok(card)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.format != FORMAT {
+            return Err(Error::Card(format!(
+                "format `{}` is not supported (expected `{FORMAT}`)",
+                self.format
+            )));
+        }
+        self.preprocessing.validate()?;
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(Error::Card(format!("threshold {} is outside [0, 1]", self.threshold)));
+        }
+        match &self.architecture {
+            Architecture::Cnn(c) => c.validate(self.input_size()),
+            Architecture::Densenet(c) => c.validate(self.input_size()),
+        }
+    }
+
+    pub fn label(&self, probability: f64) -> &str {
+        if probability >= self.threshold {
+            &self.classes.positive
+        } else {
+            &self.classes.negative
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_round_trips_through_json() {
+        let card = ModelCard::new(Architecture::Densenet(DenseNetConfig::densenet121()), 150);
+        let back = ModelCard::from_json(&card.to_json().unwrap()).unwrap();
+        assert_eq!(card, back);
+        assert_eq!(back.architecture.display_name(), "densenet121");
+        assert_eq!(back.preprocessing.mean, IMAGENET_MEAN);
+    }
+
+    #[test]
+    fn invalid_cards_are_rejected_with_reasons() {
+        let mut card = ModelCard::new(Architecture::Cnn(CnnConfig::study()), 150);
+        card.threshold = 1.5;
+        let err = ModelCard::from_json(&card.to_json().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("threshold"), "{err}");
+
+        let err = ModelCard::from_json(r#"{"format": "fracture-model/1"}"#).unwrap_err();
+        assert!(err.to_string().contains("missing field"), "{err}");
+
+        let mut card = ModelCard::new(Architecture::Cnn(CnnConfig::study()), 150);
+        card.format = "other/9".into();
+        let err = ModelCard::from_json(&card.to_json().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("other/9"), "{err}");
+    }
+
+    #[test]
+    fn label_uses_probability_not_logit() {
+        let card = ModelCard::new(Architecture::Cnn(CnnConfig::study()), 150);
+        assert_eq!(card.label(0.5), "abnormal");
+        assert_eq!(card.label(0.49), "normal");
+    }
+}

@@ -1,0 +1,56 @@
+//! Our own tensor operations, where candle's are missing or wrong for training.
+
+pub mod pool;
+
+use candle_core::{Result, Tensor};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+
+/// Inverted dropout with a mask drawn from `seed`.
+///
+/// candle cannot seed its CPU generator, and training must be reproducible,
+/// so the trainer hands every step its own seed.
+pub fn dropout(xs: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability {p} is outside [0, 1)");
+    }
+    if p == 0.0 {
+        return Ok(xs.clone());
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let keep_scale = 1.0 / (1.0 - p);
+    // 24 random bits give a uniform draw in [0, 1) with f32 precision.
+    let mask: Vec<f32> = (0..xs.elem_count())
+        .map(|_| {
+            let u = (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32;
+            if u < p {
+                0.0
+            } else {
+                keep_scale
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+    xs * mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn dropout_is_seeded_and_keeps_the_expectation() {
+        let xs = Tensor::ones((100, 100), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let a = dropout(&xs, 0.2, 7).unwrap();
+        let b = dropout(&xs, 0.2, 7).unwrap();
+        let c = dropout(&xs, 0.2, 8).unwrap();
+        let a_v: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a_v, b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_ne!(a_v, c.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let zeros = a_v.iter().filter(|v| **v == 0.0).count() as f64 / 1e4;
+        assert!((zeros - 0.2).abs() < 0.02, "dropped fraction {zeros}");
+        let mean = a_v.iter().map(|v| *v as f64).sum::<f64>() / 1e4;
+        assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
+        assert!(dropout(&xs, 1.0, 0).is_err());
+    }
+}

@@ -1,0 +1,218 @@
+//! The model file: one safetensors file whose `__metadata__` holds the card.
+//!
+//! Loading builds the model from plain tensors (no `Var`s, so no graph is
+//! kept alive) and checks that every tensor the architecture needs is there
+//! with the right shape, and that nothing else is.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use safetensors::SafeTensors;
+
+use crate::card::{ModelCard, CARD_KEY};
+use crate::models::Model;
+use crate::{Error, Result};
+
+/// How floating-point weights are stored on disk. They are always computed in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageDType {
+    F32,
+    /// Halves the download; running statistics and every other tensor are still loaded as f32.
+    F16,
+}
+
+pub struct ModelFile {
+    pub card: ModelCard,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl ModelFile {
+    /// Parses a model file. Any float dtype on disk is converted to f32.
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| Error::NotAModelFile(format!("not a safetensors file ({e})")))?;
+        let card_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(CARD_KEY))
+            .ok_or_else(|| {
+                Error::NotAModelFile(format!(
+                    "safetensors file without a model card (`{CARD_KEY}` in __metadata__); \
+                     torchvision weights must go through `fracture import` first"
+                ))
+            })?;
+        let card = ModelCard::from_json(card_json)?;
+        let safetensors = SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::NotAModelFile(format!("corrupt safetensors data ({e})")))?;
+        let mut tensors = HashMap::new();
+        for (name, view) in safetensors.tensors() {
+            let tensor = candle_core::safetensors::Load::load(&view, device)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(|e| Error::NotAModelFile(format!("tensor `{name}` cannot be read: {e}")))?;
+            tensors.insert(name, tensor);
+        }
+        Ok(Self { card, tensors })
+    }
+
+    /// Serialises tensors and card, in a stable (sorted) order.
+    pub fn to_bytes(card: &ModelCard, tensors: &HashMap<String, Tensor>, storage: StorageDType) -> Result<Vec<u8>> {
+        let mut stored = Vec::with_capacity(tensors.len());
+        for (name, tensor) in tensors {
+            let tensor = match storage {
+                StorageDType::F32 => tensor.to_dtype(DType::F32)?,
+                StorageDType::F16 => tensor.to_dtype(DType::F16)?,
+            };
+            stored.push((name.clone(), tensor.contiguous()?));
+        }
+        stored.sort_by(|a, b| a.0.cmp(&b.0));
+        let metadata = HashMap::from([(CARD_KEY.to_string(), card.to_json()?)]);
+        safetensors::serialize(stored, Some(metadata))
+            .map_err(|e| Error::NotAModelFile(format!("cannot serialise weights: {e}")))
+    }
+
+    /// Builds the card's architecture from these tensors, rejecting missing,
+    /// misshapen or unexpected ones by name.
+    pub fn build_model(&self, device: &Device) -> Result<Model> {
+        build_checked(&self.card, &self.tensors, device)
+    }
+}
+
+/// Builds a model over exactly `tensors`: each one must be used, with the right shape.
+pub fn build_checked(card: &ModelCard, tensors: &HashMap<String, Tensor>, device: &Device) -> Result<Model> {
+    let backend = CheckedTensors { tensors: tensors.clone(), used: Mutex::new(BTreeSet::new()) };
+    let vb = VarBuilder::from_backend(Box::new(&backend), DType::F32, device.clone());
+    let model = Model::new(&card.architecture, card.input_size(), vb).map_err(|e| Error::WeightsMismatch {
+        architecture: card.architecture.display_name(),
+        message: e.to_string(),
+    })?;
+    let used = backend.used.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+    if !unexpected.is_empty() {
+        unexpected.sort();
+        let shown: Vec<&str> = unexpected.iter().take(5).map(|s| s.as_str()).collect();
+        return Err(Error::WeightsMismatch {
+            architecture: card.architecture.display_name(),
+            message: format!("{} unexpected tensor(s): {}", unexpected.len(), shown.join(", ")),
+        });
+    }
+    Ok(model)
+}
+
+struct CheckedTensors {
+    tensors: HashMap<String, Tensor>,
+    used: Mutex<BTreeSet<String>>,
+}
+
+impl SimpleBackend for &CheckedTensors {
+    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, dev)?;
+        if tensor.shape() != &shape {
+            candle_core::bail!("tensor `{name}` has shape {:?}, expected {:?}", tensor.dims(), shape.dims());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{name}`")))?;
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(name.to_string());
+        }
+        tensor.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::card::Architecture;
+    use crate::models::cnn::CnnConfig;
+    use crate::models::densenet::DenseNetConfig;
+    use crate::models::Mode;
+    use candle_nn::VarMap;
+
+    fn fresh(arch: Architecture, size: usize) -> (ModelCard, HashMap<String, Tensor>) {
+        let card = ModelCard::new(arch, size);
+        let varmap = VarMap::new();
+        Model::new(&card.architecture, size, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let tensors =
+            varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        (card, tensors)
+    }
+
+    #[test]
+    fn save_and_load_give_identical_outputs() {
+        for arch in [Architecture::Cnn(CnnConfig::study()), Architecture::Densenet(DenseNetConfig::tiny())] {
+            let (card, tensors) = fresh(arch, 40);
+            let bytes = ModelFile::to_bytes(&card, &tensors, StorageDType::F32).unwrap();
+            let file = ModelFile::from_bytes(&bytes, &Device::Cpu).unwrap();
+            assert_eq!(file.card, card);
+            let original = build_checked(&card, &tensors, &Device::Cpu).unwrap();
+            let loaded = file.build_model(&Device::Cpu).unwrap();
+            let xs = Tensor::randn(0f32, 1., (3, 3, 40, 40), &Device::Cpu).unwrap();
+            let a: Vec<f32> = original.forward(&xs, Mode::EVAL).unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = loaded.forward(&xs, Mode::EVAL).unwrap().to_vec1().unwrap();
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn wrong_files_give_errors_that_name_the_tensor() {
+        let (card, mut tensors) = fresh(Architecture::Densenet(DenseNetConfig::tiny()), 40);
+        let dev = Device::Cpu;
+
+        let mut missing = tensors.clone();
+        missing.remove("features.norm5.running_var");
+        let err = build_checked(&card, &missing, &dev).err().unwrap().to_string();
+        assert!(err.contains("missing tensor `features.norm5.running_var`"), "{err}");
+
+        let mut misshapen = tensors.clone();
+        misshapen.insert("classifier.weight".into(), Tensor::zeros((1000, 20), DType::F32, &dev).unwrap());
+        let err = build_checked(&card, &misshapen, &dev).err().unwrap().to_string();
+        assert!(err.contains("`classifier.weight` has shape [1000, 20]"), "{err}");
+
+        tensors.insert("features.extra.weight".into(), Tensor::zeros(3, DType::F32, &dev).unwrap());
+        let err = build_checked(&card, &tensors, &dev).err().unwrap().to_string();
+        assert!(err.contains("unexpected tensor(s): features.extra.weight"), "{err}");
+
+        // A cnn card over densenet weights.
+        let cnn_card = ModelCard::new(Architecture::Cnn(CnnConfig::study()), 40);
+        let err = build_checked(&cnn_card, &tensors, &dev).err().unwrap().to_string();
+        assert!(err.contains("cnn") && err.contains("missing tensor `conv1.weight`"), "{err}");
+    }
+
+    #[test]
+    fn non_model_bytes_are_rejected_without_panic() {
+        for bytes in [&b""[..], b"hello", &[0xff; 64][..]] {
+            assert!(matches!(ModelFile::from_bytes(bytes, &Device::Cpu), Err(Error::NotAModelFile(_))));
+        }
+        // A valid safetensors file without a card.
+        let plain = safetensors::serialize(
+            [("x", Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap())],
+            None,
+        )
+        .unwrap();
+        let err = ModelFile::from_bytes(&plain, &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("without a model card"), "{err}");
+    }
+
+    #[test]
+    fn f16_storage_halves_the_file_and_loads_as_f32() {
+        let (card, tensors) = fresh(Architecture::Densenet(DenseNetConfig::tiny()), 40);
+        let full = ModelFile::to_bytes(&card, &tensors, StorageDType::F32).unwrap();
+        let half = ModelFile::to_bytes(&card, &tensors, StorageDType::F16).unwrap();
+        assert!(half.len() < full.len() * 2 / 3);
+        let file = ModelFile::from_bytes(&half, &Device::Cpu).unwrap();
+        assert!(file.tensors.values().all(|t| t.dtype() == DType::F32));
+        file.build_model(&Device::Cpu).unwrap();
+    }
+}
