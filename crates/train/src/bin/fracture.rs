@@ -1,0 +1,16 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use fracture_train::cli::{run, Cli};
+
+fn main() -> ExitCode {
+    // clap exits with 2 on a bad command line, before anything runs.
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

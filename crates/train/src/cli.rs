@@ -1,0 +1,585 @@
+//! The `fracture` command line: parse, call the library, print.
+//!
+//! Exit codes: 0 success; 1 the run failed (the message names the file or
+//! option at fault); 2 bad command line (clap's own code).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fracture_core::card::SourceWeights;
+use fracture_core::models::{cnn::CnnConfig, densenet::DenseNetConfig};
+use fracture_core::weights::{ModelFile, StorageDType};
+use fracture_core::{Architecture, ModelCard, Predictor};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+
+use crate::augment::Augmentation;
+use crate::dataset::{self, Dataset, ScanOptions};
+use crate::fit::{self, Checkpoint, FitConfig, FitData, TrainSpec};
+use crate::kfold::{self, FoldResult, KfoldObserver, KfoldSpec};
+use crate::report::{self, EpochRecord};
+use crate::schedule::{self, Overrides, Recipe};
+
+#[derive(Parser, Debug)]
+#[command(name = "fracture", version, about = "Train and run bone-fracture (abnormality) classifiers on X-rays.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model on a dataset directory and write it as .safetensors with its model card.
+    Train(TrainArgs),
+    /// Stratified k-fold cross-validation, grouped by patient when known.
+    #[command(alias = "eval-w-kfold")]
+    Kfold(KfoldArgs),
+    /// Predict P(abnormal) for image files or directories.
+    Detect(DetectArgs),
+    /// Write a synthetic dataset (bars with and without cracks) to try the tools on.
+    Synth(SynthArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModelName {
+    Cnn,
+    Densenet121,
+    Densenet169,
+    Densenet201,
+    /// A tiny DenseNet for tests and quick trials.
+    DensenetTiny,
+}
+
+impl ModelName {
+    fn architecture(self, kernel: usize) -> Architecture {
+        match self {
+            ModelName::Cnn => Architecture::Cnn(CnnConfig::with_kernel(kernel)),
+            ModelName::Densenet121 => Architecture::Densenet(DenseNetConfig::densenet121()),
+            ModelName::Densenet169 => Architecture::Densenet(DenseNetConfig::densenet169()),
+            ModelName::Densenet201 => Architecture::Densenet(DenseNetConfig::densenet201()),
+            ModelName::DensenetTiny => Architecture::Densenet(DenseNetConfig::tiny()),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Dataset directory: class folders (Fracture/, Normal/) or the MURA layout.
+    #[arg(short, long = "input", value_name = "DIR")]
+    pub input: PathBuf,
+    /// Name of the abnormal class folder, when it is not fracture/positive/abnormal.
+    #[arg(long, value_name = "NAME")]
+    pub positive: Option<String>,
+    /// With a MURA-v1.1 root: the study type to read, e.g. XR_HUMERUS.
+    #[arg(long, value_name = "TYPE")]
+    pub study: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    #[arg(long, value_enum, default_value = "cnn")]
+    pub model: ModelName,
+    /// Convolution size of the cnn: 1 is the study's; 3 is our variant.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=7))]
+    pub kernel: u8,
+    /// Start from these weights (an `fracture import`ed ImageNet model or a MURA-stage model).
+    #[arg(long, value_name = "W.safetensors")]
+    pub init: Option<PathBuf>,
+    /// Schedule: the study's (two phases for DenseNet) or one phase training everything.
+    #[arg(long, value_enum)]
+    pub recipe: Option<Recipe>,
+    /// Epochs of the first (or only) phase [default: cnn 35, DenseNet head 25].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Learning rate of the first phase [default: 1e-3].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// DenseNet fine-tuning epochs [default: 10].
+    #[arg(long)]
+    pub fine_tune_epochs: Option<usize>,
+    /// DenseNet fine-tuning learning rate [default: 1e-5].
+    #[arg(long)]
+    pub fine_tune_lr: Option<f64>,
+    /// Only unfreeze parameters starting with these prefixes when fine-tuning (e.g. features.denseblock4).
+    #[arg(long, value_name = "PREFIX")]
+    pub unfreeze: Vec<String>,
+    #[arg(long, default_value_t = 6)]
+    pub batch: usize,
+    /// Input size in pixels (square).
+    #[arg(long, default_value_t = 150)]
+    pub size: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Train without the study's augmentation (flip, rotation, zoom, brightness).
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Hide the per-batch progress bar (epoch lines are still printed).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output model file.
+    #[arg(short, long, value_name = "MODEL.safetensors")]
+    pub output: PathBuf,
+    /// Fraction of patients held out for per-epoch validation.
+    #[arg(long, default_value_t = 0.2)]
+    pub val_split: f64,
+    /// Store weights as f16 (half the size; loaded as f32).
+    #[arg(long)]
+    pub f16: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KfoldArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 10)]
+    pub folds: usize,
+    /// Write every figure, per fold, and the out-of-fold predictions as JSON
+    /// (plus an ROC curve as SVG beside it).
+    #[arg(long, value_name = "OUT.json")]
+    pub report: Option<PathBuf>,
+    /// Fraction of each fold's training patients held out to log validation curves.
+    #[arg(long, default_value_t = 0.0)]
+    pub val_split: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Csv,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct DetectArgs {
+    #[arg(long, value_name = "MODEL.safetensors")]
+    pub weights: PathBuf,
+    /// Image files or directories (searched recursively).
+    #[arg(short, long = "input", value_name = "PATH", num_args = 1.., required = true)]
+    pub inputs: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SynthLayout {
+    Classes,
+    Mura,
+}
+
+#[derive(Args, Debug)]
+pub struct SynthArgs {
+    #[arg(short, long, value_name = "DIR")]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value = "classes")]
+    pub layout: SynthLayout,
+    /// Images per class (class layout) or patients (MURA layout).
+    #[arg(long, default_value_t = 50)]
+    pub count: usize,
+    #[arg(long, default_value_t = 150)]
+    pub size: u32,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train(args),
+        Command::Kfold(args) => kfold(args),
+        Command::Detect(args) => detect(args),
+        Command::Synth(args) => synth(args),
+    }
+}
+
+fn bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(len) };
+    bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar
+}
+
+/// Scans, prints the summary, and decodes every image at the model's size.
+fn load_dataset(data: &DataArgs, card: &ModelCard, quiet: bool) -> Result<(Dataset, Vec<image::Rgb32FImage>)> {
+    let options = ScanOptions { positive: data.positive.clone(), study: data.study.clone() };
+    let mut dataset = dataset::scan(&data.input, &options)?;
+    let progress = bar(0, "  decoding [{bar:30}] {pos}/{len} images ({eta} left)", quiet);
+    let images = dataset.load_images(&card.preprocessing, &progress);
+    eprint!("{}", dataset.summary());
+    dataset.check_trainable()?;
+    Ok((dataset, images))
+}
+
+struct Prepared {
+    card: ModelCard,
+    init: Option<HashMap<String, Tensor>>,
+    config: FitConfig,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The card template, initial weights and schedule that `train` and `kfold` share.
+fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
+    let mut architecture = args.model.architecture(args.kernel as usize);
+    if args.model != ModelName::Cnn && args.kernel != 1 {
+        bail!("--kernel applies to --model cnn only");
+    }
+    let mut init_source = None;
+    let init = match &args.init {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read --init {}", path.display()))?;
+            let file = ModelFile::from_bytes(&bytes, device).with_context(|| format!("--init {}", path.display()))?;
+            if std::mem::discriminant(&file.card.architecture) != std::mem::discriminant(&architecture) {
+                bail!(
+                    "--init {} holds a {} model, but --model is {}",
+                    path.display(),
+                    file.card.architecture.display_name(),
+                    architecture.display_name()
+                );
+            }
+            // The file knows its exact configuration (depth, kernel); it wins.
+            architecture = file.card.architecture.clone();
+            init_source = Some(SourceWeights { file: path.display().to_string(), sha256: sha256_hex(&bytes) });
+            Some(file.tensors)
+        }
+        None => None,
+    };
+    let recipe = args.recipe.unwrap_or(match (&architecture, &init) {
+        (Architecture::Densenet(_), None) => {
+            eprintln!(
+                "note: the study's DenseNet recipe freezes a pretrained base; without --init it would \
+                 freeze random weights, so training from scratch uses --recipe scratch"
+            );
+            Recipe::Scratch
+        }
+        _ => Recipe::Study,
+    });
+    let overrides = Overrides {
+        epochs: args.epochs,
+        lr: args.lr,
+        fine_tune_epochs: args.fine_tune_epochs,
+        fine_tune_lr: args.fine_tune_lr,
+        unfreeze: args.unfreeze.clone(),
+    };
+    let config = FitConfig {
+        phases: schedule::phases(&architecture, recipe, &overrides),
+        batch_size: args.batch,
+        augmentation: if args.no_augment { Augmentation::NONE } else { Augmentation::STUDY },
+        seed: args.seed,
+    };
+    config.validate()?;
+    let mut card = ModelCard::new(architecture, args.size);
+    card.validate().context("invalid --model/--size combination")?;
+    card.seed = Some(args.seed);
+    card.init = init_source;
+    Ok(Prepared { card, init, config })
+}
+
+fn print_epoch(prefix: &str, record: &EpochRecord) {
+    let validation = match (record.val_loss, record.val_accuracy) {
+        (Some(loss), Some(acc)) => format!("  val_loss {loss:.4}  val_acc {:.2}%", acc * 100.0),
+        _ => String::new(),
+    };
+    eprintln!(
+        "{prefix}{} epoch {:>3}  loss {:.4}  acc {:.2}%{validation}  ({:.1} s)",
+        record.phase,
+        record.epoch,
+        record.train_loss,
+        record.train_accuracy * 100.0,
+        record.seconds
+    );
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!("{stem}{suffix}"))
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let device = Device::Cpu;
+    if !(0.0..0.9).contains(&args.val_split) {
+        bail!("--val-split {} must be in [0, 0.9)", args.val_split);
+    }
+    let Prepared { mut card, init, config } = prepare(&args.model, &device)?;
+    let (dataset, images) = load_dataset(&args.data, &card, args.model.quiet)?;
+    card.classes = dataset.classes.clone();
+    let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
+    let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
+    let (train_idx, val_idx) = if args.val_split > 0.0 {
+        crate::folds::grouped_split(&labels, &groups, args.val_split, args.model.seed)?
+    } else {
+        ((0..labels.len()).collect(), Vec::new())
+    };
+    eprintln!(
+        "training {} on {} images, validating on {} ({} phase(s), batch {})",
+        card.architecture.display_name(),
+        train_idx.len(),
+        val_idx.len(),
+        config.phases.len(),
+        config.batch_size
+    );
+    let data = FitData { images: &images, labels: &labels, train: train_idx, validation: val_idx };
+    let spec = TrainSpec {
+        card: &card,
+        init: init.as_ref(),
+        config: &config,
+        device: &device,
+        show_progress: !args.model.quiet,
+    };
+    let checkpoint = Checkpoint::beside(&args.output);
+    if checkpoint.path.exists() {
+        eprintln!("resuming from {}", checkpoint.path.display());
+    }
+    let started = Instant::now();
+    let trained = fit::train(&spec, &data, Some(Checkpoint::beside(&args.output)), &mut |r| print_epoch("", r))?;
+
+    let schedule = serde_json::to_value(&config)?;
+    card.training = Some(dataset.training_summary(schedule));
+    if !data.validation.is_empty() {
+        let probabilities = fit::predict(&trained.model, &images, &data.validation, &card.preprocessing, 32, &device)?;
+        let truth: Vec<bool> = data.validation.iter().map(|&i| labels[i]).collect();
+        let val_groups: Vec<usize> = data.validation.iter().map(|&i| groups[i]).collect();
+        let metrics = crate::metrics::BinaryMetrics::compute(
+            &probabilities,
+            &truth,
+            dataset.has_patients.then_some(val_groups.as_slice()),
+            card.threshold,
+            args.model.seed,
+        );
+        eprintln!(
+            "validation: accuracy {:.2}%  AUC {}  sensitivity {:.1}%  specificity {:.1}%",
+            metrics.accuracy * 100.0,
+            metrics.auc.map_or("n/a".into(), |a| format!("{a:.3}")),
+            metrics.sensitivity * 100.0,
+            metrics.specificity * 100.0
+        );
+        if let serde_json::Value::Object(map) = serde_json::to_value(&metrics)? {
+            card.metrics = map;
+        }
+    }
+    card.metrics.insert("train_seconds".into(), serde_json::json!(started.elapsed().as_secs_f64()));
+    let storage = if args.f16 { StorageDType::F16 } else { StorageDType::F32 };
+    let bytes = ModelFile::to_bytes(&card, &trained.params.tensors(), storage)?;
+    crate::write_atomically(&args.output, &bytes).with_context(|| format!("cannot write {}", args.output.display()))?;
+    Checkpoint::beside(&args.output).remove();
+
+    let history_path = with_suffix(&args.output, ".history.json");
+    trained.history.save_json(&history_path).with_context(|| format!("cannot write {}", history_path.display()))?;
+    let curves_path = with_suffix(&args.output, ".curves.svg");
+    report::plot_history(&trained.history, &card.architecture.display_name(), &curves_path)
+        .with_context(|| format!("cannot write {}", curves_path.display()))?;
+    eprintln!(
+        "wrote {} ({:.1} MB), {} and {}",
+        args.output.display(),
+        bytes.len() as f64 / 1e6,
+        history_path.display(),
+        curves_path.display()
+    );
+    Ok(())
+}
+
+struct PrintFolds;
+
+impl KfoldObserver for PrintFolds {
+    fn fold_started(&mut self, fold: usize, folds: usize, resumed: bool) {
+        let note = if resumed { " (finished earlier, loaded)" } else { "" };
+        eprintln!("fold {fold}/{folds}{note}");
+    }
+
+    fn epoch(&mut self, fold: usize, record: &EpochRecord) {
+        print_epoch(&format!("  fold {fold} "), record);
+    }
+
+    fn fold_finished(&mut self, result: &FoldResult) {
+        eprintln!(
+            "  fold {}: loss {:.4}  accuracy {:.2}%  AUC {}  ({} test images, {:.0} s)",
+            result.fold,
+            result.loss,
+            result.accuracy * 100.0,
+            result.metrics.auc.map_or("n/a".into(), |a| format!("{a:.3}")),
+            result.test_images,
+            result.seconds
+        );
+    }
+}
+
+fn kfold(args: KfoldArgs) -> Result<()> {
+    let device = Device::Cpu;
+    if args.folds < 2 {
+        bail!("--folds must be at least 2");
+    }
+    if !(0.0..0.9).contains(&args.val_split) {
+        bail!("--val-split {} must be in [0, 0.9)", args.val_split);
+    }
+    let Prepared { mut card, init, config } = prepare(&args.model, &device)?;
+    let (dataset, images) = load_dataset(&args.data, &card, args.model.quiet)?;
+    card.classes = dataset.classes.clone();
+
+    // Finished folds are kept here until the report is written, so a rerun resumes.
+    let run_id = format!(
+        "{:016x}",
+        crate::params::derive_seed(
+            args.model.seed,
+            (
+                serde_json::to_string(&config)?,
+                serde_json::to_string(&card.architecture)?,
+                card.input_size(),
+                args.folds,
+                args.val_split.to_bits(),
+                dataset.samples.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>(),
+                card.init.as_ref().map(|s| s.sha256.clone()),
+            )
+        )
+    );
+    let state_dir = match &args.report {
+        Some(report) => with_suffix(report, &format!(".partial-{run_id}")),
+        None => std::env::temp_dir().join(format!("fracture-kfold-{run_id}")),
+    };
+    if state_dir.exists() {
+        eprintln!("resuming from {}", state_dir.display());
+    }
+    let spec = KfoldSpec {
+        card: &card,
+        init: init.as_ref(),
+        config: &config,
+        folds: args.folds,
+        validation_fraction: args.val_split,
+        device: &device,
+        show_progress: !args.model.quiet,
+        state_dir: &state_dir,
+    };
+    let report = kfold::run(&spec, &dataset, &images, &mut PrintFolds)?;
+    print!("{}", report.summary());
+    std::io::stdout().flush()?;
+    if let Some(path) = &args.report {
+        let json = serde_json::to_vec_pretty(&report)?;
+        crate::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+        let scores: Vec<f64> = report.predictions.iter().map(|p| p.probability).collect();
+        let truth: Vec<bool> = report.predictions.iter().map(|p| p.positive).collect();
+        let curve = crate::metrics::roc_curve(&scores, &truth);
+        let roc_path = with_suffix(path, ".roc.svg");
+        report::plot_roc(&[(report.model.clone(), curve, report.pooled.auc)], &roc_path)
+            .with_context(|| format!("cannot write {}", roc_path.display()))?;
+        eprintln!("wrote {} and {}", path.display(), roc_path.display());
+    }
+    let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(())
+}
+
+/// Image files named on the command line, and those found in directories.
+fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<(PathBuf, bool)>> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            for entry in walkdir::WalkDir::new(input).sort_by_file_name() {
+                let entry = entry.with_context(|| format!("cannot list {}", input.display()))?;
+                let path = entry.path();
+                let is_image = path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| dataset::IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+                if entry.file_type().is_file() && is_image {
+                    files.push((entry.into_path(), false));
+                }
+            }
+        } else {
+            files.push((input.clone(), true));
+        }
+    }
+    Ok(files)
+}
+
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
+    }
+}
+
+fn detect(args: DetectArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let bytes = std::fs::read(&args.weights).with_context(|| format!("cannot read --weights {}", args.weights.display()))?;
+    let predictor = Predictor::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
+    let files = expand_inputs(&args.inputs)?;
+    if files.is_empty() {
+        bail!("no image files found in {}", args.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+
+    let mut out = std::io::stdout().lock();
+    if args.format == Format::Csv {
+        writeln!(out, "path,probability,label")?;
+    }
+    let mut json_rows = Vec::new();
+    let (mut failed_named, mut succeeded) = (0usize, 0usize);
+    for chunk in files.chunks(16) {
+        let loaded: Vec<_> = {
+            use rayon::prelude::*;
+            chunk
+                .par_iter()
+                .map(|(path, _)| {
+                    std::fs::read(path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| fracture_core::preprocess::load(&b, &predictor.card().preprocessing).map_err(|e| e.to_string()))
+                })
+                .collect()
+        };
+        let images: Vec<&image::Rgb32FImage> = loaded.iter().filter_map(|r| r.as_ref().ok()).collect();
+        let mut probabilities = predictor.probabilities(&images)?.into_iter();
+        for ((path, named), result) in chunk.iter().zip(&loaded) {
+            if let Err(reason) = result {
+                eprintln!("skipped {}: {reason}", path.display());
+                failed_named += usize::from(*named);
+                continue;
+            }
+            let probability = probabilities.next().context("internal: prediction count mismatch")?;
+            let prediction = predictor.prediction(probability);
+            succeeded += 1;
+            let shown = path.display().to_string();
+            match args.format {
+                Format::Text => writeln!(out, "{shown}\t{:.2}%\t{}", probability * 100.0, prediction.label)?,
+                Format::Csv => writeln!(out, "{},{probability:.6},{}", csv_field(&shown), csv_field(&prediction.label))?,
+                Format::Json => json_rows.push(serde_json::json!({
+                    "path": shown, "probability": probability, "label": prediction.label,
+                })),
+            }
+        }
+    }
+    if args.format == Format::Json {
+        serde_json::to_writer_pretty(&mut out, &json_rows)?;
+        writeln!(out)?;
+    }
+    if succeeded == 0 {
+        bail!("no image could be read");
+    }
+    if failed_named > 0 {
+        bail!("{failed_named} file(s) named on the command line could not be read");
+    }
+    Ok(())
+}
+
+fn synth(args: SynthArgs) -> Result<()> {
+    if args.size < 32 {
+        bail!("--size must be at least 32");
+    }
+    let written = match args.layout {
+        SynthLayout::Classes => crate::synthetic::write_class_folders(&args.output, args.count, args.size, args.seed)?.len(),
+        SynthLayout::Mura => crate::synthetic::write_mura(&args.output, args.count, args.size, args.seed)?.len(),
+    };
+    eprintln!("wrote {written} synthetic images to {}", args.output.display());
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! The training loop: phases (e.g. head-only, then fine-tuning), Adam,
+//! BCE with logits, seeded shuffling/augmentation/dropout, per-epoch
+//! validation, and a checkpoint after every epoch so that an interrupted run
+//! resumes where it stopped.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use fracture_core::models::{Mode, Model};
+use fracture_core::predict::probabilities_from_logits;
+use fracture_core::weights::{ModelFile, StorageDType};
+use fracture_core::{preprocess, ModelCard, Preprocessing};
+use image::Rgb32FImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::augment::Augmentation;
+use crate::optim::Adam;
+use crate::params::{derive_seed, Params};
+use crate::report::{EpochRecord, History};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Core(#[from] fracture_core::Error),
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Which parameters a phase trains.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    All,
+    /// The classifier alone: the base is frozen and its output is detached.
+    Head,
+    /// Parameters whose names start with one of these (e.g. `features.denseblock4`), plus the head.
+    Prefixes(Vec<String>),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    pub epochs: usize,
+    pub lr: f64,
+    pub scope: Scope,
+    /// BatchNorm normalises with batch statistics (and updates its running
+    /// ones); false keeps it in inference mode, as the study's fine-tuning.
+    pub batch_norm_stats: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FitConfig {
+    pub phases: Vec<Phase>,
+    pub batch_size: usize,
+    pub augmentation: Augmentation,
+    pub seed: u64,
+}
+
+impl FitConfig {
+    pub fn validate(&self) -> Result<(), FitError> {
+        if self.batch_size == 0 {
+            return Err(FitError::Config("--batch must be at least 1".into()));
+        }
+        if self.phases.is_empty() || self.phases.iter().all(|p| p.epochs == 0) {
+            return Err(FitError::Config("the schedule has no epochs".into()));
+        }
+        if let Some(p) = self.phases.iter().find(|p| !(p.lr > 0.0 && p.lr.is_finite())) {
+            return Err(FitError::Config(format!("phase `{}`: learning rate {} must be positive", p.name, p.lr)));
+        }
+        Ok(())
+    }
+}
+
+/// Images (already at the input size) with labels, and which of them train and validate.
+pub struct FitData<'a> {
+    pub images: &'a [Rgb32FImage],
+    pub labels: &'a [bool],
+    pub train: Vec<usize>,
+    pub validation: Vec<usize>,
+}
+
+/// Numerically stable mean BCE on logits: max(x,0) - x·y + log(1 + e^-|x|).
+pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let softplus_tail = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    ((logits.relu()? - (logits * targets)?)? + softplus_tail)?.mean_all()
+}
+
+fn labels_tensor(labels: &[bool], indices: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    let values: Vec<f32> = indices.iter().map(|&i| if labels[i] { 1.0 } else { 0.0 }).collect();
+    Tensor::from_vec(values, indices.len(), device)
+}
+
+/// P(positive) for each listed image, in eval mode, in batches.
+pub fn predict(
+    model: &Model,
+    images: &[Rgb32FImage],
+    indices: &[usize],
+    preprocessing: &Preprocessing,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<f64>, FitError> {
+    let mut probabilities = Vec::with_capacity(indices.len());
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let batch: Vec<&Rgb32FImage> = chunk.iter().map(|&i| &images[i]).collect();
+        let xs = preprocess::to_tensor(&batch, preprocessing, device)?;
+        let logits = model.forward(&xs, Mode::EVAL)?.detach();
+        probabilities.extend(probabilities_from_logits(&logits)?);
+    }
+    Ok(probabilities)
+}
+
+/// Mean BCE and accuracy at 0.5 of probabilities against labels.
+fn loss_and_accuracy(probabilities: &[f64], labels: &[bool], indices: &[usize]) -> (f64, f64) {
+    let targets: Vec<bool> = indices.iter().map(|&i| labels[i]).collect();
+    let loss = crate::metrics::bce_loss(probabilities, &targets);
+    let correct = probabilities.iter().zip(&targets).filter(|(p, t)| (**p >= 0.5) == **t).count();
+    (loss, correct as f64 / targets.len().max(1) as f64)
+}
+
+/// Where the run stands, saved beside the weights in each checkpoint.
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    fingerprint: String,
+    phase: usize,
+    /// Epochs of `phase` already done.
+    epochs_done: usize,
+    adam_step: usize,
+    history: History,
+}
+
+const STATE_KEY: &str = "fracture_checkpoint";
+
+pub struct Checkpoint {
+    pub path: PathBuf,
+}
+
+impl Checkpoint {
+    /// The checkpoint kept beside an output model file.
+    pub fn beside(output: &Path) -> Self {
+        let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(".checkpoint");
+        Self { path: output.with_file_name(name) }
+    }
+
+    fn error(&self, message: impl ToString) -> FitError {
+        FitError::Checkpoint { path: self.path.clone(), message: message.to_string() }
+    }
+
+    fn save(&self, card: &ModelCard, params: &Params, adam: &Adam, state: &CheckpointState) -> Result<(), FitError> {
+        let mut tensors = params.tensors();
+        tensors.extend(adam.state());
+        let mut card = card.clone();
+        card.notes.push("Training checkpoint: not a finished model.".into());
+        let mut bytes = ModelFile::to_bytes(&card, &tensors, StorageDType::F32)?;
+        // The run's position travels in a second metadata entry of the same file.
+        let state_json = serde_json::to_string(state).map_err(|e| self.error(e))?;
+        bytes = add_metadata(&bytes, STATE_KEY, &state_json).map_err(|e| self.error(e))?;
+        crate::write_atomically(&self.path, &bytes).map_err(|e| self.error(e))
+    }
+
+    fn load(&self, device: &Device) -> Result<Option<(HashMap<String, Tensor>, CheckpointState)>, FitError> {
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&self.path).map_err(|e| self.error(e))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| self.error(e))?;
+        let state_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(STATE_KEY))
+            .ok_or_else(|| self.error("no training state in this file"))?;
+        let state: CheckpointState = serde_json::from_str(state_json).map_err(|e| self.error(e))?;
+        let file = ModelFile::from_bytes(&bytes, device)?;
+        Ok(Some((file.tensors, state)))
+    }
+
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn add_metadata(bytes: &[u8], key: &str, value: &str) -> Result<Vec<u8>, String> {
+    let tensors = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+    let mut metadata = header.metadata().clone().unwrap_or_default();
+    metadata.insert(key.to_string(), value.to_string());
+    safetensors::serialize(tensors.tensors(), Some(metadata)).map_err(|e| e.to_string())
+}
+
+/// What identifies a run, so a checkpoint is only resumed by the same run.
+fn fingerprint(card: &ModelCard, config: &FitConfig, data: &FitData) -> String {
+    let mut hasher = DefaultHasher::new();
+    serde_json::to_string(&card.architecture).unwrap_or_default().hash(&mut hasher);
+    card.input_size().hash(&mut hasher);
+    serde_json::to_string(config).unwrap_or_default().hash(&mut hasher);
+    data.train.hash(&mut hasher);
+    data.validation.hash(&mut hasher);
+    data.labels.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// Called after every epoch (for logging).
+pub type EpochObserver<'a> = dyn FnMut(&EpochRecord) + 'a;
+
+pub struct Fit<'a> {
+    pub card: &'a ModelCard,
+    pub params: &'a Params,
+    pub model: &'a Model,
+    pub device: &'a Device,
+    pub checkpoint: Option<Checkpoint>,
+    /// Shows batches within an epoch; hidden in tests.
+    pub show_progress: bool,
+}
+
+impl Fit<'_> {
+    pub fn run(&self, data: &FitData, config: &FitConfig, on_epoch: &mut EpochObserver) -> Result<History, FitError> {
+        config.validate()?;
+        if data.train.is_empty() {
+            return Err(FitError::Config("no training images".into()));
+        }
+        let fingerprint = fingerprint(self.card, config, data);
+        let mut history = History::default();
+        let mut resume: Option<(usize, usize, usize, HashMap<String, Tensor>)> = None;
+        if let Some(checkpoint) = &self.checkpoint {
+            if let Some((tensors, state)) = checkpoint.load(self.device)? {
+                if state.fingerprint == fingerprint {
+                    self.restore_params(&tensors)?;
+                    history = state.history;
+                    for record in &history.epochs {
+                        on_epoch(record);
+                    }
+                    resume = Some((state.phase, state.epochs_done, state.adam_step, tensors));
+                } else {
+                    return Err(checkpoint.error(
+                        "belongs to a different run (model, data or schedule changed); delete it to start afresh",
+                    ));
+                }
+            }
+        }
+
+        for (phase_index, phase) in config.phases.iter().enumerate() {
+            let mut first_epoch = 0;
+            let prefixes = self.scope_prefixes(&phase.scope);
+            let mut adam = Adam::new(self.params.trainable(prefixes.as_deref()), phase.lr)?;
+            if let Some((resume_phase, epochs_done, adam_step, tensors)) = &resume {
+                if phase_index < *resume_phase {
+                    continue;
+                }
+                if phase_index == *resume_phase {
+                    first_epoch = *epochs_done;
+                    adam.load_state(tensors, *adam_step)?;
+                }
+            }
+            for epoch in first_epoch..phase.epochs {
+                let record = self.epoch(data, config, phase_index, epoch, &mut adam)?;
+                on_epoch(&record);
+                history.epochs.push(record);
+                if let Some(checkpoint) = &self.checkpoint {
+                    let state = CheckpointState {
+                        fingerprint: fingerprint.clone(),
+                        phase: phase_index,
+                        epochs_done: epoch + 1,
+                        adam_step: adam.step,
+                        history: history.clone(),
+                    };
+                    checkpoint.save(self.card, self.params, &adam, &state)?;
+                }
+            }
+        }
+        Ok(history)
+    }
+
+    fn restore_params(&self, tensors: &HashMap<String, Tensor>) -> Result<(), FitError> {
+        let data = self.params.varmap.data().lock().map_err(|_| FitError::Config("poisoned parameters".into()))?;
+        for (name, var) in data.iter() {
+            let saved = tensors.get(name).ok_or_else(|| FitError::Checkpoint {
+                path: PathBuf::new(),
+                message: format!("checkpoint lacks `{name}`"),
+            })?;
+            var.set(&saved.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    fn scope_prefixes(&self, scope: &Scope) -> Option<Vec<String>> {
+        let head: Vec<String> = self.model.head_prefixes().iter().map(|s| s.to_string()).collect();
+        match scope {
+            Scope::All => None,
+            Scope::Head => Some(head),
+            Scope::Prefixes(prefixes) => Some(prefixes.iter().cloned().chain(head).collect()),
+        }
+    }
+
+    fn epoch(
+        &self,
+        data: &FitData,
+        config: &FitConfig,
+        phase_index: usize,
+        epoch: usize,
+        adam: &mut Adam,
+    ) -> Result<EpochRecord, FitError> {
+        let phase = &config.phases[phase_index];
+        let started = Instant::now();
+        let mut order = data.train.clone();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("shuffle", phase_index, epoch))));
+
+        let batches = order.len().div_ceil(config.batch_size);
+        let bar = if self.show_progress { ProgressBar::new(batches as u64) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("  {prefix} [{bar:30}] {pos}/{len} batches  {msg}  ({eta} left)")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{} {}/{}", phase.name, epoch + 1, phase.epochs));
+
+        let (mut loss_sum, mut correct) = (0.0, 0usize);
+        for (batch_index, batch) in order.chunks(config.batch_size).enumerate() {
+            let images: Vec<Rgb32FImage> = batch
+                .par_iter()
+                .map(|&i| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("augment", phase_index, epoch, i)));
+                    config.augmentation.apply(&data.images[i], &mut rng)
+                })
+                .collect();
+            let refs: Vec<&Rgb32FImage> = images.iter().collect();
+            let xs = preprocess::to_tensor(&refs, &self.card.preprocessing, self.device)?;
+            let targets = labels_tensor(data.labels, batch, self.device)?;
+            let step_seed = derive_seed(config.seed, ("dropout", phase_index, epoch, batch_index));
+            let logits = match (self.model, &phase.scope) {
+                // Frozen base: its output is a constant, so no graph is built through it.
+                (Model::DenseNet(net), Scope::Head) => {
+                    net.head(&net.features(&xs, phase.batch_norm_stats)?.detach(), Some(step_seed))?
+                }
+                _ => self.model.forward(&xs, Mode { dropout_seed: Some(step_seed), batch_stats: phase.batch_norm_stats })?,
+            };
+            let loss = bce_with_logits(&logits, &targets)?;
+            adam.backward_step(&loss)?;
+
+            let batch_loss = loss.to_scalar::<f32>()? as f64;
+            loss_sum += batch_loss * batch.len() as f64;
+            let predictions: Vec<f32> = logits.detach().to_vec1()?;
+            correct += predictions.iter().zip(batch).filter(|(logit, &i)| (**logit >= 0.0) == data.labels[i]).count();
+            bar.set_message(format!("loss {:.4}", loss_sum / ((batch_index + 1) * config.batch_size).min(order.len()) as f64));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+
+        let (val_loss, val_accuracy) = if data.validation.is_empty() {
+            (None, None)
+        } else {
+            let probabilities =
+                predict(self.model, data.images, &data.validation, &self.card.preprocessing, 32, self.device)?;
+            let (loss, accuracy) = loss_and_accuracy(&probabilities, data.labels, &data.validation);
+            (Some(loss), Some(accuracy))
+        };
+        Ok(EpochRecord {
+            phase: phase.name.clone(),
+            epoch: epoch + 1,
+            lr: phase.lr,
+            train_loss: loss_sum / order.len() as f64,
+            train_accuracy: correct as f64 / order.len() as f64,
+            val_loss,
+            val_accuracy,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// A model to train: its card (architecture, preprocessing, classes), the
+/// weights it starts from, and the schedule.
+pub struct TrainSpec<'a> {
+    pub card: &'a ModelCard,
+    pub init: Option<&'a HashMap<String, Tensor>>,
+    pub config: &'a FitConfig,
+    pub device: &'a Device,
+    pub show_progress: bool,
+}
+
+pub struct Trained {
+    pub params: Params,
+    pub model: Model,
+    pub history: History,
+}
+
+/// Builds the model (fresh, or from `init`) and runs the whole schedule.
+pub fn train(
+    spec: &TrainSpec,
+    data: &FitData,
+    checkpoint: Option<Checkpoint>,
+    on_epoch: &mut EpochObserver,
+) -> Result<Trained, FitError> {
+    let params = match spec.init {
+        Some(tensors) => Params::with_tensors(spec.config.seed, tensors)?,
+        None => Params::new(spec.config.seed),
+    };
+    let model = Model::new(&spec.card.architecture, spec.card.input_size(), params.var_builder(spec.device))?;
+    let unused = params.unused_names();
+    if let Some(first) = unused.first() {
+        return Err(FitError::Config(format!(
+            "initial weights hold {} tensor(s) that {} does not have, e.g. `{first}`",
+            unused.len(),
+            spec.card.architecture.display_name()
+        )));
+    }
+    let fit = Fit {
+        card: spec.card,
+        params: &params,
+        model: &model,
+        device: spec.device,
+        checkpoint,
+        show_progress: spec.show_progress,
+    };
+    let history = fit.run(data, spec.config, on_epoch)?;
+    Ok(Trained { params, model, history })
+}

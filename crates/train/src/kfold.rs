@@ -1,0 +1,290 @@
+//! The study's protocol: stratified k-fold cross-validation (grouped by
+//! patient when the dataset knows patients), a fresh model per fold, and the
+//! study's summary lines plus pooled out-of-fold AUC, sensitivity,
+//! specificity, kappa and Brier score.
+//!
+//! Each finished fold is saved at once, so an interrupted run resumes at the
+//! fold it was in (and that fold at its last epoch).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use fracture_core::ModelCard;
+use image::Rgb32FImage;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+use crate::dataset::Dataset;
+use crate::fit::{self, Checkpoint, FitConfig, FitData, FitError, TrainSpec};
+use crate::folds::{grouped_split, stratified_group_kfold};
+use crate::metrics::{mean_std, BinaryMetrics};
+use crate::report::{EpochRecord, History};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KfoldError {
+    #[error(transparent)]
+    Fit(#[from] FitError),
+    #[error("{0}")]
+    Folds(String),
+    #[error("{path}: {message}")]
+    State { path: PathBuf, message: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FoldResult {
+    pub fold: usize,
+    pub train_images: usize,
+    pub test_images: usize,
+    pub test_groups: usize,
+    /// Mean BCE and accuracy at the card's threshold on the held-out fold:
+    /// what the study's `model.evaluate` printed per fold.
+    pub loss: f64,
+    pub accuracy: f64,
+    pub metrics: BinaryMetrics,
+    pub seconds: f64,
+    pub history: History,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutOfFold {
+    pub path: String,
+    pub positive: bool,
+    pub probability: f64,
+    pub fold: usize,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KfoldReport {
+    pub model: String,
+    pub folds: usize,
+    pub seed: u64,
+    pub grouped_by_patient: bool,
+    pub threshold: f64,
+    pub dataset: fracture_core::card::TrainingSummary,
+    pub config: FitConfig,
+    pub mean_loss: f64,
+    pub std_loss: f64,
+    pub mean_accuracy: f64,
+    pub std_accuracy: f64,
+    /// Metrics over all out-of-fold predictions together.
+    pub pooled: BinaryMetrics,
+    pub per_fold: Vec<FoldResult>,
+    pub predictions: Vec<OutOfFold>,
+    pub seconds: f64,
+}
+
+impl KfoldReport {
+    /// The study's two lines, then ours.
+    pub fn summary(&self) -> String {
+        let p = &self.pooled;
+        let mut out = format!(
+            "Average Loss: {:.2} (+/- {:.2})\nAverage Accuracy: {:.2}% (+/- {:.2}%)\n",
+            self.mean_loss,
+            self.std_loss,
+            self.mean_accuracy * 100.0,
+            self.std_accuracy * 100.0
+        );
+        match (p.auc, p.auc_ci) {
+            (Some(auc), Some((lo, hi))) => {
+                out += &format!("Pooled ROC AUC: {auc:.3} (95% CI {lo:.3}-{hi:.3}, bootstrap over {})\n", self.unit())
+            }
+            (Some(auc), None) => out += &format!("Pooled ROC AUC: {auc:.3}\n"),
+            _ => out += "Pooled ROC AUC: undefined (one class only)\n",
+        }
+        out += &format!(
+            "Sensitivity: {:.1}%  Specificity: {:.1}%  (threshold {:.2})\nCohen's kappa: {:.3}  Brier score: {:.3}\n",
+            p.sensitivity * 100.0,
+            p.specificity * 100.0,
+            self.threshold,
+            p.kappa,
+            p.brier
+        );
+        out += &format!("{} folds, {} images, {:.0} s\n", self.folds, p.n, self.seconds);
+        out
+    }
+
+    fn unit(&self) -> &'static str {
+        if self.grouped_by_patient {
+            "patients"
+        } else {
+            "images"
+        }
+    }
+}
+
+pub struct KfoldSpec<'a> {
+    pub card: &'a ModelCard,
+    pub init: Option<&'a HashMap<String, Tensor>>,
+    pub config: &'a FitConfig,
+    pub folds: usize,
+    /// Fraction of each fold's training part held out to log validation
+    /// curves; 0 trains on all of it.
+    pub validation_fraction: f64,
+    pub device: &'a Device,
+    pub show_progress: bool,
+    /// Where finished folds and the running fold's checkpoint are kept.
+    pub state_dir: &'a Path,
+}
+
+/// Called when a fold starts (`fold`, `folds`) and after each epoch.
+pub trait KfoldObserver {
+    fn fold_started(&mut self, fold: usize, folds: usize, resumed: bool);
+    fn epoch(&mut self, fold: usize, record: &EpochRecord);
+    fn fold_finished(&mut self, result: &FoldResult);
+}
+
+pub fn run(
+    spec: &KfoldSpec,
+    dataset: &Dataset,
+    images: &[Rgb32FImage],
+    observer: &mut dyn KfoldObserver,
+) -> Result<KfoldReport, KfoldError> {
+    let started = Instant::now();
+    let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
+    let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
+    let test_folds = stratified_group_kfold(&labels, &groups, spec.folds, spec.config.seed)
+        .map_err(|e| KfoldError::Folds(e.to_string()))?;
+    std::fs::create_dir_all(spec.state_dir)
+        .map_err(|e| KfoldError::State { path: spec.state_dir.to_path_buf(), message: e.to_string() })?;
+
+    let mut results = Vec::new();
+    let mut predictions = Vec::new();
+    for (fold, test) in test_folds.iter().enumerate() {
+        let fold_file = spec.state_dir.join(format!("fold{:02}.json", fold + 1));
+        let in_test: std::collections::HashSet<usize> = test.iter().copied().collect();
+        let rest: Vec<usize> = (0..labels.len()).filter(|i| !in_test.contains(i)).collect();
+
+        let (result, probabilities) = match load_fold(&fold_file)? {
+            Some(saved) => {
+                observer.fold_started(fold + 1, spec.folds, true);
+                saved
+            }
+            None => {
+                observer.fold_started(fold + 1, spec.folds, false);
+                let saved = train_fold(spec, fold, &labels, &groups, images, &rest, test, observer)?;
+                let json = serde_json::to_vec_pretty(&saved)
+                    .map_err(|e| KfoldError::State { path: fold_file.clone(), message: e.to_string() })?;
+                crate::write_atomically(&fold_file, &json)
+                    .map_err(|e| KfoldError::State { path: fold_file.clone(), message: e.to_string() })?;
+                saved
+            }
+        };
+        observer.fold_finished(&result);
+        for (&i, &probability) in test.iter().zip(&probabilities) {
+            let sample = &dataset.samples[i];
+            predictions.push(OutOfFold {
+                path: sample.path.display().to_string(),
+                positive: sample.positive,
+                probability,
+                fold: fold + 1,
+                group: dataset.group_names[sample.group].clone(),
+            });
+        }
+        results.push(result);
+    }
+
+    let scores: Vec<f64> = predictions.iter().map(|p| p.probability).collect();
+    let truth: Vec<bool> = predictions.iter().map(|p| p.positive).collect();
+    let group_ids = group_indices(&predictions);
+    let pooled = BinaryMetrics::compute(
+        &scores,
+        &truth,
+        dataset.has_patients.then_some(group_ids.as_slice()),
+        spec.card.threshold,
+        spec.config.seed,
+    );
+    let (mean_loss, std_loss) = mean_std(&results.iter().map(|r| r.loss).collect::<Vec<_>>());
+    let (mean_accuracy, std_accuracy) = mean_std(&results.iter().map(|r| r.accuracy).collect::<Vec<_>>());
+    Ok(KfoldReport {
+        model: spec.card.architecture.display_name(),
+        folds: spec.folds,
+        seed: spec.config.seed,
+        grouped_by_patient: dataset.has_patients,
+        threshold: spec.card.threshold,
+        dataset: dataset.training_summary(serde_json::to_value(spec.config).unwrap_or_default()),
+        config: spec.config.clone(),
+        mean_loss,
+        std_loss,
+        mean_accuracy,
+        std_accuracy,
+        pooled,
+        per_fold: results,
+        predictions,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn group_indices(predictions: &[OutOfFold]) -> Vec<usize> {
+    let mut names: Vec<&str> = predictions.iter().map(|p| p.group.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    predictions.iter().map(|p| names.binary_search(&p.group.as_str()).unwrap_or(0)).collect()
+}
+
+type SavedFold = (FoldResult, Vec<f64>);
+
+fn load_fold(path: &Path) -> Result<Option<SavedFold>, KfoldError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path).map_err(|e| KfoldError::State { path: path.into(), message: e.to_string() })?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| KfoldError::State { path: path.into(), message: format!("unreadable fold result ({e}); delete it") })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_fold(
+    spec: &KfoldSpec,
+    fold: usize,
+    labels: &[bool],
+    groups: &[usize],
+    images: &[Rgb32FImage],
+    rest: &[usize],
+    test: &[usize],
+    observer: &mut dyn KfoldObserver,
+) -> Result<SavedFold, KfoldError> {
+    let started = Instant::now();
+    let (train, validation) = if spec.validation_fraction > 0.0 {
+        let rest_labels: Vec<bool> = rest.iter().map(|&i| labels[i]).collect();
+        let rest_groups: Vec<usize> = rest.iter().map(|&i| groups[i]).collect();
+        let (t, v) = grouped_split(&rest_labels, &rest_groups, spec.validation_fraction, spec.config.seed)
+            .map_err(|e| KfoldError::Folds(format!("fold {}: {e}", fold + 1)))?;
+        (t.iter().map(|&i| rest[i]).collect(), v.iter().map(|&i| rest[i]).collect())
+    } else {
+        (rest.to_vec(), Vec::new())
+    };
+    let data = FitData { images, labels, train, validation };
+    let train_spec = TrainSpec {
+        card: spec.card,
+        init: spec.init,
+        config: spec.config,
+        device: spec.device,
+        show_progress: spec.show_progress,
+    };
+    let checkpoint = Checkpoint { path: spec.state_dir.join(format!("fold{:02}.checkpoint", fold + 1)) };
+    let checkpoint_path = checkpoint.path.clone();
+    let trained = fit::train(&train_spec, &data, Some(checkpoint), &mut |record| observer.epoch(fold + 1, record))?;
+    let probabilities = fit::predict(&trained.model, images, test, &spec.card.preprocessing, 32, spec.device)?;
+    let truth: Vec<bool> = test.iter().map(|&i| labels[i]).collect();
+    let test_groups: Vec<usize> = test.iter().map(|&i| groups[i]).collect();
+    let metrics = BinaryMetrics::compute(&probabilities, &truth, None, spec.card.threshold, spec.config.seed);
+    let mut distinct_groups = test_groups.clone();
+    distinct_groups.sort_unstable();
+    distinct_groups.dedup();
+    let result = FoldResult {
+        fold: fold + 1,
+        train_images: data.train.len(),
+        test_images: test.len(),
+        test_groups: distinct_groups.len(),
+        loss: metrics.loss,
+        accuracy: metrics.accuracy,
+        metrics,
+        seconds: started.elapsed().as_secs_f64(),
+        history: trained.history,
+    };
+    let _ = std::fs::remove_file(checkpoint_path);
+    Ok((result, probabilities))
+}

@@ -1,0 +1,192 @@
+//! End-to-end tests of the `fracture` binary on synthetic data made here:
+//! every command, its exit codes, its outputs, and its errors on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fracture(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fracture")).args(args).output().expect("the fracture binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn assert_exit(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "expected exit {code}\nstdout:\n{}\nstderr:\n{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+fn synth(dir: &Path, layout: &str, count: usize, size: u32) {
+    let out = fracture(&[
+        "synth", "-o", dir.to_str().unwrap(), "--layout", layout, "--count", &count.to_string(), "--size", &size.to_string(),
+    ]);
+    assert_exit(&out, 0);
+}
+
+/// A small cnn trained once and shared by the detect tests.
+fn trained_model(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    synth(&data, "classes", 30, 48);
+    let model = dir.join("cnn.safetensors");
+    let out = fracture(&[
+        "train", "-i", data.to_str().unwrap(), "--model", "cnn", "-o", model.to_str().unwrap(),
+        "--epochs", "2", "--size", "48", "--batch", "8", "--quiet",
+    ]);
+    assert_exit(&out, 0);
+    model
+}
+
+#[test]
+fn train_writes_model_card_history_and_curves_then_detect_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = trained_model(dir.path());
+    assert!(dir.path().join("cnn.history.json").is_file());
+    let svg = std::fs::read_to_string(dir.path().join("cnn.curves.svg")).unwrap();
+    assert!(svg.contains("<svg"));
+    assert!(!dir.path().join("cnn.safetensors.checkpoint").exists(), "checkpoint is removed after success");
+
+    // CSV: header and one row per image, probability in [0, 1], label from the class folders.
+    let data = dir.path().join("data");
+    let out = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", data.to_str().unwrap(), "--format", "csv"]);
+    assert_exit(&out, 0);
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("path,probability,label"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 60);
+    for row in &rows {
+        assert_eq!(row.len(), 3, "{row:?}");
+        let p: f64 = row[1].parse().unwrap();
+        assert!((0.0..=1.0).contains(&p));
+        assert!(row[2] == "Fracture" || row[2] == "Normal", "{row:?}");
+    }
+
+    // JSON and text agree with CSV on the same file.
+    let one = rows[0][0];
+    let json = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", one, "--format", "json"]);
+    assert_exit(&json, 0);
+    let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let p_json = parsed[0]["probability"].as_f64().unwrap();
+    assert!((p_json - rows[0][1].parse::<f64>().unwrap()).abs() < 1e-6);
+    let plain = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", one]);
+    assert_exit(&plain, 0);
+    assert!(text(&plain.stdout).contains('%'));
+}
+
+#[test]
+fn detect_skips_a_bad_file_in_a_directory_and_fails_on_a_named_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = trained_model(dir.path());
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(dir.path().join("data/Fracture").read_dir().unwrap().next().unwrap().unwrap().path(), mixed.join("good.png")).unwrap();
+    std::fs::write(mixed.join("broken.png"), b"\x89PNG but not really").unwrap();
+
+    let out = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", mixed.to_str().unwrap(), "--format", "csv"]);
+    assert_exit(&out, 0);
+    assert!(text(&out.stderr).contains("broken.png"), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 2, "header and the good image");
+
+    let named = mixed.join("broken.png");
+    let out = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", named.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("broken.png"));
+}
+
+#[test]
+fn wrong_weights_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("x.png");
+    synth(&dir.path().join("d"), "classes", 1, 40);
+    std::fs::copy(dir.path().join("d/Normal").read_dir().unwrap().next().unwrap().unwrap().path(), &image).unwrap();
+
+    let not_model = dir.path().join("notes.safetensors");
+    std::fs::write(&not_model, b"this is text").unwrap();
+    let out = fracture(&["detect", "--weights", not_model.to_str().unwrap(), "-i", image.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("notes.safetensors") && stderr.contains("not a safetensors file"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+
+    let missing = dir.path().join("nope.safetensors");
+    let out = fracture(&["detect", "--weights", missing.to_str().unwrap(), "-i", image.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("nope.safetensors"));
+}
+
+#[test]
+fn dataset_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_model = dir.path().join("m.safetensors");
+    let train = |input: &Path| {
+        fracture(&["train", "-i", input.to_str().unwrap(), "-o", out_model.to_str().unwrap(), "--epochs", "1", "--size", "40", "--quiet"])
+    };
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = train(&empty);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("no images found"), "{}", text(&out.stderr));
+
+    let single = dir.path().join("single");
+    synth(&single, "classes", 3, 40);
+    std::fs::remove_dir_all(single.join("Normal")).unwrap();
+    let out = train(&single);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("only one class"), "{}", text(&out.stderr));
+
+    // A corrupt image inside the dataset is skipped by name; training goes on.
+    let corrupt = dir.path().join("corrupt");
+    synth(&corrupt, "classes", 6, 40);
+    std::fs::write(corrupt.join("Fracture/corrupt.png"), b"garbage").unwrap();
+    std::fs::write(corrupt.join("Normal/readme.txt"), b"notes").unwrap();
+    let out = train(&corrupt);
+    assert_exit(&out, 0);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("corrupt.png") && stderr.contains("readme.txt"), "{stderr}");
+    assert!(stderr.contains("skipped         2"), "{stderr}");
+
+    let out = train(&dir.path().join("does-not-exist"));
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("does-not-exist"));
+}
+
+#[test]
+fn bad_command_lines_exit_2() {
+    assert_exit(&fracture(&[]), 2);
+    assert_exit(&fracture(&["train", "--model", "resnet", "-i", ".", "-o", "x"]), 2);
+    assert_exit(&fracture(&["detect", "--weights", "m.safetensors"]), 2);
+    assert_exit(&fracture(&["kfold", "-i", ".", "--folds", "ten"]), 2);
+    assert_exit(&fracture(&["--help"]), 0);
+}
+
+#[test]
+fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mura");
+    synth(&data, "mura", 12, 40);
+    let report = dir.path().join("report.json");
+    // `eval-w-kfold` is the study's name for the command.
+    let out = fracture(&[
+        "eval-w-kfold", "-i", data.to_str().unwrap(), "--model", "cnn", "--folds", "3", "--epochs", "1",
+        "--size", "40", "--report", report.to_str().unwrap(), "--quiet",
+    ]);
+    assert_exit(&out, 0);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("Average Loss: ") && stdout.contains("(+/- "), "{stdout}");
+    assert!(stdout.contains("Average Accuracy: ") && stdout.contains("%)"), "{stdout}");
+    assert!(stdout.contains("Pooled ROC AUC"), "{stdout}");
+    let parsed: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(parsed["per_fold"].as_array().unwrap().len(), 3);
+    assert!(parsed["grouped_by_patient"].as_bool().unwrap());
+    assert!(dir.path().join("report.roc.svg").is_file());
+    // Finished folds are not left behind once the report is written.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
+    assert!(leftovers.is_empty());
+}
