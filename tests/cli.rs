@@ -190,3 +190,17 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
     assert!(leftovers.is_empty());
 }
+
+#[test]
+fn bench_prints_throughput_and_memory() {
+    let out = fracture(&["bench", "--model", "densenet-tiny", "--mode", "train", "--batch", "2", "--size", "48", "--reps", "2", "--json"]);
+    assert_exit(&out, 0);
+    let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(parsed["images_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(parsed["repetitions"], 2);
+    assert!(parsed["peak_memory_bytes"].as_u64().unwrap() > 0);
+
+    let out = fracture(&["bench", "--model", "cnn", "--mode", "frozen", "--size", "48"]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("DenseNet"));
+}

@@ -41,6 +41,8 @@ pub enum Command {
     Kfold(KfoldArgs),
     /// Predict P(abnormal) for image files or directories.
     Detect(DetectArgs),
+    /// Print throughput (images/s) and peak memory of inference or training steps.
+    Bench(BenchArgs),
     /// Write a synthetic dataset (bars with and without cracks) to try the tools on.
     Synth(SynthArgs),
 }
@@ -175,6 +177,26 @@ pub struct DetectArgs {
     pub format: Format,
 }
 
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "densenet121")]
+    pub model: ModelName,
+    #[arg(long, value_enum, default_value = "infer")]
+    pub mode: crate::bench::BenchMode,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 150)]
+    pub size: usize,
+    /// Untimed runs before measuring.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed runs; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SynthLayout {
     Classes,
@@ -201,6 +223,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train(args),
         Command::Kfold(args) => kfold(args),
         Command::Detect(args) => detect(args),
+        Command::Bench(args) => bench(args),
         Command::Synth(args) => synth(args),
     }
 }
@@ -581,5 +604,30 @@ fn synth(args: SynthArgs) -> Result<()> {
         SynthLayout::Mura => crate::synthetic::write_mura(&args.output, args.count, args.size, args.seed)?.len(),
     };
     eprintln!("wrote {written} synthetic images to {}", args.output.display());
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let result = crate::bench::run(&args.model.architecture(1), args.mode, args.batch, args.size, args.warmup, args.reps)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    println!(
+        "{} {:?} batch {} at {} px: {:.1} images/s (median of {} runs after {} warm-up, {:.1} ms per batch, {} threads)",
+        result.model,
+        result.mode,
+        result.batch,
+        result.size,
+        result.images_per_second,
+        result.repetitions,
+        result.warmup,
+        result.median_seconds * 1e3,
+        result.threads
+    );
+    match result.peak_memory_bytes {
+        Some(bytes) => println!("peak memory {:.0} MiB", bytes as f64 / (1024.0 * 1024.0)),
+        None => println!("peak memory unknown on this platform"),
+    }
     Ok(())
 }

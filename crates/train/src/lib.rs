@@ -3,6 +3,7 @@
 //! `fracture` binary is a thin shell over [`cli`].
 
 pub mod augment;
+pub mod bench;
 pub mod cli;
 pub mod dataset;
 pub mod fit;

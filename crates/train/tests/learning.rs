@@ -37,7 +37,7 @@ fn one_phase(epochs: usize, lr: f64, batch_size: usize) -> FitConfig {
 
 /// Trains on a fresh synthetic set and returns held-out accuracy.
 fn held_out_accuracy(architecture: Architecture, config: &FitConfig) -> f64 {
-    let (train_images, train_labels) = synthetic_set(150, 1_000);
+    let (train_images, train_labels) = synthetic_set(200, 1_000);
     let (test_images, test_labels) = synthetic_set(60, 900_000);
     let card = ModelCard::new(architecture, SIZE);
     let device = Device::Cpu;
@@ -57,7 +57,7 @@ fn held_out_accuracy(architecture: Architecture, config: &FitConfig) -> f64 {
 
 #[test]
 fn study_cnn_learns_cracks_to_at_least_90_percent() {
-    let accuracy = held_out_accuracy(Architecture::Cnn(CnnConfig::study()), &one_phase(12, 1e-3, 16));
+    let accuracy = held_out_accuracy(Architecture::Cnn(CnnConfig::study()), &one_phase(16, 1e-3, 16));
     assert!(accuracy >= 0.9, "held-out accuracy {accuracy}");
 }
 
@@ -121,4 +121,71 @@ fn interrupted_training_resumes_to_identical_weights() {
     for (r, s) in reference.history.epochs.iter().zip(&resumed.history.epochs) {
         assert_eq!(r.train_loss, s.train_loss);
     }
+}
+
+#[test]
+fn kfold_keeps_each_patient_in_one_fold_and_its_metrics_add_up() {
+    use fracture_train::dataset::{scan, ScanOptions};
+    use fracture_train::kfold::{self, FoldResult, KfoldObserver, KfoldSpec};
+    use fracture_train::metrics::{mean_std, BinaryMetrics, Confusion};
+    use fracture_train::report::EpochRecord;
+    use std::collections::HashMap;
+
+    struct Quiet;
+    impl KfoldObserver for Quiet {
+        fn fold_started(&mut self, _: usize, _: usize, _: bool) {}
+        fn epoch(&mut self, _: usize, _: &EpochRecord) {}
+        fn fold_finished(&mut self, _: &FoldResult) {}
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    synthetic::write_mura(&dir.path().join("mura"), 30, 48, 11).unwrap();
+    let mut dataset = scan(&dir.path().join("mura"), &ScanOptions::default()).unwrap();
+    assert!(dataset.has_patients);
+    let card = ModelCard::new(Architecture::Cnn(CnnConfig::study()), 40);
+    let images = dataset.load_images(&card.preprocessing, &indicatif::ProgressBar::hidden());
+    let config = one_phase(2, 1e-3, 8);
+    let device = Device::Cpu;
+    let spec = KfoldSpec {
+        card: &card,
+        init: None,
+        config: &config,
+        folds: 5,
+        validation_fraction: 0.0,
+        device: &device,
+        show_progress: false,
+        state_dir: &dir.path().join("state"),
+    };
+    let report = kfold::run(&spec, &dataset, &images, &mut Quiet).unwrap();
+
+    assert_eq!(report.predictions.len(), dataset.samples.len());
+    let mut fold_of_patient: HashMap<&str, usize> = HashMap::new();
+    for p in &report.predictions {
+        let fold = *fold_of_patient.entry(p.group.as_str()).or_insert(p.fold);
+        assert_eq!(fold, p.fold, "patient {} appears in folds {fold} and {}", p.group, p.fold);
+    }
+    assert_eq!(fold_of_patient.len(), 30);
+
+    // Per-fold accuracy from the out-of-fold predictions, and the study's mean/std over folds.
+    let mut accuracies = Vec::new();
+    for result in &report.per_fold {
+        let rows: Vec<_> = report.predictions.iter().filter(|p| p.fold == result.fold).collect();
+        let scores: Vec<f64> = rows.iter().map(|p| p.probability).collect();
+        let labels: Vec<bool> = rows.iter().map(|p| p.positive).collect();
+        let confusion = Confusion::at_threshold(&scores, &labels, 0.5);
+        assert_eq!(result.test_images, rows.len());
+        assert!((result.accuracy - confusion.accuracy()).abs() < 1e-12);
+        accuracies.push(confusion.accuracy());
+    }
+    let (mean, std) = mean_std(&accuracies);
+    assert!((report.mean_accuracy - mean).abs() < 1e-12 && (report.std_accuracy - std).abs() < 1e-12);
+
+    let scores: Vec<f64> = report.predictions.iter().map(|p| p.probability).collect();
+    let labels: Vec<bool> = report.predictions.iter().map(|p| p.positive).collect();
+    let pooled = BinaryMetrics::compute(&scores, &labels, None, 0.5, 0);
+    assert_eq!(report.pooled.confusion, pooled.confusion);
+    assert_eq!(report.pooled.auc, pooled.auc);
+    assert!((report.pooled.brier - pooled.brier).abs() < 1e-12);
+    assert!(report.summary().contains("Average Accuracy: "));
+    assert!(!dir.path().join("state").join("fold01.checkpoint").exists());
 }
