@@ -142,6 +142,12 @@ struct CheckpointState {
 
 const STATE_KEY: &str = "fracture_checkpoint";
 
+/// A checkpoint read back: every tensor (weights and optimiser moments) and the position.
+struct Resume {
+    tensors: HashMap<String, Tensor>,
+    state: CheckpointState,
+}
+
 pub struct Checkpoint {
     pub path: PathBuf,
 }
@@ -170,7 +176,7 @@ impl Checkpoint {
         crate::write_atomically(&self.path, &bytes).map_err(|e| self.error(e))
     }
 
-    fn load(&self, device: &Device) -> Result<Option<(HashMap<String, Tensor>, CheckpointState)>, FitError> {
+    fn load(&self, device: &Device) -> Result<Option<Resume>, FitError> {
         if !self.path.exists() {
             return Ok(None);
         }
@@ -183,7 +189,7 @@ impl Checkpoint {
             .ok_or_else(|| self.error("no training state in this file"))?;
         let state: CheckpointState = serde_json::from_str(state_json).map_err(|e| self.error(e))?;
         let file = ModelFile::from_bytes(&bytes, device)?;
-        Ok(Some((file.tensors, state)))
+        Ok(Some(Resume { tensors: file.tensors, state }))
     }
 
     pub fn remove(&self) {
@@ -232,21 +238,20 @@ impl Fit<'_> {
         }
         let fingerprint = fingerprint(self.card, config, data);
         let mut history = History::default();
-        let mut resume: Option<(usize, usize, usize, HashMap<String, Tensor>)> = None;
+        let mut resume = None;
         if let Some(checkpoint) = &self.checkpoint {
-            if let Some((tensors, state)) = checkpoint.load(self.device)? {
-                if state.fingerprint == fingerprint {
-                    self.restore_params(&tensors)?;
-                    history = state.history;
-                    for record in &history.epochs {
-                        on_epoch(record);
-                    }
-                    resume = Some((state.phase, state.epochs_done, state.adam_step, tensors));
-                } else {
+            if let Some(saved) = checkpoint.load(self.device)? {
+                if saved.state.fingerprint != fingerprint {
                     return Err(checkpoint.error(
                         "belongs to a different run (model, data or schedule changed); delete it to start afresh",
                     ));
                 }
+                self.restore_params(checkpoint, &saved.tensors)?;
+                history = saved.state.history.clone();
+                for record in &history.epochs {
+                    on_epoch(record);
+                }
+                resume = Some(saved);
             }
         }
 
@@ -254,13 +259,13 @@ impl Fit<'_> {
             let mut first_epoch = 0;
             let prefixes = self.scope_prefixes(&phase.scope);
             let mut adam = Adam::new(self.params.trainable(prefixes.as_deref()), phase.lr)?;
-            if let Some((resume_phase, epochs_done, adam_step, tensors)) = &resume {
-                if phase_index < *resume_phase {
+            if let Some(saved) = &resume {
+                if phase_index < saved.state.phase {
                     continue;
                 }
-                if phase_index == *resume_phase {
-                    first_epoch = *epochs_done;
-                    adam.load_state(tensors, *adam_step)?;
+                if phase_index == saved.state.phase {
+                    first_epoch = saved.state.epochs_done;
+                    adam.load_state(&saved.tensors, saved.state.adam_step)?;
                 }
             }
             for epoch in first_epoch..phase.epochs {
@@ -282,13 +287,10 @@ impl Fit<'_> {
         Ok(history)
     }
 
-    fn restore_params(&self, tensors: &HashMap<String, Tensor>) -> Result<(), FitError> {
+    fn restore_params(&self, checkpoint: &Checkpoint, tensors: &HashMap<String, Tensor>) -> Result<(), FitError> {
         let data = self.params.varmap.data().lock().map_err(|_| FitError::Config("poisoned parameters".into()))?;
         for (name, var) in data.iter() {
-            let saved = tensors.get(name).ok_or_else(|| FitError::Checkpoint {
-                path: PathBuf::new(),
-                message: format!("checkpoint lacks `{name}`"),
-            })?;
+            let saved = tensors.get(name).ok_or_else(|| checkpoint.error(format!("lacks tensor `{name}`")))?;
             var.set(&saved.to_dtype(DType::F32)?)?;
         }
         Ok(())

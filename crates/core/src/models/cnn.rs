@@ -35,7 +35,7 @@ impl CnnConfig {
     }
 
     pub fn validate(&self, input_size: usize) -> CoreResult<()> {
-        if self.kernel_size % 2 == 0 || self.kernel_size > 7 {
+        if self.kernel_size.is_multiple_of(2) || self.kernel_size > 7 {
             return Err(Error::Card(format!("cnn kernel_size {} must be odd and at most 7", self.kernel_size)));
         }
         if self.filters.is_empty() || self.filters.contains(&0) || self.hidden == 0 {
