@@ -6,6 +6,7 @@
 //! probability ([`predict`]). The model file ([`weights`]) carries its own
 //! [`card`], so nothing about preprocessing is hard-coded a second time.
 
+pub mod cam;
 pub mod card;
 pub mod error;
 pub mod models;

@@ -6,6 +6,7 @@ use candle_nn::ops::sigmoid;
 use image::Rgb32FImage;
 use serde::Serialize;
 
+use crate::cam::Heatmap;
 use crate::card::ModelCard;
 use crate::models::{Mode, Model};
 use crate::preprocess;
@@ -18,6 +19,20 @@ pub struct Prediction {
     pub probability: f64,
     pub label: String,
     pub positive: bool,
+}
+
+/// A prediction with what a person needs to judge it: where the model
+/// looked, and whether the input looked like a radiograph at all.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Detection {
+    #[serde(flatten)]
+    pub prediction: Prediction,
+    /// Class activation map over the model input (DenseNet only).
+    pub heatmap: Option<Heatmap>,
+    pub warnings: Vec<String>,
+    /// Size of the decoded image, before resizing.
+    pub width: u32,
+    pub height: u32,
 }
 
 pub struct Predictor {
@@ -57,12 +72,85 @@ impl Predictor {
         Ok(self.prediction(probability))
     }
 
+    /// Decodes, predicts, and adds the heat map and input warnings.
+    pub fn detect(&self, image_bytes: &[u8]) -> Result<Detection> {
+        let decoded = preprocess::decode(image_bytes)?;
+        let mut warnings = Vec::new();
+        if preprocess::colourfulness(&decoded) > preprocess::COLOURFULNESS_WARNING {
+            warnings.push("This is a colour image: it does not look like a radiograph.".to_string());
+        }
+        let input = preprocess::resize(&decoded, self.card.input_size());
+        let xs = preprocess::to_tensor(&[&input], &self.card.preprocessing, &self.device)?;
+        let (logits, heatmap) = match &self.model {
+            Model::DenseNet(net) => {
+                let features = net.features(&xs, false)?;
+                let cam = net.class_activation_map(&features)?.squeeze(0)?;
+                let (height, width) = cam.dims2()?;
+                let values = cam.flatten_all()?.to_vec1::<f32>()?;
+                (net.head(&features, None)?, Some(Heatmap::normalised(width, height, values)))
+            }
+            Model::Cnn(_) => (self.model.forward(&xs, Mode::EVAL)?, None),
+        };
+        let probability = probabilities_from_logits(&logits)?[0];
+        Ok(Detection {
+            prediction: self.prediction(probability),
+            heatmap,
+            warnings,
+            width: decoded.width(),
+            height: decoded.height(),
+        })
+    }
+
     pub fn prediction(&self, probability: f64) -> Prediction {
         Prediction {
             probability,
             label: self.card.label(probability).to_string(),
             positive: probability >= self.card.threshold,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::card::Architecture;
+    use crate::models::densenet::DenseNetConfig;
+    use crate::weights::StorageDType;
+    use candle_nn::{VarBuilder, VarMap};
+    use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb};
+
+    fn tiny_predictor() -> Predictor {
+        let card = ModelCard::new(Architecture::Densenet(DenseNetConfig::tiny()), 48);
+        let varmap = VarMap::new();
+        Model::new(&card.architecture, 48, VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu))
+            .unwrap();
+        let tensors = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let bytes = ModelFile::to_bytes(&card, &tensors, StorageDType::F32).unwrap();
+        Predictor::from_bytes(&bytes, &Device::Cpu).unwrap()
+    }
+
+    fn png(image: DynamicImage) -> Vec<u8> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn detect_agrees_with_predict_and_adds_heatmap_and_warnings() {
+        let predictor = tiny_predictor();
+        let grey = png(DynamicImage::ImageLuma8(ImageBuffer::from_fn(70, 50, |x, y| Luma([((x * 3 + y) % 256) as u8]))));
+        let detection = predictor.detect(&grey).unwrap();
+        let plain = predictor.predict_bytes(&grey).unwrap();
+        assert_eq!(detection.prediction, plain);
+        assert_eq!((detection.width, detection.height), (70, 50));
+        let heatmap = detection.heatmap.unwrap();
+        assert_eq!((heatmap.width, heatmap.height), (6, 6));
+        assert!(heatmap.values.iter().all(|v| (0.0..=1.0).contains(v)));
+        assert!(detection.warnings.is_empty());
+
+        let colour = png(DynamicImage::ImageRgb8(ImageBuffer::from_fn(40, 40, |x, _| Rgb([250, (x * 6) as u8, 10]))));
+        assert_eq!(predictor.detect(&colour).unwrap().warnings.len(), 1);
+        assert!(predictor.detect(b"not an image").is_err());
     }
 }
 

@@ -144,3 +144,38 @@ mod tests {
         assert!(small.as_raw().chunks(3).all(|p| (p[1] - 0.5).abs() < 1e-5));
     }
 }
+
+/// Mean chroma (max − min over the channels) on the 0..=1 scale. Radiographs
+/// are grey, so anything well above zero is likely a photo or a screenshot.
+pub fn colourfulness(image: &Rgb32FImage) -> f32 {
+    let pixels = (image.width() as usize) * (image.height() as usize);
+    if pixels == 0 {
+        return 0.0;
+    }
+    // A sparse sample is enough for a warning and keeps large images cheap.
+    let step = (pixels / 65_536).max(1);
+    let (mut sum, mut count) = (0f32, 0usize);
+    for pixel in image.pixels().step_by(step) {
+        let [r, g, b] = pixel.0;
+        sum += r.max(g).max(b) - r.min(g).min(b);
+        count += 1;
+    }
+    sum / count as f32
+}
+
+/// Above this mean chroma an image is flagged as not looking like a radiograph.
+pub const COLOURFULNESS_WARNING: f32 = 0.08;
+
+#[cfg(test)]
+mod colour_tests {
+    use super::*;
+    use image::Rgb;
+
+    #[test]
+    fn grey_is_not_colourful_and_a_photo_is() {
+        let grey = Rgb32FImage::from_fn(10, 10, |x, _| Rgb([x as f32 / 10.0; 3]));
+        assert_eq!(colourfulness(&grey), 0.0);
+        let photo = Rgb32FImage::from_fn(10, 10, |x, y| Rgb([0.9, x as f32 / 20.0, y as f32 / 30.0]));
+        assert!(colourfulness(&photo) > COLOURFULNESS_WARNING);
+    }
+}

@@ -2,7 +2,7 @@
 //! so that it runs wherever cargo does.
 //!
 //! - `test`: every test the project has (unit, integration, CLI, and the
-//!   check that the core library builds for wasm32).
+//!   check that the browser crate and the core library build for wasm32).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
 fn usage() -> &'static str {
     "usage: cargo xtask <command>\n\n\
      commands:\n  \
-     test    run every test (cargo test --workspace, then the wasm32 build of the core library)"
+     test    run every test (cargo test --workspace, then the wasm32 build of the browser crate)"
 }
 
 fn workspace_root() -> PathBuf {
@@ -80,7 +80,7 @@ fn test(extra: &[String]) -> Result<(), String> {
 
     ensure_wasm_target()?;
     let mut command = cargo();
-    command.args(["build", "--package", "fracture-core", "--target", WASM_TARGET]);
-    run(command, "building the core library for wasm32")?;
+    command.args(["build", "--package", "fracture-web", "--target", WASM_TARGET]);
+    run(command, "building the browser crate (and the core library) for wasm32")?;
     Ok(())
 }

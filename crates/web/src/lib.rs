@@ -1,0 +1,46 @@
+//! The browser's entry point: model bytes and image bytes in, a detection
+//! (probability, label, heat map, warnings) out. Everything else — the
+//! models, decoding, preprocessing, the heat map — is `fracture-core`, the
+//! same code `fracture detect` runs natively.
+
+use candle_core::Device;
+use fracture_core::Predictor;
+use wasm_bindgen::prelude::*;
+
+#[wasm_bindgen(start)]
+pub fn start() {
+    // A Rust panic would otherwise surface as an opaque "unreachable" trap.
+    console_error_panic_hook::set_once();
+}
+
+#[wasm_bindgen]
+pub struct Detector {
+    predictor: Predictor,
+}
+
+fn to_js<T: serde::Serialize>(value: &T) -> Result<JsValue, JsError> {
+    // Plain objects (not Maps) so the page can read fields directly.
+    let serializer = serde_wasm_bindgen::Serializer::json_compatible();
+    value.serialize(&serializer).map_err(|e| JsError::new(&e.to_string()))
+}
+
+#[wasm_bindgen]
+impl Detector {
+    /// Loads a model file (safetensors with its card); errors say what is wrong with it.
+    #[wasm_bindgen(constructor)]
+    pub fn new(model_bytes: &[u8]) -> Result<Detector, JsError> {
+        let predictor = Predictor::from_bytes(model_bytes, &Device::Cpu).map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(Detector { predictor })
+    }
+
+    /// The model card, as a plain object.
+    pub fn card(&self) -> Result<JsValue, JsError> {
+        to_js(self.predictor.card())
+    }
+
+    /// `{ probability, label, positive, heatmap: {width, height, values} | null, warnings, width, height }`.
+    pub fn detect(&self, image_bytes: &[u8]) -> Result<JsValue, JsError> {
+        let detection = self.predictor.detect(image_bytes).map_err(|e| JsError::new(&e.to_string()))?;
+        to_js(&detection)
+    }
+}
