@@ -110,7 +110,12 @@ impl SimpleBackend for &CheckedTensors {
     fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let tensor = self.get_unchecked(name, dtype, dev)?;
         if tensor.shape() != &shape {
-            candle_core::bail!("tensor `{name}` has shape {:?}, expected {:?}", tensor.dims(), shape.dims());
+            // A plain message: `bail!` would append a backtrace when RUST_BACKTRACE is set.
+            return Err(candle_core::Error::Msg(format!(
+                "tensor `{name}` has shape {:?}, expected {:?}",
+                tensor.dims(),
+                shape.dims()
+            )));
         }
         Ok(tensor)
     }

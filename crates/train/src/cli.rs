@@ -45,6 +45,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write a synthetic dataset (bars with and without cracks) to try the tools on.
     Synth(SynthArgs),
+    /// Convert torchvision DenseNet weights (.pth or .safetensors state dict) into a model file.
+    Import(ImportArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -218,6 +220,16 @@ pub struct SynthArgs {
     pub seed: u64,
 }
 
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// torchvision DenseNet state dict: `torch.save(model.state_dict(), f)` (.pth) or safetensors.
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// Output model file; without a one-output classifier it is for `train --init` only.
+    #[arg(short, long, value_name = "OUT.safetensors")]
+    pub output: PathBuf,
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train(args),
@@ -225,6 +237,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Detect(args) => detect(args),
         Command::Bench(args) => bench(args),
         Command::Synth(args) => synth(args),
+        Command::Import(args) => import(args),
     }
 }
 
@@ -604,6 +617,17 @@ fn synth(args: SynthArgs) -> Result<()> {
         SynthLayout::Mura => crate::synthetic::write_mura(&args.output, args.count, args.size, args.seed)?.len(),
     };
     eprintln!("wrote {written} synthetic images to {}", args.output.display());
+    Ok(())
+}
+
+fn import(args: ImportArgs) -> Result<()> {
+    let source = args.from.display().to_string();
+    let bytes = std::fs::read(&args.from).with_context(|| format!("cannot read --from {source}"))?;
+    let imported = crate::import::import_torchvision(&bytes, &source).with_context(|| format!("--from {source}"))?;
+    let out = imported.to_bytes().with_context(|| format!("cannot serialise the weights of {source}"))?;
+    crate::write_atomically(&args.output, &out).with_context(|| format!("cannot write {}", args.output.display()))?;
+    println!("{}", imported.summary());
+    println!("wrote {} ({:.2} MB)", args.output.display(), out.len() as f64 / 1e6);
     Ok(())
 }
 

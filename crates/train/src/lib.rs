@@ -8,6 +8,7 @@ pub mod cli;
 pub mod dataset;
 pub mod fit;
 pub mod folds;
+pub mod import;
 pub mod kfold;
 pub mod metrics;
 pub mod optim;
