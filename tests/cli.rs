@@ -204,3 +204,30 @@ fn bench_prints_throughput_and_memory() {
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("DenseNet"));
 }
+
+#[test]
+fn detect_writes_heat_map_overlays_for_densenet_and_refuses_them_for_cnn() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synth(&data, "classes", 4, 48);
+    let model = dir.path().join("tiny.safetensors");
+    let out = fracture(&[
+        "train", "-i", data.to_str().unwrap(), "--model", "densenet-tiny", "-o", model.to_str().unwrap(),
+        "--epochs", "1", "--size", "48", "--quiet",
+    ]);
+    assert_exit(&out, 0);
+    let heat = dir.path().join("heat");
+    let fractures = data.join("Fracture");
+    let out = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", fractures.to_str().unwrap(), "--heatmap", heat.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let written: Vec<_> = std::fs::read_dir(&heat).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(written.len(), 4, "{written:?}");
+    assert!(written.iter().all(|n| n.ends_with(".heatmap.png")));
+    let overlay = image::open(heat.join(&written[0])).unwrap();
+    assert_eq!((overlay.width(), overlay.height()), (48, 48));
+
+    let cnn = trained_model(dir.path());
+    let out = fracture(&["detect", "--weights", cnn.to_str().unwrap(), "-i", fractures.to_str().unwrap(), "--heatmap", heat.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("DenseNet"));
+}

@@ -177,6 +177,10 @@ pub struct DetectArgs {
     pub inputs: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+    /// Also write each image with its heat map (class activation map) as
+    /// `DIR/NAME.heatmap.png` (DenseNet models).
+    #[arg(long, value_name = "DIR")]
+    pub heatmap: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -551,6 +555,12 @@ fn detect(args: DetectArgs) -> Result<()> {
     let device = Device::Cpu;
     let bytes = std::fs::read(&args.weights).with_context(|| format!("cannot read --weights {}", args.weights.display()))?;
     let predictor = Predictor::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
+    if let Some(dir) = &args.heatmap {
+        if !matches!(predictor.model(), fracture_core::Model::DenseNet(_)) {
+            bail!("--heatmap needs a DenseNet model: {} has no class activation map", predictor.card().architecture.display_name());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create --heatmap {}", dir.display()))?;
+    }
     let files = expand_inputs(&args.inputs)?;
     if files.is_empty() {
         bail!("no image files found in {}", args.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
@@ -585,6 +595,9 @@ fn detect(args: DetectArgs) -> Result<()> {
             let probability = probabilities.next().context("internal: prediction count mismatch")?;
             let prediction = predictor.prediction(probability);
             succeeded += 1;
+            if let Some(dir) = &args.heatmap {
+                write_heatmap(&predictor, path, dir)?;
+            }
             let shown = path.display().to_string();
             match args.format {
                 Format::Text => writeln!(out, "{shown}\t{:.2}%\t{}", probability * 100.0, prediction.label)?,
@@ -606,6 +619,17 @@ fn detect(args: DetectArgs) -> Result<()> {
         bail!("{failed_named} file(s) named on the command line could not be read");
     }
     Ok(())
+}
+
+fn write_heatmap(predictor: &Predictor, image: &Path, dir: &Path) -> Result<()> {
+    let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
+    let detection = predictor.detect(&bytes).with_context(|| image.display().to_string())?;
+    let Some(heatmap) = &detection.heatmap else { return Ok(()) };
+    let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let out = dir.join(format!("{stem}.heatmap.png"));
+    fracture_core::cam::overlay(&detection.input, heatmap)
+        .save(&out)
+        .with_context(|| format!("cannot write {}", out.display()))
 }
 
 fn synth(args: SynthArgs) -> Result<()> {
