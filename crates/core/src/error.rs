@@ -11,6 +11,12 @@ pub enum Error {
     #[error("unsupported image: {0}")]
     UnsupportedImage(String),
 
+    /// A DICOM file whose pixel encoding has no decoder here (JPEG-LS and
+    /// JPEG 2000 need C libraries, which the browser build cannot link).
+    /// Named so a user knows what to convert the file to.
+    #[error("unsupported DICOM transfer syntax {name} ({uid})")]
+    UnsupportedTransferSyntax { name: String, uid: String },
+
     #[error("not a model file: {0}")]
     NotAModelFile(String),
 

@@ -8,6 +8,7 @@
 
 pub mod cam;
 pub mod card;
+pub mod dicom;
 pub mod error;
 pub mod models;
 pub mod ops;

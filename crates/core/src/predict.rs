@@ -33,6 +33,9 @@ pub struct Detection {
     /// Size of the decoded image, before resizing.
     pub width: u32,
     pub height: u32,
+    /// What the model saw (resized, before normalisation), for display.
+    #[serde(skip)]
+    pub input: Rgb32FImage,
 }
 
 pub struct Predictor {
@@ -98,6 +101,7 @@ impl Predictor {
             warnings,
             width: decoded.width(),
             height: decoded.height(),
+            input,
         })
     }
 
@@ -108,6 +112,12 @@ impl Predictor {
             positive: probability >= self.card.threshold,
         }
     }
+}
+
+pub fn probabilities_from_logits(logits: &Tensor) -> candle_core::Result<Vec<f64>> {
+    sigmoid(&logits.to_dtype(candle_core::DType::F32)?)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1()
 }
 
 #[cfg(test)]
@@ -152,10 +162,4 @@ mod tests {
         assert_eq!(predictor.detect(&colour).unwrap().warnings.len(), 1);
         assert!(predictor.detect(b"not an image").is_err());
     }
-}
-
-pub fn probabilities_from_logits(logits: &Tensor) -> candle_core::Result<Vec<f64>> {
-    sigmoid(&logits.to_dtype(candle_core::DType::F32)?)?
-        .to_dtype(candle_core::DType::F64)?
-        .to_vec1()
 }

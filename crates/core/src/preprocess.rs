@@ -8,16 +8,22 @@ use image::{imageops::FilterType, ImageReader, Rgb32FImage};
 use crate::card::Preprocessing;
 use crate::{Error, Result};
 
-/// Decodes PNG, JPEG, BMP or TIFF (8 or 16 bit, grey, RGB or RGBA) into RGB
-/// on the 0..=1 scale. Grey is repeated over three channels (what Keras'
-/// `color_mode="rgb"` does) and alpha is dropped.
+/// Decodes PNG, JPEG, BMP or TIFF (8 or 16 bit, grey, RGB or RGBA) or DICOM
+/// into RGB on the 0..=1 scale. Grey is repeated over three channels (what
+/// Keras' `color_mode="rgb"` does) and alpha is dropped. DICOM is windowed
+/// as a viewer would show it (see [`crate::dicom`]).
 pub fn decode(bytes: &[u8]) -> Result<Rgb32FImage> {
+    // By content, not by name: the `image` crate does not know DICOM, and a
+    // Part 10 file's own signature is unambiguous.
+    if crate::dicom::is_dicom(bytes) {
+        return crate::dicom::decode(bytes);
+    }
     let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::Decode(e.to_string()))?;
     if reader.format().is_none() {
         return Err(Error::UnsupportedImage(
-            "unrecognised format (expected PNG, JPEG, BMP or TIFF)".into(),
+            "unrecognised format (expected PNG, JPEG, BMP, TIFF or DICOM)".into(),
         ));
     }
     let image = reader.decode().map_err(|e| Error::Decode(e.to_string()))?;

@@ -209,6 +209,13 @@ pub enum SynthLayout {
     Mura,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SynthFormat {
+    Png,
+    /// DICOM: 16-bit MONOCHROME2 with a VOI window, uncompressed (Explicit VR Little Endian).
+    Dcm,
+}
+
 #[derive(Args, Debug)]
 pub struct SynthArgs {
     #[arg(short, long, value_name = "DIR")]
@@ -222,6 +229,9 @@ pub struct SynthArgs {
     pub size: u32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// File format of the images (DICOM shows the same pixels as the PNG).
+    #[arg(long, value_enum, default_value = "png")]
+    pub format: SynthFormat,
 }
 
 #[derive(Args, Debug)]
@@ -636,9 +646,15 @@ fn synth(args: SynthArgs) -> Result<()> {
     if args.size < 32 {
         bail!("--size must be at least 32");
     }
+    let format = match args.format {
+        SynthFormat::Png => crate::synthetic::FileFormat::Png,
+        SynthFormat::Dcm => crate::synthetic::FileFormat::Dicom,
+    };
     let written = match args.layout {
-        SynthLayout::Classes => crate::synthetic::write_class_folders(&args.output, args.count, args.size, args.seed)?.len(),
-        SynthLayout::Mura => crate::synthetic::write_mura(&args.output, args.count, args.size, args.seed)?.len(),
+        SynthLayout::Classes => {
+            crate::synthetic::write_class_folders_as(&args.output, args.count, args.size, args.seed, format)?.len()
+        }
+        SynthLayout::Mura => crate::synthetic::write_mura_as(&args.output, args.count, args.size, args.seed, format)?.len(),
     };
     eprintln!("wrote {written} synthetic images to {}", args.output.display());
     Ok(())

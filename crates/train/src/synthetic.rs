@@ -64,6 +64,26 @@ pub fn render(size: u32, fractured: bool, seed: u64) -> GrayImage {
     })
 }
 
+/// File format of the written synthetic images.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum FileFormat {
+    /// 8-bit grey PNG.
+    #[default]
+    Png,
+    /// DICOM Part 10 (see [`encode_dicom`]).
+    Dicom,
+}
+
+impl FileFormat {
+    /// File name extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            FileFormat::Png => "png",
+            FileFormat::Dicom => "dcm",
+        }
+    }
+}
+
 /// Writes `DIR/Fracture/*.png` and `DIR/Normal/*.png`, `per_class` images
 /// each; returns the paths written (all fractures first, then the normals).
 ///
@@ -75,6 +95,18 @@ pub fn write_class_folders(
     size: u32,
     seed: u64,
 ) -> io::Result<Vec<PathBuf>> {
+    write_class_folders_as(dir, per_class, size, seed, FileFormat::Png)
+}
+
+/// [`write_class_folders`] in the given file format (same images, same
+/// names up to the extension).
+pub fn write_class_folders_as(
+    dir: &Path,
+    per_class: usize,
+    size: u32,
+    seed: u64,
+    format: FileFormat,
+) -> io::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for (class_index, (folder, fractured)) in [("Fracture", true), ("Normal", false)]
         .into_iter()
@@ -84,8 +116,17 @@ pub fn write_class_folders(
         std::fs::create_dir_all(&class_dir)?;
         for index in 0..per_class {
             let image_seed = derive_seed(seed, class_index as u64, index as u64);
-            let path = class_dir.join(format!("{}_{index:05}.png", folder.to_lowercase()));
-            save_png(&render(size, fractured, image_seed), &path)?;
+            let path = class_dir.join(format!(
+                "{}_{index:05}.{}",
+                folder.to_lowercase(),
+                format.extension()
+            ));
+            save(
+                &render(size, fractured, image_seed),
+                &path,
+                format,
+                image_seed,
+            )?;
             written.push(path);
         }
     }
@@ -106,6 +147,17 @@ pub fn write_mura(
     size: u32,
     seed: u64,
 ) -> io::Result<Vec<(PathBuf, bool, usize)>> {
+    write_mura_as(dir, patients, size, seed, FileFormat::Png)
+}
+
+/// [`write_mura`] in the given file format (same layout and images).
+pub fn write_mura_as(
+    dir: &Path,
+    patients: usize,
+    size: u32,
+    seed: u64,
+    format: FileFormat,
+) -> io::Result<Vec<(PathBuf, bool, usize)>> {
     // The layout is drawn from its own stream so it does not depend on the
     // image contents.
     let mut layout_rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, u64::MAX, 0));
@@ -121,13 +173,104 @@ pub fn write_mura(
             let images = layout_rng.random_range(1..=3u32);
             for image in 1..=images {
                 let image_seed = derive_seed(seed, patient as u64, u64::from(study * 16 + image));
-                let path = study_dir.join(format!("image{image}.png"));
-                save_png(&render(size, positive, image_seed), &path)?;
+                let path = study_dir.join(format!("image{image}.{}", format.extension()));
+                save(
+                    &render(size, positive, image_seed),
+                    &path,
+                    format,
+                    image_seed,
+                )?;
                 written.push((path, positive, patient));
             }
         }
     }
     Ok(written)
+}
+
+fn save(img: &GrayImage, path: &Path, format: FileFormat, seed: u64) -> io::Result<()> {
+    match format {
+        FileFormat::Png => save_png(img, path),
+        FileFormat::Dicom => std::fs::write(path, encode_dicom(img, seed)?),
+    }
+}
+
+/// Stored DICOM value of 8-bit grey `v`: 12 bits, as a DR detector's output.
+const DICOM_SCALE: u16 = 16;
+
+/// Encodes a grey image as a DICOM Part 10 file, the way radiographs come
+/// out of an X-ray system: Digital X-Ray for presentation, 16-bit MONOCHROME2
+/// with 12 bits stored and a VOI window, uncompressed Explicit VR Little
+/// Endian. `uid_seed` makes the instance UIDs (so the same seed gives the
+/// same bytes).
+///
+/// Stored values are the 8-bit values × 16 (0..=4080), and the window
+/// (center 2040.5, width 4081) maps exactly that range linearly onto the
+/// display range (PS3.3 C.11.2.1.2.1: `(x - 2040) / 4080`), so a viewer, and
+/// `fracture_core::preprocess::decode`, shows the same pixels as the PNG of
+/// the image: the two formats are interchangeable for training.
+pub fn encode_dicom(img: &GrayImage, uid_seed: u64) -> io::Result<Vec<u8>> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::{tags, uids};
+    use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+
+    let (width, height) = img.dimensions();
+    let too_large = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{width}x{height} is too large for DICOM"),
+        )
+    };
+    let rows = u16::try_from(height).map_err(|_| too_large())?;
+    let columns = u16::try_from(width).map_err(|_| too_large())?;
+    // 2.25.<128-bit number> is the UID form that needs no registered root.
+    let uid = |kind: u64| {
+        let high = u128::from(derive_seed(uid_seed, kind, 1));
+        format!(
+            "2.25.{}",
+            (high << 64) | u128::from(derive_seed(uid_seed, kind, 2))
+        )
+    };
+    let pixels: Vec<u16> = img
+        .pixels()
+        .map(|p| u16::from(p[0]) * DICOM_SCALE)
+        .collect();
+    let us = |value: u16| PrimitiveValue::from(value);
+    let object = InMemDicomObject::from_element_iter([
+        DataElement::new(
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            uids::DIGITAL_X_RAY_IMAGE_STORAGE_FOR_PRESENTATION,
+        ),
+        DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, uid(1)),
+        DataElement::new(tags::MODALITY, VR::CS, "DX"),
+        DataElement::new(
+            tags::IMAGE_COMMENTS,
+            VR::LT,
+            "synthetic X-ray (fracture synth), not patient data",
+        ),
+        DataElement::new(tags::PATIENT_NAME, VR::PN, "SYNTHETIC^XRAY"),
+        DataElement::new(tags::PATIENT_ID, VR::LO, "SYNTHETIC"),
+        DataElement::new(tags::STUDY_INSTANCE_UID, VR::UI, uid(2)),
+        DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, uid(3)),
+        DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, us(1)),
+        DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
+        DataElement::new(tags::ROWS, VR::US, us(rows)),
+        DataElement::new(tags::COLUMNS, VR::US, us(columns)),
+        DataElement::new(tags::BITS_ALLOCATED, VR::US, us(16)),
+        DataElement::new(tags::BITS_STORED, VR::US, us(12)),
+        DataElement::new(tags::HIGH_BIT, VR::US, us(11)),
+        DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, us(0)),
+        DataElement::new(tags::WINDOW_CENTER, VR::DS, "2040.5"),
+        DataElement::new(tags::WINDOW_WIDTH, VR::DS, "4081"),
+        DataElement::new(tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY"),
+        DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels.into())),
+    ]);
+    let file = object
+        .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
+        .map_err(io::Error::other)?;
+    let mut bytes = Vec::new();
+    file.write_all(&mut bytes).map_err(io::Error::other)?;
+    Ok(bytes)
 }
 
 fn save_png(img: &GrayImage, path: &Path) -> io::Result<()> {
@@ -560,6 +703,46 @@ mod tests {
         }
         assert_eq!(on_disk, written.len());
         assert_eq!(write_mura(dir.path(), 0, 36, 3)?.len(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn dicom_files_decode_to_the_same_pixels_as_the_png() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let paths = write_class_folders_as(dir.path(), 2, 40, 11, FileFormat::Dicom)?;
+        let pngs = write_class_folders(dir.path(), 2, 40, 11)?;
+        assert_eq!(paths.len(), 4);
+        for (dcm, png) in paths.iter().zip(&pngs) {
+            assert_eq!(dcm.extension().and_then(|e| e.to_str()), Some("dcm"));
+            assert_eq!(dcm.with_extension("png"), *png);
+            let from_dicom = fracture_core::preprocess::decode(&std::fs::read(dcm)?)
+                .map_err(io::Error::other)?;
+            let from_png = fracture_core::preprocess::decode(&std::fs::read(png)?)
+                .map_err(io::Error::other)?;
+            assert_eq!(from_dicom.dimensions(), (40, 40));
+            for (a, b) in from_dicom.as_raw().iter().zip(from_png.as_raw()) {
+                assert!((a - b).abs() < 1e-5, "{}: {a} vs {b}", dcm.display());
+            }
+        }
+        // Deterministic bytes for a seed (UIDs included), distinct UIDs per image.
+        assert_eq!(
+            encode_dicom(&render(32, true, 3), 3)?,
+            encode_dicom(&render(32, true, 3), 3)?
+        );
+        assert_ne!(
+            encode_dicom(&render(32, true, 3), 3)?,
+            encode_dicom(&render(32, true, 3), 4)?
+        );
+        let mura = write_mura_as(
+            dir.path().join("mura").as_path(),
+            2,
+            36,
+            3,
+            FileFormat::Dicom,
+        )?;
+        assert!(mura
+            .iter()
+            .all(|(path, _, _)| path.extension().and_then(|e| e.to_str()) == Some("dcm")));
         Ok(())
     }
 
