@@ -4,13 +4,26 @@
 //! same code `fracture detect` runs natively.
 
 use candle_core::Device;
+use fracture_core::predict::Detection;
 use fracture_core::Predictor;
+use image::DynamicImage;
+use serde::Serialize;
+use serde_bytes::ByteBuf;
 use wasm_bindgen::prelude::*;
 
 #[wasm_bindgen(start)]
 pub fn start() {
     // A Rust panic would otherwise surface as an opaque "unreachable" trap.
     console_error_panic_hook::set_once();
+}
+
+#[derive(Serialize)]
+struct BrowserDetection<'a> {
+    #[serde(flatten)]
+    detection: &'a Detection,
+    input_size: u32,
+    /// A Uint8Array on the JS side, not an array of numbers.
+    input_rgba: ByteBuf,
 }
 
 #[wasm_bindgen]
@@ -38,9 +51,16 @@ impl Detector {
         to_js(self.predictor.card())
     }
 
-    /// `{ probability, label, positive, heatmap: {width, height, values} | null, warnings, width, height }`.
+    /// `{ probability, label, positive, heatmap: {width, height, values} | null,
+    /// warnings, width, height, input_size, input_rgba }`, where `input_rgba`
+    /// is what the model saw, for the page to draw (browsers cannot show TIFF or DICOM).
     pub fn detect(&self, image_bytes: &[u8]) -> Result<JsValue, JsError> {
         let detection = self.predictor.detect(image_bytes).map_err(|e| JsError::new(&e.to_string()))?;
-        to_js(&detection)
+        let rgba = DynamicImage::ImageRgb32F(detection.input.clone()).to_rgba8();
+        to_js(&BrowserDetection {
+            input_size: rgba.width(),
+            input_rgba: ByteBuf::from(rgba.into_raw()),
+            detection: &detection,
+        })
     }
 }

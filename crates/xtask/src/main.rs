@@ -1,18 +1,22 @@
 //! `cargo xtask <command>`: the project's set-up and orchestration, in Rust
-//! so that it runs wherever cargo does.
-//!
-//! - `test`: every test the project has (unit, integration, CLI, and the
-//!   check that the browser crate and the core library build for wasm32).
+//! so that it runs wherever cargo does. Every command installs what it
+//! needs on a fresh machine (from crates.io, npm and Debian only) and skips
+//! tools whose pinned version is already installed.
 
+mod serve;
+mod tools;
+
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-
-const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
+        Some("test-browser") => browser_tests(),
+        Some("site") => site().map(|_| ()),
+        Some("serve") => serve_site(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             println!("{}", usage());
             Ok(())
@@ -31,10 +35,13 @@ fn main() -> ExitCode {
 fn usage() -> &'static str {
     "usage: cargo xtask <command>\n\n\
      commands:\n  \
-     test    run every test (cargo test --workspace, then the wasm32 build of the browser crate)"
+     test            every test: cargo test --workspace, the wasm32 build, and the browser suite in headless Chromium\n  \
+     test-browser    the browser suite alone\n  \
+     site            build the static site into dist/ (trunk build --release)\n  \
+     serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)"
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
         .nth(2)
@@ -48,7 +55,7 @@ fn cargo() -> Command {
     command
 }
 
-fn run(mut command: Command, what: &str) -> Result<(), String> {
+pub(crate) fn run(mut command: Command, what: &str) -> Result<(), String> {
     eprintln!("xtask: {what}");
     let status = command.status().map_err(|e| format!("{what}: cannot start: {e}"))?;
     if status.success() {
@@ -58,19 +65,50 @@ fn run(mut command: Command, what: &str) -> Result<(), String> {
     }
 }
 
-/// Adds the wasm32 target through rustup unless it is already installed.
-fn ensure_wasm_target() -> Result<(), String> {
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == WASM_TARGET))
-        .unwrap_or(false);
-    if installed {
-        return Ok(());
+/// PATH with the installed tools first, so trunk finds them and never downloads its own.
+fn tool_path(extra: &[&Path]) -> std::ffi::OsString {
+    let mut paths: Vec<PathBuf> = extra.iter().map(|p| p.to_path_buf()).collect();
+    paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+/// Builds `dist/` with `trunk build --release`; returns its path.
+fn site() -> Result<PathBuf, String> {
+    tools::ensure_wasm_target()?;
+    let trunk = tools::ensure_trunk()?;
+    let wasm_bindgen = tools::ensure_wasm_bindgen()?;
+    let wasm_opt_dir = tools::ensure_wasm_opt()?;
+
+    // trunk builds offline, so every crate must be in the local registry first.
+    let mut fetch = cargo();
+    fetch.arg("fetch");
+    run(fetch, "cargo fetch")?;
+
+    let bindgen_dir = wasm_bindgen.parent().unwrap_or(Path::new("."));
+    let mut build = Command::new(&trunk);
+    build
+        .current_dir(workspace_root())
+        .env("PATH", tool_path(&[&wasm_opt_dir, bindgen_dir]))
+        .args(["build", "--release"]);
+    run(build, "trunk build --release")?;
+    let dist = workspace_root().join("dist");
+    if !dist.join("index.html").is_file() {
+        return Err(format!("{} has no index.html after the build", dist.display()));
     }
-    let mut command = Command::new("rustup");
-    command.args(["target", "add", WASM_TARGET]);
-    run(command, "installing the wasm32 target")
+    Ok(dist)
+}
+
+fn serve_site(args: &[String]) -> Result<(), String> {
+    let port = match args {
+        [] => 8080,
+        [flag, value] if flag == "--port" => value.parse().map_err(|_| format!("--port {value}: not a port number"))?,
+        _ => return Err(format!("serve takes [--port N]\n\n{}", usage())),
+    };
+    let dist = site()?;
+    let listener = TcpListener::bind(("127.0.0.1", port)).map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
+    println!("serving {} on http://127.0.0.1:{port}/ (Ctrl-C to stop)", dist.display());
+    serve::serve(listener, dist);
+    Ok(())
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
@@ -78,9 +116,60 @@ fn test(extra: &[String]) -> Result<(), String> {
     command.args(["test", "--workspace"]).args(extra);
     run(command, "cargo test --workspace")?;
 
-    ensure_wasm_target()?;
+    tools::ensure_wasm_target()?;
     let mut command = cargo();
-    command.args(["build", "--package", "fracture-web", "--target", WASM_TARGET]);
+    command.args(["build", "--package", "fracture-web", "--target", tools::WASM_TARGET]);
     run(command, "building the browser crate (and the core library) for wasm32")?;
+
+    browser_tests()
+}
+
+/// The browser suite: the release site plus a model trained here on
+/// synthetic X-rays, served on loopback, driven in Debian's headless
+/// Chromium by playwright-core through node's test runner.
+fn browser_tests() -> Result<(), String> {
+    let dist = site()?;
+    tools::ensure_chromium()?;
+    tools::ensure_playwright()?;
+
+    let work = workspace_root().join("target").join("e2e");
+    let _ = std::fs::remove_dir_all(&work);
+    let site_copy = work.join("site");
+    copy_dir(&dist, &site_copy).map_err(|e| format!("copying {}: {e}", dist.display()))?;
+
+    // `cargo test` above built it (optimised: see the dev profile).
+    let mut build = cargo();
+    build.args(["build", "--bin", "fracture"]);
+    run(build, "building the fracture binary for the browser tests")?;
+    let fracture = workspace_root().join("target").join("debug").join("fracture");
+
+    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("cannot listen on loopback: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    std::thread::spawn(move || serve::serve(listener, site_copy));
+
+    let node_modules = tools::node_tools_dir().join("node_modules");
+    let mut node = Command::new("node");
+    node.current_dir(workspace_root())
+        .env("NODE_PATH", &node_modules)
+        .env("FRACTURE_BIN", &fracture)
+        .env("FRACTURE_E2E_DIR", &work)
+        .env("FRACTURE_SITE_DIR", work.join("site"))
+        .env("FRACTURE_BASE_URL", format!("http://127.0.0.1:{port}/"))
+        .env("CHROMIUM", tools::CHROMIUM)
+        .args(["--test", "--test-concurrency=1", "tests/browser/"]);
+    run(node, "browser tests (headless Chromium)")
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,142 @@
+//! The tools the site needs, installed from the registries only (crates.io,
+//! npm, Debian), and skipped when the pinned version is already there:
+//! building trunk and wasm-bindgen-cli from source takes minutes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{run, workspace_root};
+
+pub const TRUNK_VERSION: &str = "0.21.14";
+/// binaryen's npm package; Debian's binaryen 108 produces wasm that breaks when loaded.
+pub const BINARYEN_VERSION: &str = "132.0.0";
+pub const PLAYWRIGHT_VERSION: &str = "1.65.1";
+pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+/// First line of `program --version`, if it runs.
+fn version_of(program: &Path) -> Option<String> {
+    let output = Command::new(program).arg("--version").output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).lines().next().unwrap_or("").to_string())
+}
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from(".cargo"));
+    home.join("bin").join(name)
+}
+
+/// Where npm-installed tools live: inside the ignored target folder.
+pub fn node_tools_dir() -> PathBuf {
+    workspace_root().join("target").join("tools")
+}
+
+pub fn ensure_wasm_target() -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == WASM_TARGET))
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    let mut command = Command::new("rustup");
+    command.args(["target", "add", WASM_TARGET]);
+    run(command, "installing the wasm32 target")
+}
+
+/// The wasm-bindgen version in Cargo.lock: the CLI must match it exactly.
+pub fn locked_wasm_bindgen_version() -> Result<String, String> {
+    let lock = std::fs::read_to_string(workspace_root().join("Cargo.lock")).map_err(|e| format!("Cargo.lock: {e}"))?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == "name = \"wasm-bindgen\"" {
+            if let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = \"")) {
+                return Ok(version.trim_end_matches('"').to_string());
+            }
+        }
+    }
+    Err("Cargo.lock has no wasm-bindgen package".into())
+}
+
+fn ensure_cargo_tool(binary: &str, package: &str, version: &str, locked: bool) -> Result<PathBuf, String> {
+    let path = cargo_bin(binary);
+    if version_of(&path).is_some_and(|v| v.split_whitespace().any(|w| w == version)) {
+        return Ok(path);
+    }
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.args(["install", package, "--version", version]);
+    if locked {
+        command.arg("--locked");
+    }
+    run(command, &format!("installing {package} {version} (once; this takes minutes)"))?;
+    Ok(path)
+}
+
+/// trunk 0.21.14 (0.22 needs a newer rustc than the project's).
+pub fn ensure_trunk() -> Result<PathBuf, String> {
+    ensure_cargo_tool("trunk", "trunk", TRUNK_VERSION, true)
+}
+
+/// wasm-bindgen-cli at the lock file's version; `--locked` is left out on
+/// purpose, as its own lock file does not build with this toolchain.
+pub fn ensure_wasm_bindgen() -> Result<PathBuf, String> {
+    let version = locked_wasm_bindgen_version()?;
+    ensure_cargo_tool("wasm-bindgen", "wasm-bindgen-cli", &version, false)
+}
+
+fn npm_install(packages: &[String], what: &str) -> Result<(), String> {
+    let dir = node_tools_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut command = Command::new("npm");
+    command.args(["install", "--no-audit", "--no-fund", "--prefix"]).arg(&dir).args(packages);
+    run(command, what)
+}
+
+/// wasm-opt from the npm package binaryen; returns the folder to put on PATH.
+pub fn ensure_wasm_opt() -> Result<PathBuf, String> {
+    let bin = node_tools_dir().join("node_modules").join(".bin");
+    let major = BINARYEN_VERSION.split('.').next().unwrap_or(BINARYEN_VERSION);
+    if version_of(&bin.join("wasm-opt")).is_some_and(|v| v.contains(&format!("version {major}"))) {
+        return Ok(bin);
+    }
+    npm_install(&[format!("binaryen@{BINARYEN_VERSION}")], "installing wasm-opt (npm binaryen)")?;
+    Ok(bin)
+}
+
+/// playwright-core for the browser tests (it drives Debian's Chromium; it never downloads a browser).
+pub fn ensure_playwright() -> Result<(), String> {
+    let package = node_tools_dir().join("node_modules").join("playwright-core").join("package.json");
+    let installed = std::fs::read_to_string(&package).is_ok_and(|p| p.contains(&format!("\"version\": \"{PLAYWRIGHT_VERSION}\"")));
+    if installed {
+        return Ok(());
+    }
+    npm_install(&[format!("playwright-core@{PLAYWRIGHT_VERSION}")], "installing playwright-core (npm)")
+}
+
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Debian's Chromium, installed with apt when missing.
+pub fn ensure_chromium() -> Result<(), String> {
+    if Path::new(CHROMIUM).exists() {
+        return Ok(());
+    }
+    let apt = |args: &[&str], what: &str| {
+        let mut command = if is_root() {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        command.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        run(command, what)
+    };
+    apt(&["update", "-q"], "apt-get update")?;
+    apt(&["install", "-y", "-q", "chromium"], "installing Chromium (Debian)")
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}

@@ -1,0 +1,186 @@
+// End-to-end tests of the browser app in Debian's headless Chromium, driven
+// by playwright-core (never a downloaded browser). Run by `cargo xtask test`,
+// which builds the site, serves a copy of it on loopback and sets:
+//   FRACTURE_BASE_URL, FRACTURE_SITE_DIR, FRACTURE_E2E_DIR, FRACTURE_BIN, CHROMIUM.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, readdirSync, writeFileSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { createRequire } from 'node:module';
+
+// playwright-core is installed by xtask under target/tools, reached through NODE_PATH.
+const require = createRequire(import.meta.url);
+const { chromium } = require('playwright-core');
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set: run the browser tests through \`cargo xtask test\``);
+  return value;
+};
+const BASE_URL = env('FRACTURE_BASE_URL');
+const SITE = env('FRACTURE_SITE_DIR');
+const WORK = env('FRACTURE_E2E_DIR');
+const FRACTURE = env('FRACTURE_BIN');
+
+let browser;
+let images;
+let badFile;
+
+function fracture(...args) {
+  return execFileSync(FRACTURE, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+before(async () => {
+  // A model trained here on synthetic X-rays, served as the site's only model.
+  const data = path.join(WORK, 'data');
+  fracture('synth', '-o', data, '--count', '12', '--size', '96', '--seed', '5');
+  mkdirSync(path.join(SITE, 'models'), { recursive: true });
+  fracture('train', '-i', data, '--model', 'densenet-tiny', '-o', path.join(SITE, 'models', 'test-densenet.safetensors'),
+    '--epochs', '2', '--size', '64', '--batch', '8', '--quiet', '--no-augment');
+  writeFileSync(path.join(SITE, 'models', 'models.json'), JSON.stringify({
+    models: [{ file: 'test-densenet.safetensors', name: 'Test DenseNet (synthetic)' }],
+  }));
+  images = [
+    ...readdirSync(path.join(data, 'Fracture')).slice(0, 2).map((f) => path.join(data, 'Fracture', f)),
+    ...readdirSync(path.join(data, 'Normal')).slice(0, 2).map((f) => path.join(data, 'Normal', f)),
+  ];
+  badFile = path.join(WORK, 'not-an-xray.png');
+  writeFileSync(badFile, 'this is not an image');
+
+  browser = await chromium.launch({
+    executablePath: env('CHROMIUM'),
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--no-first-run'],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+/// A fresh page, with every console error and every request recorded.
+async function openApp() {
+  const context = await browser.newContext({ acceptDownloads: true });
+  const page = await context.newPage();
+  const consoleErrors = [];
+  const requests = [];
+  page.on('console', (message) => { if (message.type() === 'error') consoleErrors.push(message.text()); });
+  page.on('pageerror', (error) => consoleErrors.push(String(error)));
+  context.on('request', (request) => requests.push(request.url()));
+  await page.goto(BASE_URL);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 60_000 });
+  return { context, page, consoleErrors, requests };
+}
+
+async function upload(page, files) {
+  await page.setInputFiles('[data-testid="file-input"]', files);
+}
+
+async function waitForCards(page, count) {
+  await page.waitForFunction(
+    (n) => document.querySelectorAll('[data-testid="result"]:not(.pending), [data-testid="error"]').length >= n,
+    count, { timeout: 60_000 });
+}
+
+test('several images give one result each, with probability and label, and no request leaves the page', async () => {
+  const { context, page, consoleErrors, requests } = await openApp();
+  const before = requests.length;
+  await upload(page, images);
+  await waitForCards(page, images.length);
+  const texts = await page.locator('[data-testid="result"]').allTextContents();
+  assert.equal(texts.length, images.length);
+  for (const text of texts) assert.match(text, /\d+\.\d% (Fracture|Normal)/);
+  assert.deepEqual(requests.slice(before), [], 'no request after the model is loaded');
+  assert.deepEqual(consoleErrors, []);
+  await context.close();
+});
+
+test('dropping files onto the drop zone works too', async () => {
+  const { context, page, consoleErrors } = await openApp();
+  const payload = images.slice(0, 2).map((file) => ({ name: path.basename(file), bytes: [...readFileSync(file)] }));
+  await page.evaluate((files) => {
+    const transfer = new DataTransfer();
+    for (const { name, bytes } of files) transfer.items.add(new File([new Uint8Array(bytes)], name, { type: 'image/png' }));
+    document.querySelector('[data-testid="drop-zone"]').dispatchEvent(new DragEvent('drop', { dataTransfer: transfer, bubbles: true, cancelable: true }));
+  }, payload);
+  await waitForCards(page, 2);
+  assert.equal(await page.locator('[data-testid="result"]').count(), 2);
+  assert.deepEqual(consoleErrors, []);
+  await context.close();
+});
+
+test('the heat map toggles', async () => {
+  const { context, page } = await openApp();
+  await upload(page, [images[0]]);
+  await waitForCards(page, 1);
+  const heat = page.locator('[data-testid="result"] canvas.heat');
+  assert.equal(await heat.isVisible(), true);
+  await page.click('[data-testid="heatmap-toggle"]');
+  assert.equal(await heat.isVisible(), false);
+  await page.click('[data-testid="heatmap-toggle"]');
+  assert.equal(await heat.isVisible(), true);
+  await context.close();
+});
+
+test('CSV export downloads every result', async () => {
+  const { context, page } = await openApp();
+  await upload(page, images.slice(0, 3));
+  await waitForCards(page, 3);
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('[data-testid="export-csv"]')]);
+  const csv = readFileSync(await download.path(), 'utf8').trim().split('\n');
+  assert.equal(csv[0], 'path,probability,label,model');
+  assert.equal(csv.length, 4);
+  for (const row of csv.slice(1)) {
+    const probability = Number(row.split(',')[1]);
+    assert.ok(probability >= 0 && probability <= 1, row);
+  }
+  await context.close();
+});
+
+test('a bad file gives an error card and the next good file still works', async () => {
+  const { context, page, consoleErrors } = await openApp();
+  await upload(page, [badFile]);
+  await page.waitForSelector('[data-testid="error"]');
+  assert.match(await page.locator('[data-testid="error"]').textContent(), /Cannot read this file/);
+  await upload(page, [images[1]]);
+  await waitForCards(page, 2);
+  assert.equal(await page.locator('[data-testid="result"]').count(), 1);
+  assert.deepEqual(consoleErrors, []);
+  await context.close();
+});
+
+test("the browser's probability equals native `fracture detect` to 1e-4", async () => {
+  const { context, page } = await openApp();
+  await upload(page, images);
+  await waitForCards(page, images.length);
+  const browserProbabilities = {};
+  for (const card of await page.locator('[data-testid="result"]').all()) {
+    browserProbabilities[await card.locator('h2').textContent()] = Number(await card.getAttribute('data-probability'));
+  }
+  const csv = fracture('detect', '--weights', path.join(SITE, 'models', 'test-densenet.safetensors'), '-i', ...images, '--format', 'csv');
+  const rows = csv.trim().split('\n').slice(1);
+  assert.equal(rows.length, images.length);
+  for (const row of rows) {
+    const [file, probability] = row.split(',');
+    const inBrowser = browserProbabilities[path.basename(file)];
+    assert.ok(Math.abs(inBrowser - Number(probability)) <= 1e-4, `${file}: browser ${inBrowser}, native ${probability}`);
+  }
+  await context.close();
+});
+
+test('a reload with the network gone works from the cache', async () => {
+  const { context, page } = await openApp();
+  // Let the service worker take control, so the reload goes through it.
+  await page.evaluate(() => navigator.serviceWorker.ready);
+  await page.reload();
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 60_000 });
+  await context.setOffline(true);
+  await page.reload();
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 60_000 });
+  await upload(page, [images[0]]);
+  await waitForCards(page, 1);
+  assert.equal(await page.locator('[data-testid="result"]').count(), 1);
+  await page.screenshot({ path: path.join(WORK, 'screenshot.png'), fullPage: true });
+  await context.close();
+});

@@ -1,0 +1,273 @@
+// The page: model choice, drop zone, one card per image, heat maps, CSV.
+// All inference runs in worker.js; nothing here sends an image anywhere.
+
+const MODEL_CACHE = 'fracture-models-v1';
+
+const $ = (id) => document.getElementById(id);
+const worker = new Worker('./worker.js', { type: 'module' });
+const pending = new Map();
+let nextId = 1;
+let modelReady = null;
+let currentModel = null;
+const results = [];
+
+function call(type, bytes) {
+  const id = nextId++;
+  return new Promise((resolve, reject) => {
+    pending.set(id, { resolve, reject });
+    worker.postMessage({ type, id, bytes }, [bytes]);
+  });
+}
+
+worker.onmessage = (event) => {
+  const { id, type } = event.data;
+  const waiter = pending.get(id);
+  if (!waiter) return;
+  pending.delete(id);
+  if (type === 'error') waiter.reject(new Error(event.data.message));
+  else waiter.resolve(event.data);
+};
+
+function setStatus(text, isError = false) {
+  const status = $('model-status');
+  status.textContent = text;
+  status.classList.toggle('error', isError);
+}
+
+// Downloads with progress from Content-Length; keeps a copy in the Cache API
+// so a reload works offline.
+async function fetchModel(url) {
+  const cache = 'caches' in self ? await caches.open(MODEL_CACHE) : null;
+  const cached = cache ? await cache.match(url) : null;
+  if (cached) return cached.arrayBuffer();
+
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  const total = Number(response.headers.get('Content-Length')) || 0;
+  const progress = $('model-progress');
+  progress.hidden = false;
+  progress.max = total || 1;
+  const reader = response.body.getReader();
+  const chunks = [];
+  let received = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+    received += value.length;
+    progress.value = total ? received : 0;
+    setStatus(`Downloading model… ${(received / 1e6).toFixed(1)}${total ? ` of ${(total / 1e6).toFixed(1)}` : ''} MB`);
+  }
+  progress.hidden = true;
+  const bytes = new Uint8Array(received);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.length;
+  }
+  if (cache) await cache.put(url, new Response(bytes.slice(), { headers: { 'Content-Type': 'application/octet-stream' } }));
+  return bytes.buffer;
+}
+
+async function loadModel(entry) {
+  currentModel = entry;
+  setStatus(`Loading ${entry.name}…`);
+  modelReady = (async () => {
+    const started = performance.now();
+    const bytes = await fetchModel(`./models/${entry.file}`);
+    const { card } = await call('load', bytes);
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    setStatus(`${entry.name} ready (${seconds} s)`);
+    document.body.dataset.ready = 'true';
+    $('card-summary').textContent = describeCard(entry, card);
+    return card;
+  })();
+  try {
+    await modelReady;
+  } catch (error) {
+    setStatus(`Cannot load ${entry.name}: ${error.message}`, true);
+    throw error;
+  }
+}
+
+function describeCard(entry, card) {
+  const training = card.training ? `trained on ${card.training.source} (${card.training.images} images)` : 'untrained';
+  return `${entry.name}: ${card.architecture.name}, ${card.preprocessing.input_size} px, ${training}. ${card.notes.join(' ')}`;
+}
+
+function percent(p) {
+  return `${(p * 100).toFixed(1)}%`;
+}
+
+function drawPreview(canvas, result) {
+  const { input_size: size, input_rgba: rgba } = result;
+  canvas.width = size;
+  canvas.height = size;
+  const context = canvas.getContext('2d');
+  context.putImageData(new ImageData(new Uint8ClampedArray(rgba), size, size), 0, 0);
+}
+
+function drawHeatmap(canvas, heatmap) {
+  const { width, height, values } = heatmap;
+  const small = new ImageData(width, height);
+  values.forEach((v, i) => {
+    // Transparent where the model saw nothing, red to yellow where it did.
+    small.data[4 * i] = 255;
+    small.data[4 * i + 1] = Math.round(255 * Math.max(0, 2 * v - 1));
+    small.data[4 * i + 2] = 0;
+    small.data[4 * i + 3] = Math.round(180 * v);
+  });
+  const scratch = document.createElement('canvas');
+  scratch.width = width;
+  scratch.height = height;
+  scratch.getContext('2d').putImageData(small, 0, 0);
+  const context = canvas.getContext('2d');
+  context.imageSmoothingEnabled = true;
+  context.drawImage(scratch, 0, 0, canvas.width, canvas.height);
+}
+
+function card(file) {
+  const element = document.createElement('article');
+  element.className = 'card pending';
+  element.setAttribute('data-testid', 'result');
+  element.innerHTML = '<div class="images"><canvas class="preview"></canvas><canvas class="heat"></canvas></div><div class="text"><h2></h2><p class="verdict">Analysing…</p><p class="details"></p></div>';
+  element.querySelector('h2').textContent = file.name;
+  $('results').prepend(element);
+  return element;
+}
+
+async function analyse(file) {
+  const element = card(file);
+  try {
+    await modelReady;
+    const bytes = await file.arrayBuffer();
+    const started = performance.now();
+    const { result, ms } = await call('detect', bytes);
+    const elapsed = performance.now() - started;
+    element.classList.remove('pending');
+    element.classList.add(result.positive ? 'positive' : 'negative');
+    element.dataset.probability = String(result.probability);
+    element.dataset.ms = String(elapsed);
+    const verdict = element.querySelector('.verdict');
+    verdict.textContent = `${percent(result.probability)} ${result.label}`;
+    const details = [`P(abnormal) = ${percent(result.probability)}`, `${result.width}×${result.height}`, `${ms.toFixed(0)} ms`];
+    element.querySelector('.details').textContent = details.join(' · ');
+    for (const warning of result.warnings) {
+      const note = document.createElement('p');
+      note.className = 'warning';
+      note.setAttribute('data-testid', 'warning');
+      note.textContent = warning;
+      element.querySelector('.text').append(note);
+    }
+    const preview = element.querySelector('.preview');
+    drawPreview(preview, result);
+    const heat = element.querySelector('.heat');
+    heat.width = preview.width;
+    heat.height = preview.height;
+    if (result.heatmap) {
+      drawHeatmap(heat, result.heatmap);
+      const toggle = document.createElement('button');
+      toggle.type = 'button';
+      toggle.className = 'toggle';
+      toggle.setAttribute('data-testid', 'heatmap-toggle');
+      toggle.textContent = 'Heat map';
+      toggle.setAttribute('aria-pressed', String($('show-heatmaps').checked));
+      toggle.onclick = () => {
+        const shown = heat.hidden;
+        heat.hidden = !shown;
+        toggle.setAttribute('aria-pressed', String(shown));
+      };
+      heat.hidden = !$('show-heatmaps').checked;
+      element.querySelector('.text').append(toggle);
+    } else {
+      heat.hidden = true;
+    }
+    results.push({ file: file.name, probability: result.probability, label: result.label, model: currentModel.name });
+    $('export').disabled = false;
+    $('clear').disabled = false;
+  } catch (error) {
+    element.classList.remove('pending');
+    element.classList.add('failed');
+    element.setAttribute('data-testid', 'error');
+    element.querySelector('.verdict').textContent = 'Cannot read this file';
+    element.querySelector('.details').textContent = error.message;
+  }
+}
+
+async function analyseAll(files) {
+  // One at a time: the worker is single-threaded and order keeps cards stable.
+  for (const file of files) await analyse(file);
+}
+
+function csvField(value) {
+  const text = String(value);
+  return /[",\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+function exportCsv() {
+  const lines = ['path,probability,label,model'];
+  for (const row of results) {
+    lines.push([row.file, row.probability.toFixed(6), row.label, row.model].map(csvField).join(','));
+  }
+  const url = URL.createObjectURL(new Blob([lines.join('\n') + '\n'], { type: 'text/csv' }));
+  const link = document.createElement('a');
+  link.href = url;
+  link.download = 'fracture-results.csv';
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+async function main() {
+  if ('serviceWorker' in navigator) {
+    navigator.serviceWorker.register('./sw.js').catch(() => {});
+  }
+  const drop = $('drop');
+  drop.addEventListener('dragover', (event) => {
+    event.preventDefault();
+    drop.classList.add('over');
+  });
+  drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+  drop.addEventListener('drop', (event) => {
+    event.preventDefault();
+    drop.classList.remove('over');
+    analyseAll([...event.dataTransfer.files]);
+  });
+  $('files').addEventListener('change', (event) => {
+    analyseAll([...event.target.files]);
+    event.target.value = '';
+  });
+  $('show-heatmaps').addEventListener('change', (event) => {
+    for (const heat of document.querySelectorAll('.card .heat')) heat.hidden = !event.target.checked;
+  });
+  $('export').addEventListener('click', exportCsv);
+  $('clear').addEventListener('click', () => {
+    $('results').replaceChildren();
+    results.length = 0;
+    $('export').disabled = true;
+    $('clear').disabled = true;
+  });
+
+  let models;
+  try {
+    const response = await fetch('./models/models.json');
+    models = (await response.json()).models;
+  } catch (error) {
+    setStatus(`Cannot list the models: ${error.message}`, true);
+    return;
+  }
+  if (!models.length) {
+    setStatus('No model is shipped with this build: add one to web/models/models.json.', true);
+    return;
+  }
+  const select = $('model');
+  for (const entry of models) {
+    const option = document.createElement('option');
+    option.value = entry.file;
+    option.textContent = entry.name;
+    select.append(option);
+  }
+  select.addEventListener('change', () => loadModel(models.find((m) => m.file === select.value)).catch(() => {}));
+  await loadModel(models[0]).catch(() => {});
+}
+
+main();
