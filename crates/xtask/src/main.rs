@@ -49,6 +49,14 @@ pub(crate) fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Cargo's output folder, wherever CARGO_TARGET_DIR puts it.
+pub(crate) fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
 fn cargo() -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(workspace_root());
@@ -132,7 +140,7 @@ fn browser_tests() -> Result<(), String> {
     tools::ensure_chromium()?;
     tools::ensure_playwright()?;
 
-    let work = workspace_root().join("target").join("e2e");
+    let work = target_dir().join("e2e");
     let _ = std::fs::remove_dir_all(&work);
     let site_copy = work.join("site");
     copy_dir(&dist, &site_copy).map_err(|e| format!("copying {}: {e}", dist.display()))?;
@@ -141,7 +149,7 @@ fn browser_tests() -> Result<(), String> {
     let mut build = cargo();
     build.args(["build", "--bin", "fracture"]);
     run(build, "building the fracture binary for the browser tests")?;
-    let fracture = workspace_root().join("target").join("debug").join("fracture");
+    let fracture = target_dir().join("debug").join("fracture");
 
     let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("cannot listen on loopback: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();

@@ -29,7 +29,7 @@ fn cargo_bin(name: &str) -> PathBuf {
 
 /// Where npm-installed tools live: inside the ignored target folder.
 pub fn node_tools_dir() -> PathBuf {
-    workspace_root().join("target").join("tools")
+    crate::target_dir().join("tools")
 }
 
 pub fn ensure_wasm_target() -> Result<(), String> {
