@@ -26,6 +26,7 @@ const FRACTURE = env('FRACTURE_BIN');
 let browser;
 let images;
 let badFile;
+let dicomFile;
 
 function fracture(...args) {
   return execFileSync(FRACTURE, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
@@ -45,6 +46,9 @@ before(async () => {
     ...readdirSync(path.join(data, 'Fracture')).slice(0, 2).map((f) => path.join(data, 'Fracture', f)),
     ...readdirSync(path.join(data, 'Normal')).slice(0, 2).map((f) => path.join(data, 'Normal', f)),
   ];
+  const dicomData = path.join(WORK, 'dicom');
+  fracture('synth', '-o', dicomData, '--count', '1', '--size', '96', '--seed', '9', '--format', 'dcm');
+  dicomFile = path.join(dicomData, 'Fracture', readdirSync(path.join(dicomData, 'Fracture'))[0]);
   badFile = path.join(WORK, 'not-an-xray.png');
   writeFileSync(badFile, 'this is not an image');
 
@@ -146,6 +150,19 @@ test('a bad file gives an error card and the next good file still works', async 
   await upload(page, [images[1]]);
   await waitForCards(page, 2);
   assert.equal(await page.locator('[data-testid="result"]').count(), 1);
+  assert.deepEqual(consoleErrors, []);
+  await context.close();
+});
+
+test('a DICOM file works, and agrees with native detect', async () => {
+  const { context, page, consoleErrors } = await openApp();
+  await upload(page, [dicomFile]);
+  await waitForCards(page, 1);
+  const card = page.locator('[data-testid="result"]');
+  assert.match(await card.textContent(), /\d+\.\d% (Fracture|Normal)/);
+  const csv = fracture('detect', '--weights', path.join(SITE, 'models', 'test-densenet.safetensors'), '-i', dicomFile, '--format', 'csv');
+  const native = Number(csv.trim().split('\n')[1].split(',')[1]);
+  assert.ok(Math.abs(Number(await card.getAttribute('data-probability')) - native) <= 1e-4);
   assert.deepEqual(consoleErrors, []);
   await context.close();
 });

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
 fn usage() -> &'static str {
     "usage: cargo xtask <command>\n\n\
      commands:\n  \
-     test            every test: cargo test --workspace, the wasm32 build, and the browser suite in headless Chromium\n  \
+     test            every test: cargo test --workspace, then the site's wasm32 build and the browser suite in headless Chromium\n  \
      test-browser    the browser suite alone\n  \
      site            build the static site into dist/ (trunk build --release)\n  \
      serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)"
@@ -123,12 +123,7 @@ fn test(extra: &[String]) -> Result<(), String> {
     let mut command = cargo();
     command.args(["test", "--workspace"]).args(extra);
     run(command, "cargo test --workspace")?;
-
-    tools::ensure_wasm_target()?;
-    let mut command = cargo();
-    command.args(["build", "--package", "fracture-web", "--target", tools::WASM_TARGET]);
-    run(command, "building the browser crate (and the core library) for wasm32")?;
-
+    // The site build compiles the browser crate (and the core library) for wasm32.
     browser_tests()
 }
 
