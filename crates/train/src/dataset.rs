@@ -413,3 +413,66 @@ impl Dataset {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(path: &Path) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        crate::synthetic::render(32, false, 1).save(path).unwrap();
+    }
+
+    #[test]
+    fn mura_v1_1_root_is_read_through_its_csv_filtered_by_study() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("MURA-v1.1");
+        let listed = [
+            "MURA-v1.1/train/XR_HUMERUS/patient00001/study1_positive/image1.png",
+            "MURA-v1.1/train/XR_HUMERUS/patient00001/study1_positive/image2.png",
+            "MURA-v1.1/train/XR_HUMERUS/patient00002/study1_negative/image1.png",
+            "MURA-v1.1/train/XR_SHOULDER/patient00003/study1_positive/image1.png",
+        ];
+        for path in &listed {
+            touch(&dir.path().join(path));
+        }
+        let missing = "MURA-v1.1/train/XR_HUMERUS/patient00004/study1_negative/image1.png";
+        std::fs::write(root.join("train_image_paths.csv"), format!("{}\n{missing}\n", listed.join("\n"))).unwrap();
+
+        let err = scan(&root, &ScanOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("--study"), "{err}");
+
+        let options = ScanOptions { study: Some("XR_HUMERUS".into()), ..Default::default() };
+        let dataset = scan(&root, &options).unwrap();
+        assert_eq!(dataset.layout, Layout::MuraCsv);
+        assert_eq!((dataset.positives(), dataset.negatives()), (2, 1));
+        assert_eq!(dataset.patients(), Some(2));
+        assert_eq!(dataset.samples[0].group, dataset.samples[1].group, "one patient's images share a group");
+        assert_eq!(dataset.skipped.len(), 1);
+        assert!(dataset.skipped[0].reason.contains("missing on disk"));
+    }
+
+    #[test]
+    fn mura_layout_under_a_split_folder_and_class_folder_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        touch(&dir.path().join("mura/train/patient00007/study1_positive/image1.png"));
+        touch(&dir.path().join("mura/train/patient00008/study2_negative/image1.png"));
+        let dataset = scan(&dir.path().join("mura"), &ScanOptions::default()).unwrap();
+        assert_eq!(dataset.layout, Layout::Mura);
+        assert_eq!(dataset.group_names, ["patient00007", "patient00008"]);
+
+        // Unrecognised class names need --positive; three classes are refused.
+        let classes = dir.path().join("classes");
+        touch(&classes.join("Broken/a.png"));
+        touch(&classes.join("Intact/b.png"));
+        let err = scan(&classes, &ScanOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("--positive"), "{err}");
+        let options = ScanOptions { positive: Some("broken".into()), ..Default::default() };
+        let dataset = scan(&classes, &options).unwrap();
+        assert_eq!(dataset.classes.positive, "Broken");
+        assert!(dataset.samples.iter().any(|s| s.positive && s.path.ends_with("a.png")));
+        touch(&classes.join("Other/c.png"));
+        let err = scan(&classes, &options).unwrap_err().to_string();
+        assert!(err.contains("3 class folders"), "{err}");
+    }
+}
