@@ -391,11 +391,12 @@ fn train(args: TrainArgs) -> Result<()> {
         show_progress: !args.model.quiet,
     };
     let checkpoint = Checkpoint::beside(&args.output);
-    if checkpoint.path.exists() {
+    let checkpoint_path = checkpoint.path.clone();
+    if checkpoint_path.exists() {
         eprintln!("resuming from {}", checkpoint.path.display());
     }
     let started = Instant::now();
-    let trained = fit::train(&spec, &data, Some(Checkpoint::beside(&args.output)), &mut |r| print_epoch("", r))?;
+    let trained = fit::train(&spec, &data, Some(checkpoint), &mut |r| print_epoch("", r))?;
 
     let schedule = serde_json::to_value(&config)?;
     card.training = Some(dataset.training_summary(schedule));
@@ -425,7 +426,8 @@ fn train(args: TrainArgs) -> Result<()> {
     let storage = if args.f16 { StorageDType::F16 } else { StorageDType::F32 };
     let bytes = ModelFile::to_bytes(&card, &trained.params.tensors(), storage)?;
     crate::write_atomically(&args.output, &bytes).with_context(|| format!("cannot write {}", args.output.display()))?;
-    Checkpoint::beside(&args.output).remove();
+    // Only once the model file is safely written.
+    let _ = std::fs::remove_file(&checkpoint_path);
 
     let history_path = with_suffix(&args.output, ".history.json");
     trained.history.save_json(&history_path).with_context(|| format!("cannot write {}", history_path.display()))?;

@@ -335,11 +335,6 @@ impl Dataset {
         self.has_patients.then(|| self.samples.iter().map(|s| s.group).collect::<BTreeSet<_>>().len())
     }
 
-    /// Keeps only the samples whose index is listed, in that order.
-    pub fn subset(&self, indices: &[usize]) -> Dataset {
-        Dataset { samples: indices.iter().map(|&i| self.samples[i].clone()).collect(), ..self.clone() }
-    }
-
     /// The summary printed before training.
     pub fn summary(&self) -> String {
         let mut out = format!("dataset {} ({})\n", self.root.display(), self.layout);

@@ -191,10 +191,6 @@ impl Checkpoint {
         let file = ModelFile::from_bytes(&bytes, device)?;
         Ok(Some(Resume { tensors: file.tensors, state }))
     }
-
-    pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 fn add_metadata(bytes: &[u8], key: &str, value: &str) -> Result<Vec<u8>, String> {
