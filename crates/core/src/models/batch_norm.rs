@@ -4,7 +4,9 @@
 //! candle-nn's BatchNorm cannot keep inference-mode statistics while its
 //! affine parameters train, which is how the study fine-tunes DenseNet.
 
-use candle_core::{Result, Tensor, Var, D};
+use candle_core::{Result, Tensor, Var};
+
+use crate::ops::norm;
 use candle_nn::{Init, VarBuilder};
 
 /// Suffixes of the buffers that are statistics, not parameters: the
@@ -33,39 +35,24 @@ pub fn batch_norm2d(channels: usize, vb: VarBuilder) -> Result<BatchNorm2d> {
 }
 
 impl BatchNorm2d {
-    pub fn forward(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
+    /// `relu(batch_norm(xs))`: DenseNet always follows a BatchNorm with a ReLU, and the
+    /// pair runs as one fused op (see `ops::norm`).
+    pub fn forward_relu(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
         let channels = self.weight.dim(0)?;
-        let per_channel = |t: &Tensor| t.reshape((1, channels, 1, 1));
+        if xs.rank() != 4 || xs.dim(1)? != channels {
+            candle_core::bail!("batch norm expects (N, {channels}, H, W), got {:?}", xs.dims());
+        }
         if !batch_stats {
             // y = x * scale + shift, with the statistics as constants.
             let inv_std = (self.running_var.detach() + self.eps)?.sqrt()?.recip()?;
             let scale = (&self.weight * inv_std)?;
             let shift = (&self.bias - (self.running_mean.detach() * &scale)?)?;
-            return xs.broadcast_mul(&per_channel(&scale)?)?.broadcast_add(&per_channel(&shift)?);
+            return norm::scale_shift_relu(xs, &scale, &shift);
         }
-
-        let (n, c, h, w) = xs.dims4()?;
-        if c != channels {
-            candle_core::bail!("batch norm expects {channels} channels, got {c}");
-        }
+        let (ys, mean, biased_var) = norm::batch_norm_relu(xs, &self.weight, &self.bias, self.eps)?;
+        let (n, _, h, w) = xs.dims4()?;
         let count = (n * h * w) as f64;
-        if count < 2.0 {
-            candle_core::bail!("batch norm in training mode needs more than one value per channel");
-        }
-        // Statistics over (N, H, W), computed on a (C, N*H*W) view.
-        let flat = xs.transpose(0, 1)?.reshape((c, n * h * w))?;
-        let mean = flat.mean_keepdim(D::Minus1)?;
-        let centered = flat.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var.clone() + self.eps)?.sqrt()?)?;
-        let ys = normed
-            .broadcast_mul(&self.weight.unsqueeze(1)?)?
-            .broadcast_add(&self.bias.unsqueeze(1)?)?
-            .reshape((c, n, h, w))?
-            .transpose(0, 1)?
-            .contiguous()?;
-
-        self.update_running_stats(&mean.flatten_all()?.detach(), &(var.flatten_all()?.detach() * (count / (count - 1.0)))?)?;
+        self.update_running_stats(&mean, &(biased_var * (count / (count - 1.0)))?)?;
         Ok(ys)
     }
 
@@ -89,16 +76,16 @@ mod tests {
     use candle_nn::VarMap;
 
     #[test]
-    fn batch_mode_normalises_and_updates_running_stats_like_pytorch() {
+    fn batch_mode_normalises_rectifies_and_updates_running_stats_like_pytorch() {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let bn = batch_norm2d(2, vb).unwrap();
         // Channel 0 holds 1..=4, channel 1 holds 10 everywhere.
         let xs = Tensor::new(&[[[[1f32, 2.], [3., 4.]], [[10., 10.], [10., 10.]]]], &Device::Cpu).unwrap();
-        let ys = bn.forward(&xs, true).unwrap();
+        let ys = bn.forward_relu(&xs, true).unwrap();
         let ys: Vec<f32> = ys.flatten_all().unwrap().to_vec1().unwrap();
         // mean 2.5, biased var 1.25
-        let expected0: Vec<f32> = [1f32, 2., 3., 4.].iter().map(|v| (v - 2.5) / (1.25f32 + 1e-5).sqrt()).collect();
+        let expected0: Vec<f32> = [1f32, 2., 3., 4.].iter().map(|v| ((v - 2.5) / (1.25f32 + 1e-5).sqrt()).max(0.0)).collect();
         for (y, e) in ys[..4].iter().zip(&expected0) {
             assert!((y - e).abs() < 1e-5, "{y} vs {e}");
         }
@@ -122,7 +109,7 @@ mod tests {
         tensors.insert("running_var".to_string(), Tensor::new(&[4f32], &dev).unwrap());
         let bn = batch_norm2d(1, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
         let xs = Tensor::new(&[[[[5f32]]]], &dev).unwrap();
-        let y: Vec<f32> = bn.forward(&xs, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = bn.forward_relu(&xs, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let expected = (5.0 - 3.0) / (4f32 + 1e-5).sqrt() * 2.0 + 1.0;
         assert!((y[0] - expected).abs() < 1e-6);
     }

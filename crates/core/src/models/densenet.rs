@@ -137,8 +137,8 @@ impl DenseLayer {
     }
 
     fn forward(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
-        let xs = conv2d(&self.norm1.forward(xs, batch_stats)?.relu()?, &self.conv1, 0, 1)?;
-        conv2d(&self.norm2.forward(&xs, batch_stats)?.relu()?, &self.conv2, 1, 1)
+        let xs = conv2d(&self.norm1.forward_relu(xs, batch_stats)?, &self.conv1, 0, 1)?;
+        conv2d(&self.norm2.forward_relu(&xs, batch_stats)?, &self.conv2, 1, 1)
     }
 }
 
@@ -180,7 +180,7 @@ impl Transition {
     }
 
     fn forward(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
-        let xs = conv2d(&self.norm.forward(xs, batch_stats)?.relu()?, &self.conv, 0, 1)?;
+        let xs = conv2d(&self.norm.forward_relu(xs, batch_stats)?, &self.conv, 0, 1)?;
         pool::avg_pool2d(&xs, 2, 2)
     }
 }
@@ -235,14 +235,14 @@ impl DenseNet {
     /// With the base frozen it depends on the image alone, so it can be cached.
     pub fn features(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
         let xs = conv2d(xs, &self.conv0, 3, 2)?;
-        let mut xs = pool::max_pool2d(&self.norm0.forward(&xs, batch_stats)?.relu()?, 3, 2, 1)?;
+        let mut xs = pool::max_pool2d(&self.norm0.forward_relu(&xs, batch_stats)?, 3, 2, 1)?;
         for (block, transition) in &self.blocks {
             xs = block.forward(&xs, batch_stats)?;
             if let Some(transition) = transition {
                 xs = transition.forward(&xs, batch_stats)?;
             }
         }
-        self.norm5.forward(&xs, batch_stats)?.relu()
+        self.norm5.forward_relu(&xs, batch_stats)
     }
 
     /// Global average pooling, dropout and the logit, from [`Self::features`].

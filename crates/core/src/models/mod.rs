@@ -61,16 +61,7 @@ impl Model {
     }
 }
 
-/// A bias-free 2-D convolution. 1×1 kernels with stride 1 run as one matrix
-/// product over channels, which needs no im2col copy.
+/// A bias-free 2-D convolution, on our im2col + GEMM kernels (see `ops::conv`).
 pub(crate) fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (out_channels, _, kh, kw) = weight.dims4()?;
-    if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
-        let (batch, _, height, width) = xs.dims4()?;
-        return weight
-            .flatten_from(1)?
-            .broadcast_matmul(&xs.flatten_from(2)?)?
-            .reshape((batch, out_channels, height, width));
-    }
-    xs.conv2d(weight, padding, stride, 1, 1)
+    crate::ops::conv::conv2d(xs, weight, padding, stride)
 }

@@ -1,5 +1,7 @@
 //! Our own tensor operations, where candle's are missing or wrong for training.
 
+pub mod conv;
+pub mod norm;
 pub mod pool;
 
 use candle_core::{Result, Tensor};
