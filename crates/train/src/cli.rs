@@ -47,6 +47,10 @@ pub enum Command {
     Synth(SynthArgs),
     /// Convert torchvision DenseNet weights (.pth or .safetensors state dict) into a model file.
     Import(ImportArgs),
+    /// Pick a seeded, stratified, patient-disjoint held-out set and write its patient ids.
+    Split(SplitArgs),
+    /// Print a model file's card as JSON, or update what it says about the data.
+    Card(CardCommandArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -82,6 +86,12 @@ pub struct DataArgs {
     /// With a MURA-v1.1 root: the study type to read, e.g. XR_HUMERUS.
     #[arg(long, value_name = "TYPE")]
     pub study: Option<String>,
+    /// Use only the patients listed in FILE (one id per line, as written by `split`).
+    #[arg(long, value_name = "FILE", conflicts_with = "exclude_patients")]
+    pub patients: Option<PathBuf>,
+    /// Leave out the patients listed in FILE, e.g. a held-out target set.
+    #[arg(long, value_name = "FILE")]
+    pub exclude_patients: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -142,6 +152,67 @@ pub struct TrainArgs {
     /// Store weights as f16 (half the size; loaded as f32).
     #[arg(long)]
     pub f16: bool,
+    #[command(flatten)]
+    pub card: CardArgs,
+}
+
+/// What a model card says about its data, beyond what the dataset itself shows.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CardArgs {
+    /// The training data in words, e.g. "MURA v1.1 XR_HUMERUS train split" [default: the directory].
+    #[arg(long, value_name = "TEXT")]
+    pub data_source: Option<String>,
+    /// Terms of use of the training data that bind the weights.
+    #[arg(long, value_name = "TEXT")]
+    pub data_terms: Option<String>,
+    /// A note for the card (repeatable), e.g. what the positive class covers.
+    #[arg(long = "note", value_name = "TEXT")]
+    pub notes: Vec<String>,
+}
+
+impl CardArgs {
+    fn apply(&self, card: &mut ModelCard) -> Result<()> {
+        if self.data_source.is_some() || self.data_terms.is_some() {
+            let Some(training) = card.training.as_mut() else {
+                bail!("the model card has no training section to describe (an imported model?)")
+            };
+            if let Some(source) = &self.data_source {
+                training.source = source.clone();
+            }
+            if let Some(terms) = &self.data_terms {
+                training.terms = Some(terms.clone());
+            }
+        }
+        card.notes.extend(self.notes.iter().cloned());
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.data_source.is_none() && self.data_terms.is_none() && self.notes.is_empty()
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SplitArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// About how many images the held-out set should have.
+    #[arg(long)]
+    pub images: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Where to write the held-out patient ids.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct CardCommandArgs {
+    /// The model file: its card is printed, or updated with the options below.
+    #[arg(value_name = "MODEL.safetensors")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub card: CardArgs,
 }
 
 #[derive(Args, Debug)]
@@ -252,7 +323,85 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench(args),
         Command::Synth(args) => synth(args),
         Command::Import(args) => import(args),
+        Command::Split(args) => split(args),
+        Command::Card(args) => card(args),
     }
+}
+
+fn scan_dataset(data: &DataArgs) -> Result<Dataset> {
+    let options = ScanOptions { positive: data.positive.clone(), study: data.study.clone() };
+    let mut dataset = dataset::scan(&data.input, &options)?;
+    for (list, keep) in [(&data.patients, true), (&data.exclude_patients, false)] {
+        if let Some(list) = list {
+            let listed = dataset::read_patient_list(list)?;
+            dataset.filter_patients(list, &listed, keep)?;
+        }
+    }
+    Ok(dataset)
+}
+
+fn split(args: SplitArgs) -> Result<()> {
+    let dataset = scan_dataset(&args.data)?;
+    eprint!("{}", dataset.summary());
+    if !dataset.has_patients {
+        bail!("{}: a held-out set needs patient ids (MURA layout)", args.data.input.display());
+    }
+    let total = dataset.samples.len();
+    if args.images == 0 || args.images >= total {
+        bail!("--images {} must be between 1 and {} (the dataset's size)", args.images, total - 1);
+    }
+    let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
+    let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
+    let (_, held_out) = crate::folds::grouped_split(&labels, &groups, args.images as f64 / total as f64, args.seed)?;
+    let patients: std::collections::BTreeSet<&str> =
+        held_out.iter().map(|&i| dataset.group_names[groups[i]].as_str()).collect();
+    let positives = held_out.iter().filter(|&&i| labels[i]).count();
+    let mut text = format!(
+        "# fracture split -i {} --images {} --seed {}\n# {} patients, {} images ({} abnormal, {} normal)\n",
+        args.data.input.display(),
+        args.images,
+        args.seed,
+        patients.len(),
+        held_out.len(),
+        positives,
+        held_out.len() - positives
+    );
+    for id in &patients {
+        text += id;
+        text.push('\n');
+    }
+    crate::write_atomically(&args.output, text.as_bytes()).with_context(|| format!("cannot write {}", args.output.display()))?;
+    eprintln!(
+        "held out {} patients, {} images ({positives} abnormal): wrote {}",
+        patients.len(),
+        held_out.len(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+fn card(args: CardCommandArgs) -> Result<()> {
+    let bytes = std::fs::read(&args.model).with_context(|| format!("cannot read {}", args.model.display()))?;
+    let file = ModelFile::from_bytes(&bytes, &Device::Cpu).with_context(|| format!("{} is not a model file", args.model.display()))?;
+    let mut card = file.card;
+    if args.card.is_empty() {
+        println!("{}", serde_json::to_string_pretty(&card)?);
+        return Ok(());
+    }
+    args.card.apply(&mut card).with_context(|| args.model.display().to_string())?;
+    // Loading widens to f32; keep the storage the file had (f16 -> f32 -> f16 is exact).
+    let stored_f16 = safetensors::SafeTensors::deserialize(&bytes)
+        .map(|st| st.tensors().iter().any(|(_, view)| view.dtype() == safetensors::Dtype::F16))
+        .unwrap_or(false);
+    let storage = if stored_f16 {
+        StorageDType::F16
+    } else {
+        StorageDType::F32
+    };
+    let bytes = ModelFile::to_bytes(&card, &file.tensors, storage)?;
+    crate::write_atomically(&args.model, &bytes).with_context(|| format!("cannot write {}", args.model.display()))?;
+    eprintln!("updated the card of {}", args.model.display());
+    Ok(())
 }
 
 fn bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
@@ -263,8 +412,7 @@ fn bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
 
 /// Scans, prints the summary, and decodes every image at the model's size.
 fn load_dataset(data: &DataArgs, card: &ModelCard, quiet: bool) -> Result<(Dataset, Vec<image::Rgb32FImage>)> {
-    let options = ScanOptions { positive: data.positive.clone(), study: data.study.clone() };
-    let mut dataset = dataset::scan(&data.input, &options)?;
+    let mut dataset = scan_dataset(data)?;
     let progress = bar(0, "  decoding [{bar:30}] {pos}/{len} images ({eta} left)", quiet);
     let images = dataset.load_images(&card.preprocessing, &progress);
     eprint!("{}", dataset.summary());
@@ -400,6 +548,7 @@ fn train(args: TrainArgs) -> Result<()> {
 
     let schedule = serde_json::to_value(&config)?;
     card.training = Some(dataset.training_summary(schedule));
+    args.card.apply(&mut card)?;
     if !data.validation.is_empty() {
         let probabilities = fit::predict(&trained.model, &images, &data.validation, &card.preprocessing, 32, &device)?;
         let truth: Vec<bool> = data.validation.iter().map(|&i| labels[i]).collect();

@@ -27,6 +27,23 @@ pub enum DatasetError {
     Layout { path: PathBuf, message: String },
     #[error("{path}: only one class has images ({class}); training needs both")]
     SingleClass { path: PathBuf, class: String },
+    #[error("{list}: {message}")]
+    PatientList { list: PathBuf, message: String },
+}
+
+/// Patient ids from a list file: one per line, `#` starts a comment.
+pub fn read_patient_list(path: &Path) -> Result<BTreeSet<String>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+    let ids: BTreeSet<String> = text
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if ids.is_empty() {
+        return Err(DatasetError::PatientList { list: path.into(), message: "lists no patient".into() });
+    }
+    Ok(ids)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,6 +340,28 @@ fn finish_mura(
 }
 
 impl Dataset {
+    /// Keeps only the patients in `listed` (`keep`), or drops them. Every listed
+    /// patient must be in the dataset, so that a typo or the wrong directory cannot
+    /// quietly change which images a run uses.
+    pub fn filter_patients(&mut self, list: &Path, listed: &BTreeSet<String>, keep: bool) -> Result<(), DatasetError> {
+        let error = |message: String| DatasetError::PatientList { list: list.into(), message };
+        if !self.has_patients {
+            return Err(error(format!("{} has no patient ids (MURA layout needed)", self.root.display())));
+        }
+        let present: BTreeSet<&str> = self.samples.iter().map(|s| self.group_names[s.group].as_str()).collect();
+        let missing: Vec<&str> = listed.iter().map(String::as_str).filter(|id| !present.contains(id)).collect();
+        if !missing.is_empty() {
+            let shown = missing.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+            return Err(error(format!("{} listed patient(s) not in {}: {shown}", missing.len(), self.root.display())));
+        }
+        let names = &self.group_names;
+        self.samples.retain(|s| listed.contains(&names[s.group]) == keep);
+        if self.samples.is_empty() {
+            return Err(error("no image is left after filtering".into()));
+        }
+        Ok(())
+    }
+
     pub fn positives(&self) -> usize {
         self.samples.iter().filter(|s| s.positive).count()
     }

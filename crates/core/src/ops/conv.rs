@@ -196,6 +196,14 @@ fn matmul<T: Float>(
     }
 }
 
+/// Output columns `ox` whose input column `ox·stride + kx - padding` lies inside the
+/// image: a contiguous range, so rows are copied as slices instead of element by element.
+fn valid_columns(g: &Geometry, kx: usize) -> std::ops::Range<usize> {
+    let first = g.padding.saturating_sub(kx).div_ceil(g.stride);
+    let last = (g.in_w + g.padding).checked_sub(kx + 1).map_or(0, |max_shifted| max_shifted / g.stride + 1);
+    first.min(g.out_w)..last.min(g.out_w).max(first.min(g.out_w))
+}
+
 /// Unfolds one image (C, H, W) into `cols` (C·KH·KW, OH·OW), zeros where a window
 /// reaches into the padding.
 fn im2col<T: Float>(g: &Geometry, image: &[T], cols: &mut [T]) {
@@ -205,14 +213,26 @@ fn im2col<T: Float>(g: &Geometry, image: &[T], cols: &mut [T]) {
         let ky = row / g.kernel_w % g.kernel_h;
         let kx = row % g.kernel_w;
         let plane = &image[channel * g.in_h * g.in_w..][..g.in_h * g.in_w];
+        let valid = valid_columns(g, kx);
         for (oy, out_row) in cols_row.chunks_exact_mut(g.out_w).enumerate() {
             let Some(iy) = g.source(oy, ky, g.in_h) else {
                 out_row.fill(T::zero());
                 continue;
             };
             let in_row = &plane[iy * g.in_w..][..g.in_w];
-            for (ox, value) in out_row.iter_mut().enumerate() {
-                *value = g.source(ox, kx, g.in_w).map_or(T::zero(), |ix| in_row[ix]);
+            out_row[..valid.start].fill(T::zero());
+            out_row[valid.end..].fill(T::zero());
+            if valid.is_empty() {
+                continue;
+            }
+            let first_ix = valid.start * g.stride + kx - g.padding;
+            let dst = &mut out_row[valid.clone()];
+            if g.stride == 1 {
+                dst.copy_from_slice(&in_row[first_ix..][..dst.len()]);
+            } else {
+                for (value, &x) in dst.iter_mut().zip(in_row[first_ix..].iter().step_by(g.stride)) {
+                    *value = x;
+                }
             }
         }
     }
@@ -227,13 +247,17 @@ fn col2im<T: Float>(g: &Geometry, cols: &[T], image: &mut [T]) {
         let ky = row / g.kernel_w % g.kernel_h;
         let kx = row % g.kernel_w;
         let plane = &mut image[channel * g.in_h * g.in_w..][..g.in_h * g.in_w];
+        let valid = valid_columns(g, kx);
+        if valid.is_empty() {
+            continue;
+        }
+        let first_ix = valid.start * g.stride + kx - g.padding;
         for (oy, out_row) in cols_row.chunks_exact(g.out_w).enumerate() {
             let Some(iy) = g.source(oy, ky, g.in_h) else { continue };
             let in_row = &mut plane[iy * g.in_w..][..g.in_w];
-            for (ox, &value) in out_row.iter().enumerate() {
-                if let Some(ix) = g.source(ox, kx, g.in_w) {
-                    in_row[ix] += value;
-                }
+            let src = &out_row[valid.clone()];
+            for (x, &value) in in_row[first_ix..].iter_mut().step_by(g.stride).zip(src) {
+                *x += value;
             }
         }
     }
@@ -488,6 +512,24 @@ mod tests {
         let reference = xs.conv2d(&w, 1, 1, 1, 1).unwrap();
         // 297-term sums of values in [-1, 1]: f32 rounding stays far below 1e-4.
         assert!(max_abs_diff(&ours, &reference) < 1e-4);
+    }
+
+    #[test]
+    fn valid_columns_are_exactly_those_inside_the_image() {
+        for in_w in 1..9 {
+            for kernel in 1..6 {
+                for padding in 0..4 {
+                    for stride in 1..4 {
+                        let Ok(g) = Geometry::new(&[1, 1, in_w, in_w], &[1, 1, kernel, kernel], padding, stride) else { continue };
+                        for kx in 0..kernel {
+                            let expected: Vec<usize> = (0..g.out_w).filter(|&ox| g.source(ox, kx, in_w).is_some()).collect();
+                            let got: Vec<usize> = valid_columns(&g, kx).collect();
+                            assert_eq!(got, expected, "in {in_w} kernel {kernel} padding {padding} stride {stride} kx {kx}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
