@@ -124,6 +124,11 @@ pub struct ModelArgs {
     pub unfreeze: Vec<String>,
     #[arg(long, default_value_t = 6)]
     pub batch: usize,
+    /// Augmented views per image whose features DenseNet's frozen-base phase computes
+    /// once and reuses (0: run the base at every step with a fresh augmentation, as
+    /// the study did).
+    #[arg(long, default_value_t = 8)]
+    pub feature_bank: usize,
     /// Input size in pixels (square).
     #[arg(long, default_value_t = 150)]
     pub size: usize,
@@ -478,6 +483,7 @@ fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
         batch_size: args.batch,
         augmentation: if args.no_augment { Augmentation::NONE } else { Augmentation::STUDY },
         seed: args.seed,
+        feature_bank: args.feature_bank,
     };
     config.validate()?;
     let mut card = ModelCard::new(architecture, args.size);

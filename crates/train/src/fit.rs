@@ -66,6 +66,11 @@ pub struct FitConfig {
     pub batch_size: usize,
     pub augmentation: Augmentation,
     pub seed: u64,
+    /// Augmented views per training image whose backbone features are computed once
+    /// and reused by head-only phases (base frozen, BatchNorm in inference mode);
+    /// 0 runs the backbone at every step with a fresh augmentation.
+    #[serde(default)]
+    pub feature_bank: usize,
 }
 
 impl FitConfig {
@@ -251,6 +256,7 @@ impl Fit<'_> {
             }
         }
 
+        let mut bank: Option<FeatureBank> = None;
         for (phase_index, phase) in config.phases.iter().enumerate() {
             let mut first_epoch = 0;
             let prefixes = self.scope_prefixes(&phase.scope);
@@ -264,8 +270,15 @@ impl Fit<'_> {
                     adam.load_state(&saved.tensors, saved.state.adam_step)?;
                 }
             }
+            let cached = self.can_cache(config, phase) && first_epoch < phase.epochs;
+            if cached && bank.is_none() {
+                bank = Some(FeatureBank::build(self, data, config)?);
+            }
             for epoch in first_epoch..phase.epochs {
-                let record = self.epoch(data, config, phase_index, epoch, &mut adam)?;
+                let record = match (&bank, cached) {
+                    (Some(bank), true) => self.cached_epoch(bank, data, config, phase_index, epoch, &mut adam)?,
+                    _ => self.epoch(data, config, phase_index, epoch, &mut adam)?,
+                };
                 on_epoch(&record);
                 history.epochs.push(record);
                 if let Some(checkpoint) = &self.checkpoint {
@@ -299,6 +312,70 @@ impl Fit<'_> {
             Scope::Head => Some(head),
             Scope::Prefixes(prefixes) => Some(prefixes.iter().cloned().chain(head).collect()),
         }
+    }
+
+    /// A head-only phase with the base in inference mode sees each image only
+    /// through its pooled features, which the bank can hold.
+    fn can_cache(&self, config: &FitConfig, phase: &Phase) -> bool {
+        config.feature_bank > 0
+            && phase.scope == Scope::Head
+            && !phase.batch_norm_stats
+            && matches!(self.model, Model::DenseNet(_))
+    }
+
+    /// One head-only epoch on banked features: each image contributes one of its
+    /// views, drawn per epoch; validation reads the banked plain images.
+    fn cached_epoch(
+        &self,
+        bank: &FeatureBank,
+        data: &FitData,
+        config: &FitConfig,
+        phase_index: usize,
+        epoch: usize,
+        adam: &mut Adam,
+    ) -> Result<EpochRecord, FitError> {
+        let Model::DenseNet(net) = self.model else { unreachable!("only DenseNet phases are cached") };
+        let phase = &config.phases[phase_index];
+        let started = Instant::now();
+        let mut order = data.train.clone();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("shuffle", phase_index, epoch))));
+        let (mut loss_sum, mut correct) = (0.0, 0usize);
+        for (batch_index, batch) in order.chunks(config.batch_size).enumerate() {
+            let rows: Vec<u32> = batch
+                .iter()
+                .map(|&i| {
+                    let view = derive_seed(config.seed, ("view", phase_index, epoch, i)) as usize % bank.views;
+                    (bank.first_row[&i] + view) as u32
+                })
+                .collect();
+            let pooled = bank.train.index_select(&Tensor::new(rows, self.device)?, 0)?;
+            let targets = labels_tensor(data.labels, batch, self.device)?;
+            let step_seed = derive_seed(config.seed, ("dropout", phase_index, epoch, batch_index));
+            let logits = net.classify(&pooled, Some(step_seed))?;
+            let loss = bce_with_logits(&logits, &targets)?;
+            adam.backward_step(&loss)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+            let predictions: Vec<f32> = logits.detach().to_vec1()?;
+            correct += predictions.iter().zip(batch).filter(|(logit, &i)| (**logit >= 0.0) == data.labels[i]).count();
+        }
+        let (val_loss, val_accuracy) = match &bank.validation {
+            Some(features) => {
+                let probabilities = probabilities_from_logits(&net.classify(features, None)?.detach())?;
+                let (loss, accuracy) = loss_and_accuracy(&probabilities, data.labels, &data.validation);
+                (Some(loss), Some(accuracy))
+            }
+            None => (None, None),
+        };
+        Ok(EpochRecord {
+            phase: phase.name.clone(),
+            epoch: epoch + 1,
+            lr: phase.lr,
+            train_loss: loss_sum / order.len() as f64,
+            train_accuracy: correct as f64 / order.len() as f64,
+            val_loss,
+            val_accuracy,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 
     fn epoch(
@@ -373,6 +450,60 @@ impl Fit<'_> {
             val_accuracy,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+}
+
+/// Pooled backbone features, computed once for the head-only phases: `views`
+/// augmented views of every training image (the same augmentation the plain
+/// loop draws, from seeds of their own), and the validation images as they are.
+struct FeatureBank {
+    views: usize,
+    /// Row of each training image's first view in `train`; its views follow.
+    first_row: HashMap<usize, usize>,
+    train: Tensor,
+    validation: Option<Tensor>,
+}
+
+impl FeatureBank {
+    fn build(fit: &Fit, data: &FitData, config: &FitConfig) -> Result<Self, FitError> {
+        let Model::DenseNet(net) = fit.model else { unreachable!("only DenseNet phases are cached") };
+        // Without augmentation every view would be the same image.
+        let views = if config.augmentation == Augmentation::NONE { 1 } else { config.feature_bank };
+        let jobs: Vec<(usize, Option<usize>)> = data
+            .train
+            .iter()
+            .flat_map(|&i| (0..views).map(move |v| (i, Some(v))))
+            .chain(data.validation.iter().map(|&i| (i, None)))
+            .collect();
+        let bar = if fit.show_progress { ProgressBar::new(jobs.len() as u64) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("  caching features [{bar:30}] {pos}/{len} views  ({eta} left)")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        let mut pooled = Vec::with_capacity(jobs.len().div_ceil(32));
+        for chunk in jobs.chunks(32) {
+            let images: Vec<Rgb32FImage> = chunk
+                .par_iter()
+                .map(|&(i, view)| match view {
+                    Some(v) if views > 1 => {
+                        let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("bank", i, v)));
+                        config.augmentation.apply(&data.images[i], &mut rng)
+                    }
+                    _ => data.images[i].clone(),
+                })
+                .collect();
+            let refs: Vec<&Rgb32FImage> = images.iter().collect();
+            let xs = preprocess::to_tensor(&refs, &fit.card.preprocessing, fit.device)?;
+            pooled.push(fracture_core::models::densenet::DenseNet::pool(&net.features(&xs, false)?)?.detach());
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        let all = Tensor::cat(&pooled, 0)?;
+        let train_rows = data.train.len() * views;
+        let first_row = data.train.iter().enumerate().map(|(k, &i)| (i, k * views)).collect();
+        let validation = (!data.validation.is_empty()).then(|| all.narrow(0, train_rows, data.validation.len())).transpose()?;
+        Ok(Self { views, first_row, train: all.narrow(0, 0, train_rows)?, validation })
     }
 }
 

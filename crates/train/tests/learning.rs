@@ -32,6 +32,7 @@ fn one_phase(epochs: usize, lr: f64, batch_size: usize) -> FitConfig {
         batch_size,
         augmentation: Augmentation::NONE,
         seed: 7,
+        feature_bank: 0,
     }
 }
 
@@ -81,6 +82,8 @@ fn interrupted_training_resumes_to_identical_weights() {
         batch_size: 5,
         augmentation: Augmentation::STUDY,
         seed: 3,
+        // The head phase runs on banked features: resuming must rebuild the same bank.
+        feature_bank: 2,
     };
     let spec = TrainSpec { card: &card, init: None, config: &config, device: &device, show_progress: false };
     let data = || FitData { images: &images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
@@ -189,4 +192,45 @@ fn kfold_keeps_each_patient_in_one_fold_and_its_metrics_add_up() {
     assert!((report.pooled.brier - pooled.brier).abs() < 1e-12);
     assert!(report.summary().contains("Average Accuracy: "));
     assert!(!dir.path().join("state").join("fold01.checkpoint").exists());
+}
+
+/// Without augmentation a bank of one view per image holds exactly what the base
+/// would compute at every step, so the head must train to the same weights.
+#[test]
+fn banked_head_phase_trains_like_running_the_frozen_base() {
+    let (images, labels) = synthetic_set(12, 9);
+    let card = ModelCard::new(Architecture::Densenet(DenseNetConfig::tiny()), SIZE);
+    let device = Device::Cpu;
+    let config = |feature_bank| FitConfig {
+        phases: vec![Phase { name: "head".into(), epochs: 3, lr: 1e-2, scope: Scope::Head, batch_norm_stats: false }],
+        batch_size: 5,
+        augmentation: Augmentation::NONE,
+        seed: 11,
+        feature_bank,
+    };
+    let data = || FitData { images: &images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
+    let run = |feature_bank| {
+        let config = config(feature_bank);
+        let spec = TrainSpec { card: &card, init: None, config: &config, device: &device, show_progress: false };
+        fit::train(&spec, &data(), None, &mut |_| {}).unwrap()
+    };
+    let (plain, banked) = (run(0), run(4));
+    let (plain_tensors, banked_tensors) = (plain.params.tensors(), banked.params.tensors());
+    let classifier = |t: &std::collections::HashMap<String, candle_core::Tensor>| {
+        t["classifier.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let start = {
+        let params = fracture_train::params::Params::new(11);
+        fracture_core::models::Model::new(&card.architecture, SIZE, params.var_builder(&device)).unwrap();
+        params.tensors()
+    };
+    assert_ne!(classifier(&plain_tensors), classifier(&start), "the head did not train");
+    for (name, tensor) in &plain_tensors {
+        let diff = (tensor - &banked_tensors[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{name} differs");
+    }
+    for (a, b) in plain.history.epochs.iter().zip(&banked.history.epochs) {
+        assert!((a.val_loss.unwrap() - b.val_loss.unwrap()).abs() < 1e-5);
+        assert_eq!(a.train_accuracy, b.train_accuracy);
+    }
 }

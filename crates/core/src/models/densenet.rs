@@ -247,10 +247,21 @@ impl DenseNet {
 
     /// Global average pooling, dropout and the logit, from [`Self::features`].
     pub fn head(&self, features: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
-        let mut pooled = features.mean((2, 3))?;
-        if let Some(seed) = dropout_seed {
-            pooled = dropout(&pooled, self.head_dropout, seed)?;
-        }
+        self.classify(&Self::pool(features)?, dropout_seed)
+    }
+
+    /// Global average pooling of [`Self::features`]: `(batch, channels)`, all the
+    /// head ever sees of an image, and so what a frozen-base phase caches.
+    pub fn pool(features: &Tensor) -> Result<Tensor> {
+        features.mean((2, 3))
+    }
+
+    /// Dropout and the logit, from [`Self::pool`]ed features.
+    pub fn classify(&self, pooled: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let pooled = match dropout_seed {
+            Some(seed) => dropout(pooled, self.head_dropout, seed)?,
+            None => pooled.clone(),
+        };
         self.classifier.forward(&pooled)?.squeeze(1)
     }
 
