@@ -24,6 +24,7 @@ const WORK = env('FRACTURE_E2E_DIR');
 const FRACTURE = env('FRACTURE_BIN');
 
 let browser;
+let shipped;
 let images;
 let badFile;
 let dicomFile;
@@ -39,8 +40,10 @@ before(async () => {
   mkdirSync(path.join(SITE, 'models'), { recursive: true });
   fracture('train', '-i', data, '--model', 'densenet-tiny', '-o', path.join(SITE, 'models', 'test-densenet.safetensors'),
     '--epochs', '2', '--size', '64', '--batch', '8', '--quiet', '--no-augment');
+  // The test model first (the page loads the first entry), then the shipped ones.
+  shipped = JSON.parse(readFileSync(path.join(SITE, 'models', 'models.json'), 'utf8')).models;
   writeFileSync(path.join(SITE, 'models', 'models.json'), JSON.stringify({
-    models: [{ file: 'test-densenet.safetensors', name: 'Test DenseNet (synthetic)' }],
+    models: [{ file: 'test-densenet.safetensors', name: 'Test DenseNet (synthetic)' }, ...shipped],
   }));
   images = [
     ...readdirSync(path.join(data, 'Fracture')).slice(0, 2).map((f) => path.join(data, 'Fracture', f)),
@@ -183,6 +186,24 @@ test("the browser's probability equals native `fracture detect` to 1e-4", async 
     const inBrowser = browserProbabilities[path.basename(file)];
     assert.ok(Math.abs(inBrowser - Number(probability)) <= 1e-4, `${file}: browser ${inBrowser}, native ${probability}`);
   }
+  await context.close();
+});
+
+test('every shipped model loads from the model picker and agrees with native `fracture detect`', async () => {
+  const { context, page, consoleErrors } = await openApp();
+  for (const entry of shipped) {
+    await page.evaluate(() => { delete document.body.dataset.ready; });
+    await page.selectOption('#model', entry.file);
+    await page.waitForSelector('body[data-ready="true"]', { timeout: 120_000 });
+    await page.evaluate(() => document.getElementById('clear').click());
+    await upload(page, [images[0]]);
+    await waitForCards(page, 1);
+    const inBrowser = Number(await page.locator('[data-testid="result"]').first().getAttribute('data-probability'));
+    const csv = fracture('detect', '--weights', path.join(SITE, 'models', entry.file), '-i', images[0], '--format', 'csv');
+    const native = Number(csv.trim().split('\n')[1].split(',')[1]);
+    assert.ok(Math.abs(inBrowser - native) <= 1e-4, `${entry.file}: browser ${inBrowser}, native ${native}`);
+  }
+  assert.deepEqual(consoleErrors, []);
   await context.close();
 });
 
