@@ -59,7 +59,11 @@ def run_json(cmd, env):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return None, (done.stderr.strip().splitlines() or ["failed"])[-1]
-    return json.loads(done.stdout.strip().splitlines()[-1]), None
+    out = done.stdout
+    start = out.find("{")
+    if start < 0:
+        return None, "no JSON on stdout"
+    return json.JSONDecoder().raw_decode(out[start:])[0], None
 
 
 def available(python, framework):

@@ -88,6 +88,13 @@ impl Module for SameConv {
     }
 }
 
+impl SameConv {
+    /// `relu(conv(xs) + bias)`, with the bias and the ReLU fused into one pass.
+    fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
+        crate::ops::norm::bias_relu(&conv2d(xs, &self.weight, self.kernel_size / 2, 1)?, &self.bias)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Cnn {
     convs: Vec<SameConv>,
@@ -120,7 +127,7 @@ impl Cnn {
     pub fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         let mut xs = xs.clone();
         for conv in &self.convs {
-            xs = max_pool2d(&conv.forward(&xs)?.relu()?, 2, 2, 0)?;
+            xs = max_pool2d(&conv.forward_relu(&xs)?, 2, 2, 0)?;
         }
         if let Some(seed) = mode.dropout_seed {
             xs = dropout(&xs, self.dropout, seed)?;

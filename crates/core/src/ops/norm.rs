@@ -20,6 +20,13 @@ pub fn scale_shift_relu(xs: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<T
     xs.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ScaleShiftRelu(planes))
 }
 
+/// `relu(xs + bias)` with a per-channel `bias`: a convolution's bias and activation in
+/// one pass (the scale is a constant 1, so only the bias gets a gradient).
+pub fn bias_relu(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let ones = Tensor::ones(bias.dims(), bias.dtype(), bias.device())?;
+    scale_shift_relu(xs, &ones, bias)
+}
+
 /// `relu(batch_norm(xs))` normalised with the batch's statistics over (N, H, W), then
 /// `weight` and `bias` applied. Also returns the batch mean and the biased variance,
 /// both (C,) and without gradient, for the running statistics.

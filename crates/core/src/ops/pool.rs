@@ -6,12 +6,13 @@
 //! gradient to trailing rows/columns that floor mode drops. These ops follow PyTorch's
 //! `MaxPool2d` / `AvgPool2d` (floor mode) in both directions.
 //!
-//! The kernels are plain loops over (n, c) planes: this code also runs on wasm32 without
-//! threads, and pooling is a small share of the model's cost next to the convolutions.
+//! The kernels are plain loops over (n, c) planes, the planes spread over rayon's threads
+//! (on wasm32, without threads, they run one after the other).
 
 use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
+use rayon::prelude::*;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -59,14 +60,6 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn in_len(&self) -> usize {
-        self.batch * self.channels * self.in_h * self.in_w
-    }
-
-    fn out_len(&self) -> usize {
-        self.batch * self.channels * self.out_h * self.out_w
-    }
-
     fn in_shape(&self) -> Shape {
         Shape::from((self.batch, self.channels, self.in_h, self.in_w))
     }
@@ -195,21 +188,27 @@ fn window_argmax<T: PoolFloat>(
     best
 }
 
-fn max_pool_fwd<T: PoolFloat>(xs: &[T], layout: &Layout, pool: Pool, g: Geometry) -> Vec<T> {
-    let mut out = Vec::with_capacity(g.out_len());
-    for n in 0..g.batch {
-        for c in 0..g.channels {
-            let plane = Plane::new(layout, n, c);
-            for oh in 0..g.out_h {
-                let rows = pool.window(oh, g.in_h);
-                for ow in 0..g.out_w {
-                    let (h, w) = window_argmax(xs, plane, rows.clone(), pool.window(ow, g.in_w));
-                    out.push(xs[plane.at(h, w)]);
-                }
-            }
-        }
+/// Fills `len` elements plane by plane, one (n, c) plane per task: `fill(n, c, plane)`.
+/// Planes are independent, so threads never share an output element (one thread on wasm).
+fn per_plane<T: PoolFloat>(g: Geometry, plane_len: usize, fill: impl Fn(usize, usize, &mut [T]) + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); g.batch * g.channels * plane_len];
+    if plane_len > 0 {
+        out.par_chunks_mut(plane_len).enumerate().for_each(|(i, plane)| fill(i / g.channels, i % g.channels, plane));
     }
     out
+}
+
+fn max_pool_fwd<T: PoolFloat>(xs: &[T], layout: &Layout, pool: Pool, g: Geometry) -> Vec<T> {
+    per_plane(g, g.out_h * g.out_w, |n, c, out| {
+        let plane = Plane::new(layout, n, c);
+        for oh in 0..g.out_h {
+            let rows = pool.window(oh, g.in_h);
+            for ow in 0..g.out_w {
+                let (h, w) = window_argmax(xs, plane, rows.clone(), pool.window(ow, g.in_w));
+                out[oh * g.out_w + ow] = xs[plane.at(h, w)];
+            }
+        }
+    })
 }
 
 /// Routes each output gradient to its window's argmax. The argmax is recomputed from the
@@ -222,75 +221,59 @@ fn max_pool_bwd<T: PoolFloat>(
     pool: Pool,
     g: Geometry,
 ) -> Vec<T> {
-    let mut grad_in = vec![T::zero(); g.in_len()];
-    let plane_len = g.in_h * g.in_w;
-    for n in 0..g.batch {
-        for c in 0..g.channels {
-            let x_plane = Plane::new(xs_layout, n, c);
-            let grad_plane = Plane::new(grad_layout, n, c);
-            let out_base = (n * g.channels + c) * plane_len;
-            for oh in 0..g.out_h {
-                let rows = pool.window(oh, g.in_h);
-                for ow in 0..g.out_w {
-                    let (h, w) = window_argmax(xs, x_plane, rows.clone(), pool.window(ow, g.in_w));
-                    // Overlapping windows may share an argmax, hence `+=`.
-                    grad_in[out_base + h * g.in_w + w] += grad[grad_plane.at(oh, ow)];
-                }
+    per_plane(g, g.in_h * g.in_w, |n, c, grad_in| {
+        let x_plane = Plane::new(xs_layout, n, c);
+        let grad_plane = Plane::new(grad_layout, n, c);
+        for oh in 0..g.out_h {
+            let rows = pool.window(oh, g.in_h);
+            for ow in 0..g.out_w {
+                let (h, w) = window_argmax(xs, x_plane, rows.clone(), pool.window(ow, g.in_w));
+                // Overlapping windows may share an argmax, hence `+=`.
+                grad_in[h * g.in_w + w] += grad[grad_plane.at(oh, ow)];
             }
         }
-    }
-    grad_in
+    })
 }
 
 fn avg_pool_fwd<T: PoolFloat>(xs: &[T], layout: &Layout, pool: Pool, g: Geometry) -> Vec<T> {
     let area = T::from_f64((pool.kernel * pool.kernel) as f64);
-    let mut out = Vec::with_capacity(g.out_len());
-    for n in 0..g.batch {
-        for c in 0..g.channels {
-            let plane = Plane::new(layout, n, c);
-            for oh in 0..g.out_h {
-                let rows = pool.window(oh, g.in_h);
-                for ow in 0..g.out_w {
-                    let mut sum = T::zero();
-                    for h in rows.clone() {
-                        for w in pool.window(ow, g.in_w) {
-                            sum += xs[plane.at(h, w)];
-                        }
+    per_plane(g, g.out_h * g.out_w, |n, c, out| {
+        let plane = Plane::new(layout, n, c);
+        for oh in 0..g.out_h {
+            let rows = pool.window(oh, g.in_h);
+            for ow in 0..g.out_w {
+                let mut sum = T::zero();
+                for h in rows.clone() {
+                    for w in pool.window(ow, g.in_w) {
+                        sum += xs[plane.at(h, w)];
                     }
-                    out.push(sum / area);
                 }
+                out[oh * g.out_w + ow] = sum / area;
             }
         }
-    }
-    out
+    })
 }
 
 /// Spreads each output gradient evenly over its own window only, so input rows/columns
 /// that floor mode drops keep a zero gradient.
 fn avg_pool_bwd<T: PoolFloat>(grad: &[T], grad_layout: &Layout, pool: Pool, g: Geometry) -> Vec<T> {
     let area = T::from_f64((pool.kernel * pool.kernel) as f64);
-    let mut grad_in = vec![T::zero(); g.in_len()];
-    let plane_len = g.in_h * g.in_w;
-    for n in 0..g.batch {
-        for c in 0..g.channels {
-            let grad_plane = Plane::new(grad_layout, n, c);
-            let out_base = (n * g.channels + c) * plane_len;
-            for oh in 0..g.out_h {
-                let rows = pool.window(oh, g.in_h);
-                for ow in 0..g.out_w {
-                    let cols = pool.window(ow, g.in_w);
-                    let share = grad[grad_plane.at(oh, ow)] / area;
-                    for h in rows.clone() {
-                        let row = out_base + h * g.in_w;
-                        for v in &mut grad_in[row + cols.start..row + cols.end] {
-                            *v += share;
-                        }
+    per_plane(g, g.in_h * g.in_w, |n, c, grad_in| {
+        let grad_plane = Plane::new(grad_layout, n, c);
+        for oh in 0..g.out_h {
+            let rows = pool.window(oh, g.in_h);
+            for ow in 0..g.out_w {
+                let cols = pool.window(ow, g.in_w);
+                let share = grad[grad_plane.at(oh, ow)] / area;
+                for h in rows.clone() {
+                    let row = h * g.in_w;
+                    for v in &mut grad_in[row + cols.start..row + cols.end] {
+                        *v += share;
                     }
                 }
             }
         }
-    }
-    grad_in
+    })
 }
 
 /// Checks that a gradient handed to a backward op has the forward output's shape; a
