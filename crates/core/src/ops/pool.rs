@@ -198,9 +198,41 @@ fn per_plane<T: PoolFloat>(g: Geometry, plane_len: usize, fill: impl Fn(usize, u
     out
 }
 
+/// The argmax of every window when windows tile a contiguous plane (kernel == stride, no
+/// padding: the cnn's 2×2 pools), as `f(oh, ow, input offset in the plane)`. Same scan
+/// order and tie and NaN rules as [`window_argmax`], without its per-element addressing.
+fn tile_argmax<T: PoolFloat>(xs: &[T], plane: Plane, pool: Pool, g: Geometry, mut f: impl FnMut(usize, usize, usize)) {
+    let k = pool.kernel;
+    let data = &xs[plane.base..plane.base + g.in_h * g.in_w];
+    for oh in 0..g.out_h {
+        for ow in 0..g.out_w {
+            let first = oh * k * g.in_w + ow * k;
+            let (mut best, mut best_val) = (first, data[first]);
+            for dh in 0..k {
+                let row = first + dh * g.in_w;
+                for (dw, &v) in data[row..row + k].iter().enumerate() {
+                    if v > best_val || (v.is_nan() && !best_val.is_nan()) {
+                        best = row + dw;
+                        best_val = v;
+                    }
+                }
+            }
+            f(oh, ow, best);
+        }
+    }
+}
+
+fn tiles(pool: Pool, g: Geometry, plane: Plane) -> bool {
+    pool.kernel == pool.stride && pool.padding == 0 && plane.col_stride == 1 && plane.row_stride == g.in_w
+}
+
 fn max_pool_fwd<T: PoolFloat>(xs: &[T], layout: &Layout, pool: Pool, g: Geometry) -> Vec<T> {
     per_plane(g, g.out_h * g.out_w, |n, c, out| {
         let plane = Plane::new(layout, n, c);
+        if tiles(pool, g, plane) {
+            let data = &xs[plane.base..];
+            return tile_argmax(xs, plane, pool, g, |oh, ow, at| out[oh * g.out_w + ow] = data[at]);
+        }
         for oh in 0..g.out_h {
             let rows = pool.window(oh, g.in_h);
             for ow in 0..g.out_w {
@@ -224,6 +256,9 @@ fn max_pool_bwd<T: PoolFloat>(
     per_plane(g, g.in_h * g.in_w, |n, c, grad_in| {
         let x_plane = Plane::new(xs_layout, n, c);
         let grad_plane = Plane::new(grad_layout, n, c);
+        if tiles(pool, g, x_plane) {
+            return tile_argmax(xs, x_plane, pool, g, |oh, ow, at| grad_in[at] += grad[grad_plane.at(oh, ow)]);
+        }
         for oh in 0..g.out_h {
             let rows = pool.window(oh, g.in_h);
             for ow in 0..g.out_w {
@@ -501,6 +536,33 @@ mod tests {
     }
 
     const SHAPES: [[usize; 4]; 4] = [[1, 3, 7, 9], [2, 5, 9, 9], [2, 3, 19, 19], [1, 5, 8, 8]];
+
+    /// The tiled fast path (kernel == stride over a contiguous plane) against the general
+    /// path, which a non-contiguous layout of the same values takes: equal outputs and
+    /// gradients, ties (a constant plane) and odd trailing rows included.
+    #[test]
+    fn tiled_max_pool_equals_the_general_path() {
+        let dev = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let mut data: Vec<f64> = (0..2 * 3 * 7 * 9).map(|_| rng.random_range(-1.0..1.0)).collect();
+        data[..63].iter_mut().for_each(|v| *v = 0.5);
+        for kernel in [2, 3] {
+            let contiguous = Var::from_tensor(&Tensor::from_vec(data.clone(), (2, 3, 7, 9), &dev).unwrap()).unwrap();
+            // Stored as (N, C, W, H) and viewed back: same values, strided planes.
+            let transposed = Tensor::from_vec(data.clone(), (2, 3, 7, 9), &dev).unwrap().transpose(2, 3).unwrap().contiguous().unwrap();
+            let strided = Var::from_tensor(&transposed).unwrap();
+            let strided_view = strided.transpose(2, 3).unwrap();
+            assert!(!strided_view.is_contiguous());
+            let fast = max_pool2d(&contiguous, kernel, kernel, 0).unwrap();
+            let general = max_pool2d(&strided_view, kernel, kernel, 0).unwrap();
+            assert_eq!(values(&fast), values(&general), "kernel {kernel} forward");
+            let probe = Tensor::from_vec((0..fast.elem_count()).map(|i| i as f64).collect::<Vec<_>>(), fast.shape(), &dev).unwrap();
+            let g_fast = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_general = (&general * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_general = g_general.get(&strided).unwrap().transpose(2, 3).unwrap();
+            assert_eq!(values(g_fast.get(&contiguous).unwrap()), values(&g_general), "kernel {kernel} gradient");
+        }
+    }
 
     #[test]
     fn max_pool_forward_hand_computed() {

@@ -4,6 +4,7 @@ use clap::Parser;
 use fracture_train::cli::{run, Cli};
 
 fn main() -> ExitCode {
+    fracture_train::keep_freed_memory();
     // clap exits with 2 on a bad command line, before anything runs.
     let cli = Cli::parse();
     match run(cli) {
