@@ -339,7 +339,7 @@ impl Fit<'_> {
         let started = Instant::now();
         let mut order = data.train.clone();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("shuffle", phase_index, epoch))));
-        let (mut loss_sum, mut correct) = (0.0, 0usize);
+        let mut tally = Tally::default();
         for (batch_index, batch) in order.chunks(config.batch_size).enumerate() {
             let rows: Vec<u32> = batch
                 .iter()
@@ -354,28 +354,13 @@ impl Fit<'_> {
             let logits = net.classify(&pooled, Some(step_seed))?;
             let loss = bce_with_logits(&logits, &targets)?;
             adam.backward_step(&loss)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
-            let predictions: Vec<f32> = logits.detach().to_vec1()?;
-            correct += predictions.iter().zip(batch).filter(|(logit, &i)| (**logit >= 0.0) == data.labels[i]).count();
+            tally.add(&loss, &logits, batch, data.labels)?;
         }
-        let (val_loss, val_accuracy) = match &bank.validation {
-            Some(features) => {
-                let probabilities = probabilities_from_logits(&net.classify(features, None)?.detach())?;
-                let (loss, accuracy) = loss_and_accuracy(&probabilities, data.labels, &data.validation);
-                (Some(loss), Some(accuracy))
-            }
-            None => (None, None),
+        let validation = match &bank.validation {
+            Some(features) => Some(probabilities_from_logits(&net.classify(features, None)?.detach())?),
+            None => None,
         };
-        Ok(EpochRecord {
-            phase: phase.name.clone(),
-            epoch: epoch + 1,
-            lr: phase.lr,
-            train_loss: loss_sum / order.len() as f64,
-            train_accuracy: correct as f64 / order.len() as f64,
-            val_loss,
-            val_accuracy,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(tally.record(phase, epoch, validation, data, started))
     }
 
     fn epoch(
@@ -400,7 +385,7 @@ impl Fit<'_> {
         );
         bar.set_prefix(format!("{} {}/{}", phase.name, epoch + 1, phase.epochs));
 
-        let (mut loss_sum, mut correct) = (0.0, 0usize);
+        let mut tally = Tally::default();
         for (batch_index, batch) in order.chunks(config.batch_size).enumerate() {
             let images: Vec<Rgb32FImage> = batch
                 .par_iter()
@@ -422,34 +407,62 @@ impl Fit<'_> {
             };
             let loss = bce_with_logits(&logits, &targets)?;
             adam.backward_step(&loss)?;
-
-            let batch_loss = loss.to_scalar::<f32>()? as f64;
-            loss_sum += batch_loss * batch.len() as f64;
-            let predictions: Vec<f32> = logits.detach().to_vec1()?;
-            correct += predictions.iter().zip(batch).filter(|(logit, &i)| (**logit >= 0.0) == data.labels[i]).count();
-            bar.set_message(format!("loss {:.4}", loss_sum / ((batch_index + 1) * config.batch_size).min(order.len()) as f64));
+            tally.add(&loss, &logits, batch, data.labels)?;
+            bar.set_message(format!("loss {:.4}", tally.mean_loss()));
             bar.inc(1);
         }
         bar.finish_and_clear();
 
-        let (val_loss, val_accuracy) = if data.validation.is_empty() {
-            (None, None)
+        let validation = if data.validation.is_empty() {
+            None
         } else {
-            let probabilities =
-                predict(self.model, data.images, &data.validation, &self.card.preprocessing, 32, self.device)?;
-            let (loss, accuracy) = loss_and_accuracy(&probabilities, data.labels, &data.validation);
-            (Some(loss), Some(accuracy))
+            Some(predict(self.model, data.images, &data.validation, &self.card.preprocessing, 32, self.device)?)
         };
-        Ok(EpochRecord {
+        Ok(tally.record(phase, epoch, validation, data, started))
+    }
+}
+
+/// Running training loss and accuracy of an epoch.
+#[derive(Default)]
+struct Tally {
+    loss_sum: f64,
+    correct: usize,
+    seen: usize,
+}
+
+impl Tally {
+    fn add(&mut self, loss: &Tensor, logits: &Tensor, batch: &[usize], labels: &[bool]) -> candle_core::Result<()> {
+        self.loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+        let predictions: Vec<f32> = logits.detach().to_vec1()?;
+        self.correct += predictions.iter().zip(batch).filter(|(logit, &i)| (**logit >= 0.0) == labels[i]).count();
+        self.seen += batch.len();
+        Ok(())
+    }
+
+    fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.seen.max(1) as f64
+    }
+
+    /// The epoch's record, with validation loss and accuracy from P(positive)
+    /// of the validation images, when there are any.
+    fn record(&self, phase: &Phase, epoch: usize, validation: Option<Vec<f64>>, data: &FitData, started: Instant) -> EpochRecord {
+        let (val_loss, val_accuracy) = match validation {
+            Some(probabilities) => {
+                let (loss, accuracy) = loss_and_accuracy(&probabilities, data.labels, &data.validation);
+                (Some(loss), Some(accuracy))
+            }
+            None => (None, None),
+        };
+        EpochRecord {
             phase: phase.name.clone(),
             epoch: epoch + 1,
             lr: phase.lr,
-            train_loss: loss_sum / order.len() as f64,
-            train_accuracy: correct as f64 / order.len() as f64,
+            train_loss: self.mean_loss(),
+            train_accuracy: self.correct as f64 / self.seen.max(1) as f64,
             val_loss,
             val_accuracy,
             seconds: started.elapsed().as_secs_f64(),
-        })
+        }
     }
 }
 

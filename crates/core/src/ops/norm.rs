@@ -96,6 +96,40 @@ fn unsupported(op: &str, dtype: DType) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: unsupported dtype {dtype:?}, only f32 and f64 are supported"))
 }
 
+/// Runs `$body` on contiguous `f32` or `f64` slices of three CPU storages of one dtype.
+macro_rules! float_op3 {
+    ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32($a), CpuStorage::F32($b), CpuStorage::F32($c)) => {
+                let ($a, $b, $c) = (contiguous($name, $a, $l1)?, contiguous($name, $b, $l2)?, contiguous($name, $c, $l3)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64($a), CpuStorage::F64($b), CpuStorage::F64($c)) => {
+                let ($a, $b, $c) = (contiguous($name, $a, $l1)?, contiguous($name, $b, $l2)?, contiguous($name, $c, $l3)?);
+                CpuStorage::F64($body)
+            }
+            (x, ..) => return Err(unsupported($name, x.dtype())),
+        }
+    };
+}
+
+/// The same for two storages.
+macro_rules! float_op2 {
+    ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32($a), CpuStorage::F32($b)) => {
+                let ($a, $b) = (contiguous($name, $a, $l1)?, contiguous($name, $b, $l2)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64($a), CpuStorage::F64($b)) => {
+                let ($a, $b) = (contiguous($name, $a, $l1)?, contiguous($name, $b, $l2)?);
+                CpuStorage::F64($body)
+            }
+            (x, _) => return Err(unsupported($name, x.dtype())),
+        }
+    };
+}
+
 /// Per-channel sums over (N, H, W) of `f(index in x)`, in f64, one channel per task.
 fn channel_sums<const K: usize>(planes: Planes, f: impl Fn(usize) -> [f64; K] + Sync) -> Vec<[f64; K]> {
     (0..planes.channels)
@@ -155,21 +189,7 @@ impl CustomOp3 for ScaleShiftRelu {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(scale_shift_fwd(
-                self.0,
-                contiguous(name, x, l1)?,
-                contiguous(name, a, l2)?,
-                contiguous(name, b, l3)?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(scale_shift_fwd(
-                self.0,
-                contiguous(name, x, l1)?,
-                contiguous(name, a, l2)?,
-                contiguous(name, b, l3)?,
-            )),
-            (x, ..) => return Err(unsupported(name, x.dtype())),
-        };
+        let out = float_op3!(name, (s1, l1), (s2, l2), (s3, l3), |x, a, b| scale_shift_fwd(self.0, x, a, b));
         Ok((out, l1.shape().clone()))
     }
 
@@ -209,11 +229,7 @@ impl candle_core::CustomOp2 for ReluMask {
             out
         }
         let name = self.name();
-        let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(y)) => CpuStorage::F32(mask(contiguous(name, g, l1)?, contiguous(name, y, l2)?)),
-            (CpuStorage::F64(g), CpuStorage::F64(y)) => CpuStorage::F64(mask(contiguous(name, g, l1)?, contiguous(name, y, l2)?)),
-            (g, _) => return Err(unsupported(name, g.dtype())),
-        };
+        let out = float_op2!(name, (s1, l1), (s2, l2), |g, y| mask(g, y));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -232,11 +248,7 @@ impl candle_core::CustomOp2 for ScaleShiftParamGrads {
             sums.iter().map(|s| cast(s[0])).chain(sums.iter().map(|s| cast(s[1]))).collect()
         }
         let (p, name) = (self.0, self.name());
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(sums(p, contiguous(name, x, l1)?, contiguous(name, g, l2)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(sums(p, contiguous(name, x, l1)?, contiguous(name, g, l2)?)),
-            (x, _) => return Err(unsupported(name, x.dtype())),
-        };
+        let out = float_op2!(name, (s1, l1), (s2, l2), |x, g| sums(p, x, g));
         Ok((out, Shape::from((2, p.channels))))
     }
 }
@@ -307,15 +319,7 @@ impl CustomOp3 for BatchNormRelu {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.forward(contiguous(name, x, l1)?, contiguous(name, w, l2)?, contiguous(name, b, l3)?))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.forward(contiguous(name, x, l1)?, contiguous(name, w, l2)?, contiguous(name, b, l3)?))
-            }
-            (x, ..) => return Err(unsupported(name, x.dtype())),
-        };
+        let out = float_op3!(name, (s1, l1), (s2, l2), (s3, l3), |x, w, b| self.forward(x, w, b));
         Ok((out, l1.shape().clone()))
     }
 
@@ -372,11 +376,7 @@ impl candle_core::CustomOp2 for AffineGrad {
             map_planes(op.planes, x.len(), |i, c| k[c][0] * g[i] + k[c][1] * x[i] + k[c][2])
         }
         let name = self.name();
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(apply(self, contiguous(name, x, l1)?, contiguous(name, g, l2)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(apply(self, contiguous(name, x, l1)?, contiguous(name, g, l2)?)),
-            (x, _) => return Err(unsupported(name, x.dtype())),
-        };
+        let out = float_op2!(name, (s1, l1), (s2, l2), |x, g| apply(self, x, g));
         Ok((out, l1.shape().clone()))
     }
 }
