@@ -397,6 +397,17 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
     }
 
+    /// Gradients of `sum(ours · probe)` and `sum(reference · probe)` with respect to
+    /// each named variable, equal within `tolerance`.
+    fn assert_same_gradients(ours: &Tensor, reference: &Tensor, probe: &Tensor, vars: &[(&str, &Var)], tolerance: f64) {
+        let g_ours = (ours * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (reference * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in vars {
+            let d = max_abs_diff(g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
+            assert!(d < tolerance, "{name} gradient differs by {d}");
+        }
+    }
+
     fn per_channel(t: &Tensor) -> Tensor {
         t.reshape((1, (), 1, 1)).unwrap()
     }
@@ -428,12 +439,7 @@ mod tests {
             assert!(max_abs_diff(&var, &biased) < 1e-12);
 
             let probe = random(&shape, seed + 30);
-            let g_ours = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_ref = (&reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, var) in [("input", &xs), ("weight", &weight), ("bias", &bias)] {
-                let d = max_abs_diff(g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
-                assert!(d < 1e-9, "{name} gradient {shape:?}: {d}");
-            }
+            assert_same_gradients(&ours, &reference, &probe, &[("input", &xs), ("weight", &weight), ("bias", &bias)], 1e-9);
         }
     }
 
@@ -447,12 +453,7 @@ mod tests {
         let reference = xs.broadcast_mul(&per_channel(&scale)).unwrap().broadcast_add(&per_channel(&shift)).unwrap().relu().unwrap();
         assert!(max_abs_diff(&ours, &reference) < 1e-12);
         let probe = random(&shape, 7);
-        let g_ours = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (&reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, var) in [("input", &xs), ("scale", &scale), ("shift", &shift)] {
-            let d = max_abs_diff(g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
-            assert!(d < 1e-12, "{name} gradient: {d}");
-        }
+        assert_same_gradients(&ours, &reference, &probe, &[("input", &xs), ("scale", &scale), ("shift", &shift)], 1e-12);
     }
 
     #[test]
