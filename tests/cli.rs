@@ -365,3 +365,83 @@ mod dicom {
         assert!(text(&out.stderr).contains(JPEG_2000), "{}", text(&out.stderr));
     }
 }
+
+/// The held-out set `split` writes is patient-disjoint from what `--exclude-patients`
+/// leaves, and together they are the whole dataset; a listed patient that is not in
+/// the data is an error naming the list and the patient.
+#[test]
+fn split_writes_patients_that_the_data_filters_keep_or_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mura");
+    synth(&data, "mura", 30, 32);
+    let data = data.to_str().unwrap();
+    let list = dir.path().join("held-out.txt");
+    let out = fracture(&["split", "-i", data, "--images", "10", "--seed", "3", "-o", list.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let listed: Vec<String> = std::fs::read_to_string(&list)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert!(!listed.is_empty());
+    // "held out N patients, M images (...)"
+    let held_out_images: usize = text(&out.stderr)
+        .split("held out ").nth(1).unwrap()
+        .split(", ").nth(1).unwrap()
+        .split(' ').next().unwrap()
+        .parse().unwrap();
+
+    let images_in = |filter: &[&str]| {
+        let other = dir.path().join("x.txt");
+        let mut args = vec!["split", "-i", data, "--images", "1", "-o", other.to_str().unwrap()];
+        args.extend_from_slice(filter);
+        let out = fracture(&args);
+        assert_exit(&out, 0);
+        let stderr = text(&out.stderr);
+        // The dataset summary: "abnormal N images" and "normal M images".
+        stderr.lines().filter(|l| l.trim_end().ends_with("images")).map(|l| l.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap()).sum::<usize>()
+    };
+    let list_arg = list.to_str().unwrap();
+    let (kept, left) = (images_in(&["--patients", list_arg]), images_in(&["--exclude-patients", list_arg]));
+    let all = images_in(&[]);
+    assert_eq!(kept, held_out_images);
+    assert_eq!(kept + left, all, "kept {kept} + left {left}");
+    assert!(kept > 0 && left > 0);
+
+    let bad = dir.path().join("typo.txt");
+    std::fs::write(&bad, "# a comment\npatient99999\n").unwrap();
+    let out = fracture(&["train", "-i", data, "--patients", bad.to_str().unwrap(), "-o", dir.path().join("m.safetensors").to_str().unwrap()]);
+    assert_exit(&out, 1);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("typo.txt") && stderr.contains("patient99999"), "{stderr}");
+
+    let out = fracture(&["split", "-i", data, "--images", &all.to_string(), "-o", list.to_str().unwrap()]);
+    assert_exit(&out, 1);
+}
+
+/// `card` prints a model's card and records data terms and notes without touching
+/// the weights; a file that is not a model is an error naming it.
+#[test]
+fn card_prints_and_updates_what_a_model_says_about_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = trained_model(dir.path());
+    let model_arg = model.to_str().unwrap();
+    let detect = || text(&fracture(&["detect", "--weights", model_arg, "-i", dir.path().join("data").to_str().unwrap(), "--format", "csv"]).stdout);
+    let before = detect();
+
+    let out = fracture(&["card", model_arg, "--data-terms", "research use only", "--note", "a test note"]);
+    assert_exit(&out, 0);
+    let out = fracture(&["card", model_arg]);
+    assert_exit(&out, 0);
+    let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(card["training"]["terms"], "research use only");
+    assert!(card["notes"].as_array().unwrap().iter().any(|n| n == "a test note"));
+    assert_eq!(detect(), before, "the weights changed");
+
+    let not_a_model = dir.path().join("notes.safetensors");
+    std::fs::write(&not_a_model, "hello").unwrap();
+    let out = fracture(&["card", not_a_model.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("notes.safetensors"));
+}

@@ -337,8 +337,7 @@ impl Fit<'_> {
         let Model::DenseNet(net) = self.model else { unreachable!("only DenseNet phases are cached") };
         let phase = &config.phases[phase_index];
         let started = Instant::now();
-        let mut order = data.train.clone();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("shuffle", phase_index, epoch))));
+        let order = epoch_order(data, config, phase_index, epoch);
         let mut tally = Tally::default();
         for (batch_index, batch) in order.chunks(config.batch_size).enumerate() {
             let rows: Vec<u32> = batch
@@ -373,8 +372,7 @@ impl Fit<'_> {
     ) -> Result<EpochRecord, FitError> {
         let phase = &config.phases[phase_index];
         let started = Instant::now();
-        let mut order = data.train.clone();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("shuffle", phase_index, epoch))));
+        let order = epoch_order(data, config, phase_index, epoch);
 
         let batches = order.len().div_ceil(config.batch_size);
         let bar = if self.show_progress { ProgressBar::new(batches as u64) } else { ProgressBar::hidden() };
@@ -420,6 +418,13 @@ impl Fit<'_> {
         };
         Ok(tally.record(phase, epoch, validation, data, started))
     }
+}
+
+/// The training images in an epoch's seeded order.
+fn epoch_order(data: &FitData, config: &FitConfig, phase_index: usize, epoch: usize) -> Vec<usize> {
+    let mut order = data.train.clone();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("shuffle", phase_index, epoch))));
+    order
 }
 
 /// Running training loss and accuracy of an epoch.
