@@ -225,6 +225,27 @@ fn detect_writes_heat_map_overlays_for_densenet_and_refuses_them_for_cnn() {
     assert!(written.iter().all(|n| n.ends_with(".heatmap.png")));
     let overlay = image::open(heat.join(&written[0])).unwrap();
     assert_eq!((overlay.width(), overlay.height()), (48, 48));
+    // The heat map's single-image pass must give the batched pass's probabilities.
+    let csv = |extra: &[&str]| {
+        let mut args = vec!["detect", "--weights", model.to_str().unwrap(), "-i", fractures.to_str().unwrap(), "--format", "csv"];
+        args.extend_from_slice(extra);
+        let out = fracture(&args);
+        assert_exit(&out, 0);
+        text(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(|row| {
+                let fields: Vec<&str> = row.split(',').collect();
+                (fields[0].to_string(), fields[1].parse::<f64>().unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    let (batched, single) = (csv(&[]), csv(&["--heatmap", heat.to_str().unwrap()]));
+    assert_eq!(batched.len(), 4);
+    for ((path_b, p_b), (path_s, p_s)) in batched.iter().zip(&single) {
+        assert_eq!(path_b, path_s);
+        assert!((p_b - p_s).abs() < 1e-5, "{path_b}: {p_b} batched, {p_s} with --heatmap");
+    }
 
     let cnn = trained_model(dir.path());
     let out = fracture(&["detect", "--weights", cnn.to_str().unwrap(), "-i", fractures.to_str().unwrap(), "--heatmap", heat.to_str().unwrap()]);

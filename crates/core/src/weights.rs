@@ -27,6 +27,9 @@ pub enum StorageDType {
 pub struct ModelFile {
     pub card: ModelCard,
     pub tensors: HashMap<String, Tensor>,
+    /// How the weights were stored, so that rewriting the file (a new card)
+    /// keeps its size.
+    pub storage: StorageDType,
 }
 
 impl ModelFile {
@@ -48,13 +51,17 @@ impl ModelFile {
         let safetensors = SafeTensors::deserialize(bytes)
             .map_err(|e| Error::NotAModelFile(format!("corrupt safetensors data ({e})")))?;
         let mut tensors = HashMap::new();
+        let mut storage = StorageDType::F32;
         for (name, view) in safetensors.tensors() {
+            if view.dtype() == safetensors::Dtype::F16 {
+                storage = StorageDType::F16;
+            }
             let tensor = candle_core::safetensors::Load::load(&view, device)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .map_err(|e| Error::NotAModelFile(format!("tensor `{name}` cannot be read: {e}")))?;
             tensors.insert(name, tensor);
         }
-        Ok(Self { card, tensors })
+        Ok(Self { card, tensors, storage })
     }
 
     /// Serialises tensors and card, in a stable (sorted) order.

@@ -394,16 +394,8 @@ fn card(args: CardCommandArgs) -> Result<()> {
         return Ok(());
     }
     args.card.apply(&mut card).with_context(|| args.model.display().to_string())?;
-    // Loading widens to f32; keep the storage the file had (f16 -> f32 -> f16 is exact).
-    let stored_f16 = safetensors::SafeTensors::deserialize(&bytes)
-        .map(|st| st.tensors().iter().any(|(_, view)| view.dtype() == safetensors::Dtype::F16))
-        .unwrap_or(false);
-    let storage = if stored_f16 {
-        StorageDType::F16
-    } else {
-        StorageDType::F32
-    };
-    let bytes = ModelFile::to_bytes(&card, &file.tensors, storage)?;
+    // Loading widens to f32; f16 -> f32 -> f16 is exact, so the weights are unchanged.
+    let bytes = ModelFile::to_bytes(&card, &file.tensors, file.storage)?;
     crate::write_atomically(&args.model, &bytes).with_context(|| format!("cannot write {}", args.model.display()))?;
     eprintln!("updated the card of {}", args.model.display());
     Ok(())
@@ -745,26 +737,43 @@ fn detect(args: DetectArgs) -> Result<()> {
             chunk
                 .par_iter()
                 .map(|(path, _)| {
-                    std::fs::read(path)
-                        .map_err(|e| e.to_string())
-                        .and_then(|b| fracture_core::preprocess::load(&b, &predictor.card().preprocessing).map_err(|e| e.to_string()))
+                    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+                    if args.heatmap.is_some() {
+                        // The heat map comes from the same forward pass as the probability.
+                        predictor.detect(&bytes).map(Loaded::Detection).map_err(|e| e.to_string())
+                    } else {
+                        fracture_core::preprocess::load(&bytes, &predictor.card().preprocessing)
+                            .map(Loaded::Input)
+                            .map_err(|e| e.to_string())
+                    }
                 })
                 .collect()
         };
-        let images: Vec<&image::Rgb32FImage> = loaded.iter().filter_map(|r| r.as_ref().ok()).collect();
-        let mut probabilities = predictor.probabilities(&images)?.into_iter();
+        let inputs: Vec<&image::Rgb32FImage> = loaded
+            .iter()
+            .filter_map(|r| match r {
+                Ok(Loaded::Input(image)) => Some(image),
+                _ => None,
+            })
+            .collect();
+        let mut probabilities = predictor.probabilities(&inputs)?.into_iter();
         for ((path, named), result) in chunk.iter().zip(&loaded) {
-            if let Err(reason) = result {
-                eprintln!("skipped {}: {reason}", path.display());
-                failed_named += usize::from(*named);
-                continue;
-            }
-            let probability = probabilities.next().context("internal: prediction count mismatch")?;
+            let probability = match result {
+                Err(reason) => {
+                    eprintln!("skipped {}: {reason}", path.display());
+                    failed_named += usize::from(*named);
+                    continue;
+                }
+                Ok(Loaded::Input(_)) => probabilities.next().context("internal: prediction count mismatch")?,
+                Ok(Loaded::Detection(detection)) => {
+                    if let Some(dir) = &args.heatmap {
+                        write_heatmap(path, detection, dir)?;
+                    }
+                    detection.prediction.probability
+                }
+            };
             let prediction = predictor.prediction(probability);
             succeeded += 1;
-            if let Some(dir) = &args.heatmap {
-                write_heatmap(&predictor, path, dir)?;
-            }
             let shown = path.display().to_string();
             match args.format {
                 Format::Text => writeln!(out, "{shown}\t{:.2}%\t{}", probability * 100.0, prediction.label)?,
@@ -788,9 +797,14 @@ fn detect(args: DetectArgs) -> Result<()> {
     Ok(())
 }
 
-fn write_heatmap(predictor: &Predictor, image: &Path, dir: &Path) -> Result<()> {
-    let bytes = std::fs::read(image).with_context(|| format!("cannot read {}", image.display()))?;
-    let detection = predictor.detect(&bytes).with_context(|| image.display().to_string())?;
+/// A detect input: preprocessed for the batched forward pass, or, with
+/// `--heatmap`, already run one by one to get its class activation map.
+enum Loaded {
+    Input(image::Rgb32FImage),
+    Detection(fracture_core::predict::Detection),
+}
+
+fn write_heatmap(image: &Path, detection: &fracture_core::predict::Detection, dir: &Path) -> Result<()> {
     let Some(heatmap) = &detection.heatmap else { return Ok(()) };
     let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let out = dir.join(format!("{stem}.heatmap.png"));

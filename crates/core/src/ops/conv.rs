@@ -158,6 +158,8 @@ impl<T> Mat<T> {
 }
 
 /// `dst (m×n, row-major) = lhs (m×k) · rhs (k×n)`, or `+=` when `accumulate`.
+// The GEMM's own shape parameters; a struct for them would only be unpacked again.
+#[allow(clippy::too_many_arguments)]
 fn matmul<T: Float>(
     dst: &mut [T],
     m: usize,
