@@ -189,6 +189,18 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
     // Finished folds are not left behind once the report is written.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
     assert!(leftovers.is_empty());
+
+    // `roc` overlays reports, each named in the legend.
+    let svg = dir.path().join("both.svg");
+    let named = format!("first run={}", report.display());
+    let out = fracture(&["roc", &named, report.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.contains("first run (AUC") && drawn.contains("report (AUC"), "legend lacks a curve");
+    let not_a_report = dir.path().join("report.roc.svg");
+    let out = fracture(&["roc", not_a_report.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("report.roc.svg is not a kfold report"), "{}", text(&out.stderr));
 }
 
 #[test]

@@ -51,6 +51,8 @@ pub enum Command {
     Split(SplitArgs),
     /// Print a model file's card as JSON, or update what it says about the data.
     Card(CardCommandArgs),
+    /// Draw the out-of-fold ROC curves of several kfold reports in one SVG.
+    Roc(RocArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -221,6 +223,16 @@ pub struct CardCommandArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct RocArgs {
+    /// kfold reports (`--report` files), each optionally named in the legend as `NAME=REPORT.json`
+    /// (the file name otherwise).
+    #[arg(value_name = "[NAME=]REPORT.json", required = true)]
+    pub reports: Vec<String>,
+    #[arg(short, long, value_name = "OUT.svg")]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct KfoldArgs {
     #[command(flatten)]
     pub data: DataArgs,
@@ -330,6 +342,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Import(args) => import(args),
         Command::Split(args) => split(args),
         Command::Card(args) => card(args),
+        Command::Roc(args) => roc(args),
     }
 }
 
@@ -399,6 +412,33 @@ fn card(args: CardCommandArgs) -> Result<()> {
     crate::write_atomically(&args.model, &bytes).with_context(|| format!("cannot write {}", args.model.display()))?;
     eprintln!("updated the card of {}", args.model.display());
     Ok(())
+}
+
+fn roc(args: RocArgs) -> Result<()> {
+    let mut curves = Vec::new();
+    for entry in &args.reports {
+        let (name, path) = match entry.split_once('=') {
+            Some((name, path)) if !Path::new(entry).exists() => (name.to_string(), PathBuf::from(path)),
+            _ => {
+                let path = PathBuf::from(entry);
+                let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| entry.clone());
+                (stem, path)
+            }
+        };
+        let json = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let report: kfold::KfoldReport =
+            serde_json::from_slice(&json).with_context(|| format!("{} is not a kfold report (fracture kfold --report)", path.display()))?;
+        curves.push((name, out_of_fold_roc(&report), report.pooled.auc));
+    }
+    report::plot_roc(&curves, &args.output).with_context(|| format!("cannot write {}", args.output.display()))?;
+    eprintln!("wrote {}", args.output.display());
+    Ok(())
+}
+
+fn out_of_fold_roc(report: &kfold::KfoldReport) -> Vec<crate::metrics::RocPoint> {
+    let scores: Vec<f64> = report.predictions.iter().map(|p| p.probability).collect();
+    let truth: Vec<bool> = report.predictions.iter().map(|p| p.positive).collect();
+    crate::metrics::roc_curve(&scores, &truth)
 }
 
 fn bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
@@ -667,11 +707,8 @@ fn kfold(args: KfoldArgs) -> Result<()> {
     if let Some(path) = &args.report {
         let json = serde_json::to_vec_pretty(&report)?;
         crate::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
-        let scores: Vec<f64> = report.predictions.iter().map(|p| p.probability).collect();
-        let truth: Vec<bool> = report.predictions.iter().map(|p| p.positive).collect();
-        let curve = crate::metrics::roc_curve(&scores, &truth);
         let roc_path = with_suffix(path, ".roc.svg");
-        report::plot_roc(&[(report.model.clone(), curve, report.pooled.auc)], &roc_path)
+        report::plot_roc(&[(report.model.clone(), out_of_fold_roc(&report), report.pooled.auc)], &roc_path)
             .with_context(|| format!("cannot write {}", roc_path.display()))?;
         eprintln!("wrote {} and {}", path.display(), roc_path.display());
     }
