@@ -477,4 +477,15 @@ fn card_prints_and_updates_what_a_model_says_about_its_data() {
     let out = fracture(&["card", not_a_model.to_str().unwrap()]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("notes.safetensors"));
+
+    // A reader that stops early (`fracture card M | head -1`) ends it quietly, without a panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fracture"))
+        .args(["card", model_arg])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
 }

@@ -37,6 +37,17 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Lets a closed output pipe end the process quietly, as it ends other Unix
+/// tools (`fracture detect ... | head`). Rust ignores SIGPIPE, so without this
+/// the next `println!` panics. Call it once, first thing in `main`.
+pub fn exit_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Makes glibc keep freed memory in the process for reuse.
 ///
 /// candle allocates a fresh buffer for every tensor op, and glibc hands blocks

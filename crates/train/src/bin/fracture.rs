@@ -5,6 +5,7 @@ use fracture_train::cli::{run, Cli};
 
 fn main() -> ExitCode {
     fracture_train::keep_freed_memory();
+    fracture_train::exit_quietly_on_closed_pipe();
     // clap exits with 2 on a bad command line, before anything runs.
     let cli = Cli::parse();
     match run(cli) {
