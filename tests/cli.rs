@@ -472,6 +472,19 @@ fn card_prints_and_updates_what_a_model_says_about_its_data() {
     assert!(card["notes"].as_array().unwrap().iter().any(|n| n == "a test note"));
     assert_eq!(detect(), before, "the weights changed");
 
+    // --f16 halves the file and keeps the card; predictions move by f16 rounding only.
+    let f32_size = std::fs::metadata(&model).unwrap().len();
+    assert_exit(&fracture(&["card", model_arg, "--f16"]), 0);
+    let f16_size = std::fs::metadata(&model).unwrap().len();
+    assert!(f16_size < f32_size * 6 / 10, "{f16_size} bytes in f16 vs {f32_size} in f32");
+    let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", model_arg]).stdout).unwrap();
+    assert_eq!(card["training"]["terms"], "research use only");
+    let probabilities = |csv: String| csv.lines().skip(1).map(|row| row.rsplit(',').nth(1).unwrap().parse::<f64>().unwrap()).collect::<Vec<_>>();
+    let (f32_p, f16_p) = (probabilities(before.clone()), probabilities(detect()));
+    assert_eq!(f32_p.len(), f16_p.len());
+    assert!(f32_p.iter().zip(&f16_p).all(|(a, b)| (a - b).abs() < 1e-2), "f16 moved a prediction by more than 1e-2");
+    assert!(f32_p.iter().zip(&f16_p).any(|(a, b)| a != b), "the weights were not rounded to f16");
+
     let not_a_model = dir.path().join("notes.safetensors");
     std::fs::write(&not_a_model, "hello").unwrap();
     let out = fracture(&["card", not_a_model.to_str().unwrap()]);

@@ -220,6 +220,10 @@ pub struct CardCommandArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub card: CardArgs,
+    /// Rewrite the weights as f16 (half the download; loaded as f32). Check the
+    /// predictions against the f32 file before shipping it.
+    #[arg(long)]
+    pub f16: bool,
 }
 
 #[derive(Args, Debug)]
@@ -402,15 +406,17 @@ fn card(args: CardCommandArgs) -> Result<()> {
     let bytes = std::fs::read(&args.model).with_context(|| format!("cannot read {}", args.model.display()))?;
     let file = ModelFile::from_bytes(&bytes, &Device::Cpu).with_context(|| format!("{} is not a model file", args.model.display()))?;
     let mut card = file.card;
-    if args.card.is_empty() {
+    if args.card.is_empty() && !args.f16 {
         println!("{}", serde_json::to_string_pretty(&card)?);
         return Ok(());
     }
     args.card.apply(&mut card).with_context(|| args.model.display().to_string())?;
-    // Loading widens to f32; f16 -> f32 -> f16 is exact, so the weights are unchanged.
-    let bytes = ModelFile::to_bytes(&card, &file.tensors, file.storage)?;
+    // Loading widens to f32; f16 -> f32 -> f16 is exact, so unless asked the weights are unchanged.
+    let storage = if args.f16 { StorageDType::F16 } else { file.storage };
+    let bytes = ModelFile::to_bytes(&card, &file.tensors, storage)?;
     crate::write_atomically(&args.model, &bytes).with_context(|| format!("cannot write {}", args.model.display()))?;
-    eprintln!("updated the card of {}", args.model.display());
+    let what = if args.f16 { "stored the weights as f16 in" } else { "updated the card of" };
+    eprintln!("{what} {}", args.model.display());
     Ok(())
 }
 
