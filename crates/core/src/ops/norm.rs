@@ -113,6 +113,23 @@ macro_rules! float_op3 {
     };
 }
 
+/// The same for one storage.
+macro_rules! float_op1 {
+    ($name:expr, ($s1:expr, $l1:expr), |$a:ident| $body:expr) => {
+        match $s1 {
+            CpuStorage::F32($a) => {
+                let $a = contiguous($name, $a, $l1)?;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64($a) => {
+                let $a = contiguous($name, $a, $l1)?;
+                CpuStorage::F64($body)
+            }
+            x => return Err(unsupported($name, x.dtype())),
+        }
+    };
+}
+
 /// The same for two storages.
 macro_rules! float_op2 {
     ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$a:ident, $b:ident| $body:expr) => {
@@ -161,17 +178,18 @@ fn map_planes<T: Float>(planes: Planes, len: usize, f: impl Fn(usize, usize) -> 
     out
 }
 
+fn relu<T: Float>(v: T) -> T {
+    if v > T::zero() {
+        v
+    } else {
+        T::zero()
+    }
+}
+
 struct ScaleShiftRelu(Planes);
 
 fn scale_shift_fwd<T: Float>(p: Planes, xs: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
-    map_planes(p, xs.len(), |i, c| {
-        let v = xs[i] * scale[c] + shift[c];
-        if v > T::zero() {
-            v
-        } else {
-            T::zero()
-        }
-    })
+    map_planes(p, xs.len(), |i, c| relu(xs[i] * scale[c] + shift[c]))
 }
 
 impl CustomOp3 for ScaleShiftRelu {
@@ -219,14 +237,7 @@ impl candle_core::CustomOp2 for BiasRelu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         fn fwd<T: Float>(p: Planes, xs: &[T], bias: &[T]) -> Vec<T> {
-            map_planes(p, xs.len(), |i, c| {
-                let v = xs[i] + bias[c];
-                if v > T::zero() {
-                    v
-                } else {
-                    T::zero()
-                }
-            })
+            map_planes(p, xs.len(), |i, c| relu(xs[i] + bias[c]))
         }
         let (p, name) = (self.0, self.name());
         let out = float_op2!(name, (s1, l1), (s2, l2), |x, b| fwd(p, x, b));
@@ -253,11 +264,7 @@ impl CustomOp1 for ChannelSum {
             channel_sums(p, |i| [g[i].into()]).iter().map(|s| cast(s[0])).collect()
         }
         let (p, name) = (self.0, self.name());
-        let out = match s {
-            CpuStorage::F32(g) => CpuStorage::F32(sums(p, contiguous(name, g, l)?)),
-            CpuStorage::F64(g) => CpuStorage::F64(sums(p, contiguous(name, g, l)?)),
-            _ => bail!("{name}: only f32 and f64 are supported"),
-        };
+        let out = float_op1!(name, (s, l), |g| sums(p, g));
         Ok((out, Shape::from(p.channels)))
     }
 }
@@ -325,11 +332,7 @@ impl CustomOp1 for ChannelStats {
             means.iter().map(|&m| cast(m)).chain(vars.iter().map(|v| cast(v[0] / count))).collect()
         }
         let (p, name) = (self.0, self.name());
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(stats(p, contiguous(name, x, l)?)),
-            CpuStorage::F64(x) => CpuStorage::F64(stats(p, contiguous(name, x, l)?)),
-            x => return Err(unsupported(name, x.dtype())),
-        };
+        let out = float_op1!(name, (s, l), |x| stats(p, x));
         Ok((out, Shape::from((2, p.channels))))
     }
 }
