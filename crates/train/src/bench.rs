@@ -80,7 +80,7 @@ pub fn run(
                 adam.backward_step(&loss)?;
             }
             (BenchMode::Frozen, Model::DenseNet(net)) => {
-                let features = net.features(&xs, false)?.detach();
+                let features = net.frozen_features(&xs)?;
                 let loss = bce_with_logits(&net.head(&features, Some(seed))?, &targets)?;
                 adam.backward_step(&loss)?;
             }

@@ -399,7 +399,12 @@ impl Fit<'_> {
             let logits = match (self.model, &phase.scope) {
                 // Frozen base: its output is a constant, so no graph is built through it.
                 (Model::DenseNet(net), Scope::Head) => {
-                    net.head(&net.features(&xs, phase.batch_norm_stats)?.detach(), Some(step_seed))?
+                    let features = if phase.batch_norm_stats {
+                        net.features(&xs, true)?.detach()
+                    } else {
+                        net.frozen_features(&xs)?
+                    };
+                    net.head(&features, Some(step_seed))?
                 }
                 _ => self.model.forward(&xs, Mode { dropout_seed: Some(step_seed), batch_stats: phase.batch_norm_stats })?,
             };
@@ -513,7 +518,7 @@ impl FeatureBank {
                 .collect();
             let refs: Vec<&Rgb32FImage> = images.iter().collect();
             let xs = preprocess::to_tensor(&refs, &fit.card.preprocessing, fit.device)?;
-            pooled.push(fracture_core::models::densenet::DenseNet::pool(&net.features(&xs, false)?)?.detach());
+            pooled.push(fracture_core::models::densenet::DenseNet::pool(&net.frozen_features(&xs)?)?);
             bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();

@@ -6,6 +6,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
+use crate::ops::dense_block::NormTensors;
 use crate::ops::norm;
 use candle_nn::{Init, VarBuilder};
 
@@ -54,6 +55,31 @@ impl BatchNorm2d {
         let count = (n * h * w) as f64;
         self.update_running_stats(&mean, &(biased_var * (count / (count - 1.0)))?)?;
         Ok(ys)
+    }
+
+    pub(crate) fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// Its tensors, for ops that run BatchNorm inside a larger fused kernel.
+    pub(crate) fn tensors(&self) -> NormTensors {
+        NormTensors {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            running_mean: self.running_mean.clone(),
+            running_var: self.running_var.clone(),
+        }
+    }
+
+    /// Folds the batch statistics a fused kernel normalised with (mean and biased
+    /// variance over `count` values per channel) into the running statistics.
+    pub(crate) fn update_from_batch(&self, mean: &[f64], biased_var: &[f64], count: usize) -> Result<()> {
+        let device = self.running_mean.device();
+        let unbias = count as f64 / (count as f64 - 1.0);
+        let mean = Tensor::from_slice(mean, mean.len(), device)?.to_dtype(self.running_mean.dtype())?;
+        let var: Vec<f64> = biased_var.iter().map(|v| v * unbias).collect();
+        let var = Tensor::from_vec(var, biased_var.len(), device)?.to_dtype(self.running_var.dtype())?;
+        self.update_running_stats(&mean, &var)
     }
 
     /// Running statistics only move when they are live variables (training);

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batch_norm::{batch_norm2d, BatchNorm2d};
 use super::{conv2d, Mode};
+use crate::ops::dense_block::{dense_block, LayerTensors};
 use crate::ops::{dropout, pool};
 use crate::{Error, Result as CoreResult};
 
@@ -136,12 +137,19 @@ impl DenseLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
-        let xs = conv2d(&self.norm1.forward_relu(xs, batch_stats)?, &self.conv1, 0, 1)?;
-        conv2d(&self.norm2.forward_relu(&xs, batch_stats)?, &self.conv2, 1, 1)
+    fn tensors(&self) -> LayerTensors {
+        LayerTensors {
+            norm1: self.norm1.tensors(),
+            conv1: self.conv1.clone(),
+            norm2: self.norm2.tensors(),
+            conv2: self.conv2.clone(),
+        }
     }
 }
 
+/// Every layer reads all the channels before it (`cat` of the block input and the
+/// earlier layers' outputs) and adds `growth` channels. It runs as one fused op
+/// (`ops::dense_block`) that keeps the block in one buffer.
 #[derive(Clone, Debug)]
 struct DenseBlock {
     layers: Vec<DenseLayer>,
@@ -155,13 +163,18 @@ impl DenseBlock {
         Ok(Self { layers })
     }
 
-    fn forward(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
-        let mut features = vec![xs.clone()];
-        for layer in &self.layers {
-            let input = Tensor::cat(&features, 1)?;
-            features.push(layer.forward(&input, batch_stats)?);
+    fn forward(&self, xs: &Tensor, batch_stats: bool, keep_graph: bool) -> Result<Tensor> {
+        let tensors: Vec<LayerTensors> = self.layers.iter().map(DenseLayer::tensors).collect();
+        let eps = self.layers[0].norm1.eps();
+        let (out, stats) = dense_block(xs, &tensors, batch_stats, eps, keep_graph)?;
+        if let Some(stats) = stats {
+            let (n, _, h, w) = xs.dims4()?;
+            for (layer, s) in self.layers.iter().zip(stats) {
+                layer.norm1.update_from_batch(&s.mean1, &s.var1, n * h * w)?;
+                layer.norm2.update_from_batch(&s.mean2, &s.var2, n * h * w)?;
+            }
         }
-        Tensor::cat(&features, 1)
+        Ok(out)
     }
 }
 
@@ -234,10 +247,21 @@ impl DenseNet {
     /// The backbone: the rectified last feature map, `(batch, channels, h, w)`.
     /// With the base frozen it depends on the image alone, so it can be cached.
     pub fn features(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
+        self.features_with(xs, batch_stats, true)
+    }
+
+    /// [`Self::features`] in inference mode, building no graph even where the
+    /// parameters are variables: the frozen base of a head-only phase, whose
+    /// output is a constant.
+    pub fn frozen_features(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self.features_with(xs, false, false)?.detach())
+    }
+
+    fn features_with(&self, xs: &Tensor, batch_stats: bool, keep_graph: bool) -> Result<Tensor> {
         let xs = conv2d(xs, &self.conv0, 3, 2)?;
         let mut xs = pool::max_pool2d(&self.norm0.forward_relu(&xs, batch_stats)?, 3, 2, 1)?;
         for (block, transition) in &self.blocks {
-            xs = block.forward(&xs, batch_stats)?;
+            xs = block.forward(&xs, batch_stats, keep_graph)?;
             if let Some(transition) = transition {
                 xs = transition.forward(&xs, batch_stats)?;
             }

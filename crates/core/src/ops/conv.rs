@@ -27,7 +27,7 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Re
 
 /// Sizes of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geometry {
+pub(crate) struct Geometry {
     batch: usize,
     in_channels: usize,
     in_h: usize,
@@ -42,7 +42,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn new(xs: &[usize], weight: &[usize], padding: usize, stride: usize) -> Result<Self> {
+    pub(crate) fn new(xs: &[usize], weight: &[usize], padding: usize, stride: usize) -> Result<Self> {
         let &[batch, in_channels, in_h, in_w] = xs else {
             bail!("conv2d: expected an NCHW (rank 4) input, got shape {xs:?}")
         };
@@ -82,12 +82,12 @@ impl Geometry {
         self.in_channels * self.in_h * self.in_w
     }
 
-    fn out_pixels(&self) -> usize {
+    pub(crate) fn out_pixels(&self) -> usize {
         self.out_h * self.out_w
     }
 
     /// Rows of the unfolded image: one per (channel, kernel row, kernel column).
-    fn patch_len(&self) -> usize {
+    pub(crate) fn patch_len(&self) -> usize {
         self.in_channels * self.kernel_h * self.kernel_w
     }
 
@@ -115,21 +115,21 @@ impl Geometry {
 }
 
 /// The element types the kernels run on: gemm's real types.
-trait Float: candle_core::WithDType + std::ops::AddAssign {}
+pub(crate) trait Float: candle_core::WithDType + std::ops::AddAssign {}
 impl Float for f32 {}
 impl Float for f64 {}
 
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)
 }
 
 /// Images split between threads when there are enough of them; otherwise the
 /// product itself is parallel.
-fn split_by_image(batch: usize) -> bool {
+pub(crate) fn split_by_image(batch: usize) -> bool {
     threads() > 1 && batch >= threads()
 }
 
-fn gemm_parallelism(inner: bool) -> Parallelism {
+pub(crate) fn gemm_parallelism(inner: bool) -> Parallelism {
     let threads = threads();
     if inner || threads == 1 {
         Parallelism::None
@@ -140,19 +140,19 @@ fn gemm_parallelism(inner: bool) -> Parallelism {
 
 /// Row-major matrix view: `rows`×`cols` starting at `ptr` with the given strides.
 #[derive(Clone, Copy)]
-struct Mat<T> {
+pub(crate) struct Mat<T> {
     ptr: *const T,
     row_stride: isize,
     col_stride: isize,
 }
 
 impl<T> Mat<T> {
-    fn rows(ptr: *const T, cols: usize) -> Self {
+    pub(crate) fn rows(ptr: *const T, cols: usize) -> Self {
         Self { ptr, row_stride: cols as isize, col_stride: 1 }
     }
 
     /// The transpose of a row-major matrix with `cols` columns stored at `ptr`.
-    fn transposed(ptr: *const T, cols: usize) -> Self {
+    pub(crate) fn transposed(ptr: *const T, cols: usize) -> Self {
         Self { ptr, row_stride: 1, col_stride: cols as isize }
     }
 }
@@ -160,7 +160,7 @@ impl<T> Mat<T> {
 /// `dst (m×n, row-major) = lhs (m×k) · rhs (k×n)`, or `+=` when `accumulate`.
 // The GEMM's own shape parameters; a struct for them would only be unpacked again.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: Float>(
+pub(crate) fn matmul<T: Float>(
     dst: &mut [T],
     m: usize,
     n: usize,
@@ -208,7 +208,7 @@ fn valid_columns(g: &Geometry, kx: usize) -> std::ops::Range<usize> {
 
 /// Unfolds one image (C, H, W) into `cols` (C·KH·KW, OH·OW), zeros where a window
 /// reaches into the padding.
-fn im2col<T: Float>(g: &Geometry, image: &[T], cols: &mut [T]) {
+pub(crate) fn im2col<T: Float>(g: &Geometry, image: &[T], cols: &mut [T]) {
     let out_pixels = g.out_pixels();
     for (row, cols_row) in cols.chunks_exact_mut(out_pixels).enumerate() {
         let channel = row / (g.kernel_h * g.kernel_w);
@@ -241,7 +241,7 @@ fn im2col<T: Float>(g: &Geometry, image: &[T], cols: &mut [T]) {
 }
 
 /// The adjoint of [`im2col`]: adds every column entry back onto the pixel it came from.
-fn col2im<T: Float>(g: &Geometry, cols: &[T], image: &mut [T]) {
+pub(crate) fn col2im<T: Float>(g: &Geometry, cols: &[T], image: &mut [T]) {
     image.fill(T::zero());
     let out_pixels = g.out_pixels();
     for (row, cols_row) in cols.chunks_exact(out_pixels).enumerate() {

@@ -1,6 +1,7 @@
 //! Our own tensor operations, where candle's are missing or wrong for training.
 
 pub mod conv;
+pub mod dense_block;
 pub mod norm;
 pub mod pool;
 

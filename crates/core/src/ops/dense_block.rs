@@ -1,0 +1,905 @@
+//! A whole DenseNet dense block as one op, forward and backward: the
+//! memory-efficient layout of Pleiss et al. (2017).
+//!
+//! Written as candle ops, every layer concatenates the block so far (a copy of all
+//! earlier features, so a block costs O(layers²) copies), runs BatchNorm+ReLU into a
+//! new tensor, and keeps both for the backward pass, whose concatenation gradients
+//! are then added into fresh tensors again. Here the block lives in one buffer:
+//! each layer reads the channels before it in place and writes its `growth` new
+//! channels after them. Per-channel batch statistics are computed once per channel
+//! (a channel never changes after it is written, so every later layer sees the same
+//! statistics). The backward pass keeps only the block's output and each layer's
+//! bottleneck (the 1×1 convolution's output) and recomputes the two BatchNorm+ReLU
+//! outputs, which are cheap, instead of storing them.
+//!
+//! The block's parameters reach candle's autograd as one packed tensor (every
+//! parameter flattened and concatenated), so that their gradients flow back to each
+//! variable through candle's own `cat`; the running statistics are read, and
+//! updated, by the caller.
+//!
+//! Threads: as in `conv`, images are split between threads when there are enough
+//! of them, each thread running its products single-threaded; otherwise each
+//! product uses every thread.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::conv::{self, col2im, im2col, matmul, Geometry, Mat};
+
+/// One BatchNorm's tensors, as `BatchNorm2d` holds them.
+#[derive(Clone, Debug)]
+pub struct NormTensors {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+}
+
+/// One dense layer: `conv2(relu(norm2(conv1(relu(norm1(x))))))`, torchvision's order.
+#[derive(Clone, Debug)]
+pub struct LayerTensors {
+    pub norm1: NormTensors,
+    pub conv1: Tensor,
+    pub norm2: NormTensors,
+    pub conv2: Tensor,
+}
+
+impl LayerTensors {
+    /// The trainable tensors, in the order of the packed parameter tensor.
+    fn trainable(&self) -> [&Tensor; 6] {
+        [&self.norm1.weight, &self.norm1.bias, &self.conv1, &self.norm2.weight, &self.norm2.bias, &self.conv2]
+    }
+
+    /// Every tensor the forward pass reads: the trainable ones, then the running statistics.
+    fn all(&self) -> [&Tensor; 10] {
+        let [a, b, c, d, e, f] = self.trainable();
+        [a, b, c, d, e, f, &self.norm1.running_mean, &self.norm1.running_var, &self.norm2.running_mean, &self.norm2.running_var]
+    }
+}
+
+/// The batch statistics one layer normalised with: per channel mean and biased
+/// variance of its two BatchNorms, for the caller's running statistics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerBatchStats {
+    pub mean1: Vec<f64>,
+    pub var1: Vec<f64>,
+    pub mean2: Vec<f64>,
+    pub var2: Vec<f64>,
+}
+
+/// The block's output `(N, C + layers·growth, H, W)`: its input followed by every
+/// layer's new channels, as `cat` would give it. With `batch_stats`, the BatchNorms
+/// use the batch's statistics, which are returned per layer (and no running
+/// statistic is changed here); otherwise the running ones. `keep_graph: false`
+/// builds no graph even where the parameters are variables (a frozen base).
+pub fn dense_block(
+    xs: &Tensor,
+    layers: &[LayerTensors],
+    batch_stats: bool,
+    eps: f64,
+    keep_graph: bool,
+) -> Result<(Tensor, Option<Vec<LayerBatchStats>>)> {
+    let block = Block::new(xs.dims(), layers)?;
+    if xs.dtype() != layers[0].conv1.dtype() {
+        bail!("dense block: the input is {:?}, the parameters {:?}", xs.dtype(), layers[0].conv1.dtype());
+    }
+    if batch_stats && block.batch * block.pixels() < 2 {
+        bail!("batch norm in training mode needs more than one value per channel");
+    }
+    let saved = Arc::new(Mutex::new(None));
+    let op = DenseBlock { block, layers: layers.to_vec(), batch_stats, eps, saved: saved.clone() };
+    let xs = xs.contiguous()?;
+    let tracked = xs.track_op() || layers.iter().flat_map(|l| l.trainable()).any(|t| t.track_op());
+    let out = if keep_graph && tracked {
+        let packed: Vec<Tensor> =
+            layers.iter().flat_map(|l| l.trainable()).map(|t| t.flatten_all()).collect::<Result<_>>()?;
+        xs.apply_op2(&Tensor::cat(&packed, 0)?, op)?
+    } else {
+        xs.apply_op1_no_bwd(&op)?
+    };
+    let stats = batch_stats.then(|| lock(&saved).as_ref().map(|s| s.batch_stats())).flatten();
+    Ok((out, stats))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Sizes of one block.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    batch: usize,
+    in_channels: usize,
+    growth: usize,
+    bottleneck: usize,
+    layers: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Block {
+    fn new(dims: &[usize], layers: &[LayerTensors]) -> Result<Self> {
+        let &[batch, in_channels, h, w] = dims else {
+            bail!("dense block: expected an NCHW (rank 4) input, got shape {dims:?}")
+        };
+        let Some(first) = layers.first() else { bail!("dense block: no layers") };
+        let (bottleneck, growth) = (first.conv1.dim(0)?, first.conv2.dim(0)?);
+        let block = Self { batch, in_channels, growth, bottleneck, layers: layers.len(), h, w };
+        for (l, layer) in layers.iter().enumerate() {
+            let c = block.layer_in(l);
+            let expected: [(&str, &Tensor, &[usize]); 10] = [
+                ("norm1.weight", &layer.norm1.weight, &[c]),
+                ("norm1.bias", &layer.norm1.bias, &[c]),
+                ("norm1.running_mean", &layer.norm1.running_mean, &[c]),
+                ("norm1.running_var", &layer.norm1.running_var, &[c]),
+                ("conv1.weight", &layer.conv1, &[bottleneck, c, 1, 1]),
+                ("norm2.weight", &layer.norm2.weight, &[bottleneck]),
+                ("norm2.bias", &layer.norm2.bias, &[bottleneck]),
+                ("norm2.running_mean", &layer.norm2.running_mean, &[bottleneck]),
+                ("norm2.running_var", &layer.norm2.running_var, &[bottleneck]),
+                ("conv2.weight", &layer.conv2, &[growth, bottleneck, 3, 3]),
+            ];
+            for (name, tensor, dims) in expected {
+                if tensor.dims() != dims {
+                    bail!("dense block: layer {} {name} has shape {:?}, expected {dims:?}", l + 1, tensor.dims())
+                }
+                if tensor.dtype() != layers[0].conv1.dtype() {
+                    bail!("dense block: layer {} {name} is {:?}, not {:?}", l + 1, tensor.dtype(), layers[0].conv1.dtype())
+                }
+            }
+        }
+        Ok(block)
+    }
+
+    fn pixels(&self) -> usize {
+        self.h * self.w
+    }
+
+    fn out_channels(&self) -> usize {
+        self.layer_in(self.layers)
+    }
+
+    /// Channels that layer `l` reads.
+    fn layer_in(&self, l: usize) -> usize {
+        self.in_channels + l * self.growth
+    }
+
+    fn image_len(&self) -> usize {
+        self.out_channels() * self.pixels()
+    }
+
+    fn bottleneck_len(&self) -> usize {
+        self.bottleneck * self.pixels()
+    }
+
+    /// Values per channel over the batch: what batch statistics average over.
+    fn count(&self) -> f64 {
+        (self.batch * self.pixels()) as f64
+    }
+
+    fn conv2(&self) -> Geometry {
+        Geometry::new(&[1, self.bottleneck, self.h, self.w], &[self.growth, self.bottleneck, 3, 3], 1, 1)
+            .expect("a padded 3x3 kernel fits every image")
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.batch, self.out_channels(), self.h, self.w))
+    }
+}
+
+/// The element types the block runs on.
+trait Float: conv::Float + num_traits::Float + Into<f64> + Send + Sync {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+fn cast<T: Float>(v: f64) -> T {
+    T::from_f64(v)
+}
+
+/// One BatchNorm as applied: `y = x·scale + shift`, with `x̂ = (x - mean)·inv_std`.
+#[derive(Clone, Debug)]
+struct Affine {
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+    weight: Vec<f64>,
+    scale: Vec<f64>,
+    shift: Vec<f64>,
+}
+
+impl Affine {
+    fn new<T: Float>(weight: &[T], bias: &[T], mean: &[f64], var: &[f64], eps: f64) -> Self {
+        let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        let weight: Vec<f64> = weight.iter().map(|&w| w.into()).collect();
+        let scale: Vec<f64> = weight.iter().zip(&inv_std).map(|(w, s)| w * s).collect();
+        let shift = bias.iter().zip(mean).zip(&scale).map(|((&b, m), s)| b.into() - m * s).collect();
+        Self { mean: mean.to_vec(), inv_std, weight, scale, shift }
+    }
+
+    fn in_type<T: Float>(&self) -> (Vec<T>, Vec<T>) {
+        (self.scale.iter().map(|&v| cast(v)).collect(), self.shift.iter().map(|&v| cast(v)).collect())
+    }
+}
+
+/// `dst = relu(src·scale + shift)`, plane by plane.
+fn scale_shift_relu<T: Float>(src: &[T], (scale, shift): (&[T], &[T]), pixels: usize, dst: &mut [T]) {
+    for (c, (src, dst)) in src.chunks_exact(pixels).zip(dst.chunks_exact_mut(pixels)).enumerate() {
+        let (a, b) = (scale[c], shift[c]);
+        for (d, &s) in dst.iter_mut().zip(src) {
+            let y = s * a + b;
+            *d = if y > T::zero() { y } else { T::zero() };
+        }
+    }
+}
+
+/// Mean and biased variance over the batch of `channels` of images stored
+/// `image_len` apart; two passes, as in `norm`.
+fn channel_stats<T: Float>(data: &[T], image_len: usize, channels: Range<usize>, pixels: usize) -> (Vec<f64>, Vec<f64>) {
+    let batch = data.len() / image_len;
+    let count = (batch * pixels) as f64;
+    let plane = |n: usize, c: usize| &data[n * image_len + c * pixels..][..pixels];
+    channels
+        .into_par_iter()
+        .map(|c| {
+            let mean = (0..batch).map(|n| plane(n, c).iter().map(|&v| v.into()).sum::<f64>()).sum::<f64>() / count;
+            let var = (0..batch)
+                .map(|n| plane(n, c).iter().map(|&v| (v.into() - mean).powi(2)).sum::<f64>())
+                .sum::<f64>()
+                / count;
+            (mean, var)
+        })
+        .unzip()
+}
+
+/// Disjoint per-image access to a buffer from several threads.
+#[derive(Clone, Copy)]
+struct Images<T> {
+    ptr: *mut T,
+    image_len: usize,
+    batch: usize,
+}
+
+// SAFETY: `Images` is only used through `image`, whose callers touch each image
+// from one thread at a time (see `by_parts`).
+unsafe impl<T: Send> Send for Images<T> {}
+unsafe impl<T: Send> Sync for Images<T> {}
+
+impl<T> Images<T> {
+    fn new(buffer: &mut [T], image_len: usize) -> Self {
+        Self { ptr: buffer.as_mut_ptr(), image_len, batch: buffer.len() / image_len }
+    }
+
+    /// # Safety
+    /// No other reference to image `n` may be alive while the returned one is.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn image(&self, n: usize) -> &mut [T] {
+        assert!(n < self.batch, "image {n} of {}", self.batch);
+        // SAFETY: in bounds (checked above); exclusivity is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(n * self.image_len), self.image_len) }
+    }
+}
+
+/// Runs `work` over disjoint ranges of images: one range per thread when there are
+/// enough images (each with single-threaded products), else one range with
+/// multi-threaded products. Returns each range's result.
+fn by_parts<R: Send>(batch: usize, work: impl Fn(Range<usize>, Parallelism) -> R + Sync) -> Vec<R> {
+    if conv::split_by_image(batch) {
+        let parts = conv::threads().min(batch);
+        let per_part = batch.div_ceil(parts);
+        (0..parts)
+            .into_par_iter()
+            .map(|p| work(p * per_part..((p + 1) * per_part).min(batch), conv::gemm_parallelism(true)))
+            .collect()
+    } else {
+        vec![work(0..batch, conv::gemm_parallelism(false))]
+    }
+}
+
+/// Element-wise sum of the parts' partial results.
+fn sum_parts(parts: Vec<Vec<f64>>) -> Vec<f64> {
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().unwrap_or_default();
+    for part in parts {
+        total.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+    }
+    total
+}
+
+/// Per channel `[Σ dy, Σ dy·x̂]` of one image's `channels` planes.
+fn add_grad_sums<T: Float>(dy: &[T], x: &[T], norm: &Affine, pixels: usize, sums: &mut [f64]) {
+    for (c, (dy, x)) in dy.chunks_exact(pixels).zip(x.chunks_exact(pixels)).enumerate() {
+        let (mut s_dy, mut s_dyx) = (0f64, 0f64);
+        for (&g, &v) in dy.iter().zip(x) {
+            let g: f64 = g.into();
+            s_dy += g;
+            s_dyx += g * v.into();
+        }
+        sums[2 * c] += s_dy;
+        // Σ dy·x̂ = inv_std·(Σ dy·x - mean·Σ dy)
+        sums[2 * c + 1] += norm.inv_std[c] * (s_dyx - norm.mean[c] * s_dy);
+    }
+}
+
+/// BatchNorm's input gradient from `dy` (the gradient after the affine map), as a
+/// per-channel affine function `k·dy + on_x·x + constant` of `dy` and `x`.
+fn norm_input_grad_coefficients(norm: &Affine, sums: &[f64], batch_stats: bool, count: f64) -> Vec<[f64; 3]> {
+    (0..norm.mean.len())
+        .map(|c| {
+            let k = norm.weight[c] * norm.inv_std[c];
+            if !batch_stats {
+                // Running statistics are constants: the map is just the scale.
+                return [k, 0.0, 0.0];
+            }
+            // dx = k·(dy - Σdy/M - x̂·Σdy·x̂/M), x̂ = (x - mean)·inv_std
+            let (s_dy, s_dyx) = (sums[2 * c], sums[2 * c + 1]);
+            let on_x = -k * norm.inv_std[c] * s_dyx / count;
+            [k, on_x, -k * s_dy / count - on_x * norm.mean[c]]
+        })
+        .collect()
+}
+
+/// `dst (=|+=) k·dy + on_x·x + constant`, plane by plane.
+fn apply_input_grad<T: Float>(dy: &[T], x: &[T], coefficients: &[[f64; 3]], pixels: usize, dst: &mut [T], add: bool) {
+    let planes = dy.chunks_exact(pixels).zip(x.chunks_exact(pixels)).zip(dst.chunks_exact_mut(pixels));
+    for (c, ((dy, x), dst)) in planes.enumerate() {
+        let [k, on_x, constant] = coefficients[c].map(cast::<T>);
+        for ((d, &g), &v) in dst.iter_mut().zip(dy).zip(x) {
+            let value = k * g + on_x * v + constant;
+            *d = if add { *d + value } else { value };
+        }
+    }
+}
+
+/// What the forward pass leaves for the backward pass.
+struct Saved {
+    /// Per layer, the 1×1 convolution's output over the batch, (N, bottleneck, H, W).
+    bottlenecks: Vec<CpuStorage>,
+    /// Per layer, its two BatchNorms as applied.
+    norms: Vec<(Affine, Affine)>,
+    /// Per layer, the variances the BatchNorms used (the batch's, with batch statistics).
+    variances: Vec<(Vec<f64>, Vec<f64>)>,
+}
+
+impl Saved {
+    fn batch_stats(&self) -> Vec<LayerBatchStats> {
+        self.norms
+            .iter()
+            .zip(&self.variances)
+            .map(|((n1, n2), (v1, v2))| LayerBatchStats {
+                mean1: n1.mean.clone(),
+                var1: v1.clone(),
+                mean2: n2.mean.clone(),
+                var2: v2.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Runs `f` on the contiguous CPU data of `tensors` as `&[T]`, without copying.
+fn with_slices<T: Float, R>(tensors: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(storage, layout)| {
+            let Storage::Cpu(cpu) = &**storage else { bail!("dense block: runs on the CPU only") };
+            let Some((start, end)) = layout.contiguous_offsets() else { bail!("dense block: expects contiguous parameters") };
+            Ok(&T::cpu_storage_as_slice(cpu)?[start..end])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&slices)
+}
+
+struct DenseBlock {
+    block: Block,
+    layers: Vec<LayerTensors>,
+    batch_stats: bool,
+    eps: f64,
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+/// One layer's parameters as slices, in [`LayerTensors::all`]'s order.
+struct LayerSlices<'a, T> {
+    norm1: [&'a [T]; 2],
+    conv1: &'a [T],
+    norm2: [&'a [T]; 2],
+    conv2: &'a [T],
+    running1: [&'a [T]; 2],
+    running2: [&'a [T]; 2],
+}
+
+impl<'a, T> LayerSlices<'a, T> {
+    fn of(slices: &[&'a [T]]) -> Vec<Self> {
+        slices
+            .chunks_exact(10)
+            .map(|s| Self {
+                norm1: [s[0], s[1]],
+                conv1: s[2],
+                norm2: [s[3], s[4]],
+                conv2: s[5],
+                running1: [s[6], s[7]],
+                running2: [s[8], s[9]],
+            })
+            .collect()
+    }
+}
+
+fn to_f64<T: Float>(values: &[T]) -> Vec<f64> {
+    values.iter().map(|&v| v.into()).collect()
+}
+
+impl DenseBlock {
+    fn all_tensors(&self) -> Vec<&Tensor> {
+        self.layers.iter().flat_map(|l| l.all()).collect()
+    }
+
+    /// The BatchNorm over `channels`, from the batch's `stats` or the running statistics.
+    fn affine<T: Float>(&self, [weight, bias]: [&[T]; 2], [rmean, rvar]: [&[T]; 2], stats: Option<(&[f64], &[f64])>) -> (Affine, Vec<f64>) {
+        let (mean, var) = match stats {
+            Some((mean, var)) => (mean.to_vec(), var.to_vec()),
+            None => (to_f64(rmean), to_f64(rvar)),
+        };
+        (Affine::new(weight, bias, &mean, &var, self.eps), var)
+    }
+
+    fn forward<T: Float>(&self, xs: &[T], save: bool) -> Result<Vec<T>> {
+        with_slices::<T, _>(&self.all_tensors(), |slices| Ok(self.forward_with(xs, &LayerSlices::of(slices), save)))
+    }
+
+    fn forward_with<T: Float>(&self, xs: &[T], params: &[LayerSlices<T>], save: bool) -> Vec<T> {
+        let b = self.block;
+        let (pixels, image_len, bottleneck_len) = (b.pixels(), b.image_len(), b.bottleneck_len());
+        let conv2 = b.conv2();
+        let mut out = vec![T::zero(); b.batch * image_len];
+        let input_len = b.in_channels * pixels;
+        for (dst, src) in out.chunks_exact_mut(image_len).zip(xs.chunks_exact(input_len)) {
+            dst[..input_len].copy_from_slice(src);
+        }
+        // Batch statistics of every channel written so far.
+        let (mut means, mut vars) = if self.batch_stats {
+            channel_stats(&out, image_len, 0..b.in_channels, pixels)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let mut saved = Saved { bottlenecks: Vec::new(), norms: Vec::new(), variances: Vec::new() };
+        let mut bottleneck = Vec::new();
+        for (l, p) in params.iter().enumerate() {
+            // A saved bottleneck moves into `saved`; otherwise one buffer serves every layer.
+            if bottleneck.is_empty() {
+                bottleneck = vec![T::zero(); b.batch * bottleneck_len];
+            }
+            let c_in = b.layer_in(l);
+            let stats1 = self.batch_stats.then(|| (&means[..c_in], &vars[..c_in]));
+            let (norm1, var1) = self.affine(p.norm1, p.running1, stats1);
+            let (scale1, shift1) = norm1.in_type::<T>();
+            let bottlenecks = Images::new(&mut bottleneck, bottleneck_len);
+            by_parts(b.batch, |images, par| {
+                let mut normed = vec![T::zero(); c_in * pixels];
+                for n in images {
+                    scale_shift_relu(&out[n * image_len..][..c_in * pixels], (&scale1, &shift1), pixels, &mut normed);
+                    // SAFETY: each image belongs to one part.
+                    let dst = unsafe { bottlenecks.image(n) };
+                    let (w, x) = (Mat::rows(p.conv1.as_ptr(), c_in), Mat::rows(normed.as_ptr(), pixels));
+                    matmul(dst, b.bottleneck, pixels, c_in, w, x, false, par);
+                }
+            });
+            let stats2 = self.batch_stats.then(|| channel_stats(&bottleneck, bottleneck_len, 0..b.bottleneck, pixels));
+            let (norm2, var2) = self.affine(p.norm2, p.running2, stats2.as_ref().map(|(m, v)| (&m[..], &v[..])));
+            let (scale2, shift2) = norm2.in_type::<T>();
+            let images = Images::new(&mut out, image_len);
+            by_parts(b.batch, |range, par| {
+                let mut normed = vec![T::zero(); bottleneck_len];
+                let mut cols = vec![T::zero(); conv2.patch_len() * pixels];
+                for n in range {
+                    scale_shift_relu(&bottleneck[n * bottleneck_len..][..bottleneck_len], (&scale2, &shift2), pixels, &mut normed);
+                    im2col(&conv2, &normed, &mut cols);
+                    // SAFETY: each image belongs to one part.
+                    let dst = &mut unsafe { images.image(n) }[c_in * pixels..][..b.growth * pixels];
+                    let (w, x) = (Mat::rows(p.conv2.as_ptr(), conv2.patch_len()), Mat::rows(cols.as_ptr(), pixels));
+                    matmul(dst, b.growth, pixels, conv2.patch_len(), w, x, false, par);
+                }
+            });
+            if self.batch_stats {
+                let (m, v) = channel_stats(&out, image_len, c_in..c_in + b.growth, pixels);
+                means.extend(m);
+                vars.extend(v);
+            }
+            if save {
+                saved.bottlenecks.push(T::to_cpu_storage_owned(std::mem::take(&mut bottleneck)));
+            }
+            saved.norms.push((norm1, norm2));
+            saved.variances.push((var1, var2));
+        }
+        *lock(&self.saved) = Some(saved);
+        out
+    }
+
+    /// Gradients of the block's input and of the packed parameters, from the block's
+    /// output `out` and its gradient `grad`.
+    fn backward<T: Float>(&self, out: &[T], grad: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+        let saved = lock(&self.saved);
+        let Some(saved) = saved.as_ref().filter(|s| s.bottlenecks.len() == self.block.layers) else {
+            bail!("dense block: backward without a saved forward pass")
+        };
+        with_slices::<T, _>(&self.all_tensors(), |slices| self.backward_with(out, grad, &LayerSlices::of(slices), saved))
+    }
+
+    fn backward_with<T: Float>(&self, out: &[T], grad: &[T], params: &[LayerSlices<T>], saved: &Saved) -> Result<(Vec<T>, Vec<T>)> {
+        let b = self.block;
+        let (pixels, image_len, bottleneck_len) = (b.pixels(), b.image_len(), b.bottleneck_len());
+        let conv2 = b.conv2();
+        let count = b.count();
+        // The gradient of the whole block, completed layer by layer from the last:
+        // a layer's own channels have all their gradient once the later layers are done.
+        let mut d_out = grad.to_vec();
+        let mut d_bottleneck = vec![T::zero(); b.batch * bottleneck_len];
+        let mut d_normed1 = vec![T::zero(); b.batch * image_len];
+        let mut layer_grads = Vec::with_capacity(b.layers);
+        for (l, p) in params.iter().enumerate().rev() {
+            let c_in = b.layer_in(l);
+            let bottleneck = T::cpu_storage_as_slice(&saved.bottlenecks[l])?;
+            let (norm1, norm2) = &saved.norms[l];
+            let (scale1, shift1) = norm1.in_type::<T>();
+            let (scale2, shift2) = norm2.in_type::<T>();
+
+            // conv2 and norm2's ReLU: d(bottleneck after norm2), and conv2's weight gradient.
+            let d_bn = Images::new(&mut d_bottleneck, bottleneck_len);
+            let parts = by_parts(b.batch, |images, par| {
+                let mut normed = vec![T::zero(); bottleneck_len];
+                let mut cols = vec![T::zero(); conv2.patch_len() * pixels];
+                let mut d_w2 = vec![T::zero(); b.growth * conv2.patch_len()];
+                let mut sums = vec![0f64; 2 * b.bottleneck];
+                for n in images.clone() {
+                    let x = &bottleneck[n * bottleneck_len..][..bottleneck_len];
+                    scale_shift_relu(x, (&scale2, &shift2), pixels, &mut normed);
+                    im2col(&conv2, &normed, &mut cols);
+                    let d_new = &d_out[n * image_len + c_in * pixels..][..b.growth * pixels];
+                    let (dy, cols_t) = (Mat::rows(d_new.as_ptr(), pixels), Mat::transposed(cols.as_ptr(), pixels));
+                    matmul(&mut d_w2, b.growth, conv2.patch_len(), pixels, dy, cols_t, n > images.start, par);
+                    let (w_t, dy) = (Mat::transposed(p.conv2.as_ptr(), conv2.patch_len()), Mat::rows(d_new.as_ptr(), pixels));
+                    matmul(&mut cols, conv2.patch_len(), pixels, b.growth, w_t, dy, false, par);
+                    // SAFETY: each image belongs to one part.
+                    let d_y = unsafe { d_bn.image(n) };
+                    col2im(&conv2, &cols, d_y);
+                    for (g, &y) in d_y.iter_mut().zip(&normed) {
+                        if y <= T::zero() {
+                            *g = T::zero();
+                        }
+                    }
+                    add_grad_sums(d_y, x, norm2, pixels, &mut sums);
+                }
+                (d_w2, sums)
+            });
+            let (d_w2, sums2) = sum_weight_parts(parts);
+            let coefficients2 = norm_input_grad_coefficients(norm2, &sums2, self.batch_stats, count);
+
+            // norm2's input gradient, conv1, and norm1's ReLU.
+            let d_n1 = Images::new(&mut d_normed1, image_len);
+            let d_bn = &d_bottleneck;
+            let parts = by_parts(b.batch, |images, par| {
+                let mut normed = vec![T::zero(); c_in * pixels];
+                let mut d_x2 = vec![T::zero(); bottleneck_len];
+                let mut d_w1 = vec![T::zero(); b.bottleneck * c_in];
+                let mut sums = vec![0f64; 2 * c_in];
+                for n in images.clone() {
+                    let x2 = &bottleneck[n * bottleneck_len..][..bottleneck_len];
+                    apply_input_grad(&d_bn[n * bottleneck_len..][..bottleneck_len], x2, &coefficients2, pixels, &mut d_x2, false);
+                    let x1 = &out[n * image_len..][..c_in * pixels];
+                    scale_shift_relu(x1, (&scale1, &shift1), pixels, &mut normed);
+                    let (dy, x_t) = (Mat::rows(d_x2.as_ptr(), pixels), Mat::transposed(normed.as_ptr(), pixels));
+                    matmul(&mut d_w1, b.bottleneck, c_in, pixels, dy, x_t, n > images.start, par);
+                    // SAFETY: each image belongs to one part.
+                    let d_y = &mut unsafe { d_n1.image(n) }[..c_in * pixels];
+                    let (w_t, dy) = (Mat::transposed(p.conv1.as_ptr(), c_in), Mat::rows(d_x2.as_ptr(), pixels));
+                    matmul(d_y, c_in, pixels, b.bottleneck, w_t, dy, false, par);
+                    for (g, &y) in d_y.iter_mut().zip(&normed) {
+                        if y <= T::zero() {
+                            *g = T::zero();
+                        }
+                    }
+                    add_grad_sums(d_y, x1, norm1, pixels, &mut sums);
+                }
+                (d_w1, sums)
+            });
+            let (d_w1, sums1) = sum_weight_parts(parts);
+            let coefficients1 = norm_input_grad_coefficients(norm1, &sums1, self.batch_stats, count);
+
+            // norm1's input gradient joins the gradient of the channels this layer read.
+            let d_all = Images::new(&mut d_out, image_len);
+            let d_n1 = &d_normed1;
+            by_parts(b.batch, |images, _| {
+                for n in images {
+                    let dy = &d_n1[n * image_len..][..c_in * pixels];
+                    let x = &out[n * image_len..][..c_in * pixels];
+                    // SAFETY: each image belongs to one part.
+                    let dst = &mut unsafe { d_all.image(n) }[..c_in * pixels];
+                    apply_input_grad(dy, x, &coefficients1, pixels, dst, true);
+                }
+            });
+            let (d_gamma1, d_beta1) = norm_param_grads(&sums1);
+            let (d_gamma2, d_beta2) = norm_param_grads(&sums2);
+            layer_grads.push([d_gamma1, d_beta1, d_w1, d_gamma2, d_beta2, d_w2]);
+        }
+        let input_len = b.in_channels * pixels;
+        let d_xs: Vec<T> = d_out.chunks_exact(image_len).flat_map(|image| image[..input_len].iter().copied()).collect();
+        let d_params: Vec<T> = layer_grads.into_iter().rev().flatten().flatten().collect();
+        Ok((d_xs, d_params))
+    }
+}
+
+/// The parts' weight gradients and per-channel sums, added up.
+fn sum_weight_parts<T: Float>(parts: Vec<(Vec<T>, Vec<f64>)>) -> (Vec<T>, Vec<f64>) {
+    let (weights, sums): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    let mut weights = weights.into_iter();
+    let mut total = weights.next().unwrap_or_default();
+    for part in weights {
+        total.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+    }
+    (total, sum_parts(sums))
+}
+
+/// BatchNorm's weight and bias gradients from the `[Σ dy, Σ dy·x̂]` sums.
+fn norm_param_grads<T: Float>(sums: &[f64]) -> (Vec<T>, Vec<T>) {
+    let d_weight = sums.chunks_exact(2).map(|s| cast(s[1])).collect();
+    let d_bias = sums.chunks_exact(2).map(|s| cast(s[0])).collect();
+    (d_weight, d_bias)
+}
+
+fn contiguous<'a, T: Float>(data: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("dense block: expects contiguous tensors") };
+    Ok(&T::cpu_storage_as_slice(data)?[start..end])
+}
+
+impl DenseBlock {
+    fn run_forward(&self, storage: &CpuStorage, layout: &Layout, save: bool) -> Result<(CpuStorage, Shape)> {
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(contiguous(storage, layout)?, save)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(contiguous(storage, layout)?, save)?),
+            other => bail!("dense block: unsupported dtype {:?}, only f32 and f64 are supported", other.dtype()),
+        };
+        Ok((out, self.block.out_shape()))
+    }
+}
+
+impl CustomOp1 for DenseBlock {
+    fn name(&self) -> &'static str {
+        "dense-block"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run_forward(storage, layout, false)
+    }
+}
+
+impl CustomOp2 for DenseBlock {
+    fn name(&self) -> &'static str {
+        "dense-block"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout, _packed: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        // The parameters are read from `self.layers`; the packed tensor only carries their gradient.
+        self.run_forward(storage, layout, true)
+    }
+
+    fn bwd(&self, xs: &Tensor, packed: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grads = out.apply_op2_no_bwd(&grad.contiguous()?, &DenseBlockGrad(self))?;
+        let d_xs = grads.narrow(0, 0, xs.elem_count())?.reshape(xs.shape())?;
+        let d_packed = grads.narrow(0, xs.elem_count(), packed.elem_count())?;
+        Ok((Some(d_xs), Some(d_packed)))
+    }
+}
+
+/// (block output, its gradient) → the input's gradient followed by the packed parameters'.
+struct DenseBlockGrad<'a>(&'a DenseBlock);
+
+impl CustomOp2 for DenseBlockGrad<'_> {
+    fn name(&self) -> &'static str {
+        "dense-block-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(op: &DenseBlock, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<Vec<T>> {
+            let (mut d_xs, d_params) = op.backward(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?)?;
+            d_xs.extend(d_params);
+            Ok(d_xs)
+        }
+        let (grads, len) = match s1 {
+            CpuStorage::F32(_) => {
+                let grads = run::<f32>(self.0, s1, l1, s2, l2)?;
+                let len = grads.len();
+                (CpuStorage::F32(grads), len)
+            }
+            CpuStorage::F64(_) => {
+                let grads = run::<f64>(self.0, s1, l1, s2, l2)?;
+                let len = grads.len();
+                (CpuStorage::F64(grads), len)
+            }
+            other => bail!("dense block: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((grads, Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    fn random(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Tensor {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let data: Vec<f64> = (0..shape.iter().product::<usize>()).map(|_| rng.random_range(lo..hi)).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    fn max_abs(a: &Tensor) -> f64 {
+        a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// Random layers whose trainable tensors are variables; running statistics are
+    /// plain tensors away from 0 and 1 so that inference mode is not the identity.
+    fn layers(in_channels: usize, growth: usize, bottleneck: usize, count: usize, seed: u64) -> (Vec<LayerTensors>, Vec<Var>) {
+        let mut vars = Vec::new();
+        let mut var = |shape: &[usize], seed: u64, lo: f64, hi: f64| {
+            let v = Var::from_tensor(&random(shape, seed, lo, hi)).unwrap();
+            vars.push(v.clone());
+            v.as_tensor().clone()
+        };
+        let layers = (0..count)
+            .map(|l| {
+                let c = in_channels + l * growth;
+                let s = seed + 100 * l as u64;
+                LayerTensors {
+                    norm1: NormTensors {
+                        weight: var(&[c], s, 0.5, 1.5),
+                        bias: var(&[c], s + 1, -0.5, 0.5),
+                        running_mean: random(&[c], s + 2, -0.3, 0.3),
+                        running_var: random(&[c], s + 3, 0.5, 2.0),
+                    },
+                    conv1: var(&[bottleneck, c, 1, 1], s + 4, -0.5, 0.5),
+                    norm2: NormTensors {
+                        weight: var(&[bottleneck], s + 5, 0.5, 1.5),
+                        bias: var(&[bottleneck], s + 6, -0.5, 0.5),
+                        running_mean: random(&[bottleneck], s + 7, -0.3, 0.3),
+                        running_var: random(&[bottleneck], s + 8, 0.5, 2.0),
+                    },
+                    conv2: var(&[growth, bottleneck, 3, 3], s + 9, -0.3, 0.3),
+                }
+            })
+            .collect();
+        (layers, vars)
+    }
+
+    /// BatchNorm+ReLU from candle's own ops.
+    fn reference_norm_relu(xs: &Tensor, norm: &NormTensors, batch_stats: bool, eps: f64) -> Tensor {
+        let c = xs.dim(1).unwrap();
+        let (mean, var) = if batch_stats {
+            let mean = xs.mean_keepdim((0, 2, 3)).unwrap();
+            let var = xs.broadcast_sub(&mean).unwrap().sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
+            (mean, var)
+        } else {
+            (norm.running_mean.reshape((1, c, 1, 1)).unwrap(), norm.running_var.reshape((1, c, 1, 1)).unwrap())
+        };
+        let normed = xs.broadcast_sub(&mean).unwrap().broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
+        normed
+            .broadcast_mul(&norm.weight.reshape((1, c, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&norm.bias.reshape((1, c, 1, 1)).unwrap())
+            .unwrap()
+            .relu()
+            .unwrap()
+    }
+
+    /// The block as torchvision writes it: a `cat` before every layer, candle's convolutions.
+    fn reference(xs: &Tensor, layers: &[LayerTensors], batch_stats: bool, eps: f64) -> Tensor {
+        let mut features = vec![xs.clone()];
+        for layer in layers {
+            let input = Tensor::cat(&features, 1).unwrap();
+            let h = reference_norm_relu(&input, &layer.norm1, batch_stats, eps).conv2d(&layer.conv1, 0, 1, 1, 1).unwrap();
+            let h = reference_norm_relu(&h, &layer.norm2, batch_stats, eps).conv2d(&layer.conv2, 1, 1, 1, 1).unwrap();
+            features.push(h);
+        }
+        Tensor::cat(&features, 1).unwrap()
+    }
+
+    /// Ours against the reference in f64, outputs and the gradients of the input and
+    /// of every trainable tensor: 1e-9 (the sums differ in order only).
+    fn check(batch: usize, in_channels: usize, growth: usize, bottleneck: usize, count: usize, side: (usize, usize), batch_stats: bool) {
+        let what = format!(
+            "batch {batch} in {in_channels} growth {growth} bottleneck {bottleneck} layers {count} side {side:?} batch_stats {batch_stats}"
+        );
+        let eps = 1e-5;
+        let xs = Var::from_tensor(&random(&[batch, in_channels, side.0, side.1], 7, -1.0, 1.0)).unwrap();
+        let (layers, vars) = layers(in_channels, growth, bottleneck, count, 11);
+        let (ours, stats) = dense_block(&xs, &layers, batch_stats, eps, true).unwrap();
+        let expected = reference(&xs, &layers, batch_stats, eps);
+        assert_eq!(ours.dims(), expected.dims(), "{what}");
+        assert!(max_abs_diff(&ours, &expected) < 1e-9, "forward {what}: {}", max_abs_diff(&ours, &expected));
+        assert_eq!(stats.is_some(), batch_stats);
+
+        let probe = random(ours.dims(), 3, -1.0, 1.0);
+        let g_ours = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&expected * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, var) in std::iter::once(&xs).chain(&vars).enumerate() {
+            let (a, b) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
+            assert!(max_abs(b) > 1e-6, "tensor {i} has no reference gradient ({what})");
+            assert!(max_abs_diff(a, b) < 1e-9, "gradient of tensor {i} {what}: {}", max_abs_diff(a, b));
+        }
+    }
+
+    #[test]
+    fn matches_the_concatenating_block_forward_and_backward() {
+        // Odd sides, batch 1, channel counts off the vector width, both BatchNorm modes;
+        // batch 5 splits images between threads, batch 1 splits each product instead.
+        for batch_stats in [true, false] {
+            check(5, 3, 2, 5, 3, (7, 6), batch_stats);
+            check(1, 5, 3, 4, 2, (5, 5), batch_stats);
+            check(2, 1, 4, 3, 1, (3, 4), batch_stats);
+        }
+        check(3, 2, 2, 2, 2, (1, 1), false); // one pixel: every 3x3 tap but the centre is padding
+    }
+
+    #[test]
+    fn reports_the_batch_statistics_it_normalised_with() {
+        let xs = random(&[3, 2, 4, 5], 1, -1.0, 1.0);
+        let (layers, _) = layers(2, 3, 4, 2, 5);
+        let (out, stats) = dense_block(&xs, &layers, true, 1e-5, false).unwrap();
+        let stats = stats.unwrap();
+        // Layer 2 reads the input and layer 1's channels; norm2 sees its own bottleneck.
+        let input = out.narrow(1, 0, 5).unwrap();
+        let mean: Vec<f64> = input.mean_keepdim((0, 2, 3)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let centred = input.broadcast_sub(&input.mean_keepdim((0, 2, 3)).unwrap()).unwrap();
+        let var: Vec<f64> = centred.sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for c in 0..5 {
+            assert!((stats[1].mean1[c] - mean[c]).abs() < 1e-12 && (stats[1].var1[c] - var[c]).abs() < 1e-12);
+        }
+        assert_eq!(stats[0].mean1, stats[1].mean1[..2].to_vec());
+        assert_eq!(stats[1].mean2.len(), 4);
+    }
+
+    #[test]
+    fn f32_agrees_with_the_reference_within_rounding() {
+        let xs = random(&[4, 6, 9, 9], 2, -1.0, 1.0);
+        let (layers, _) = layers(6, 4, 8, 3, 9);
+        let to_f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let layers32: Vec<LayerTensors> = layers
+            .iter()
+            .map(|l| {
+                let norm = |n: &NormTensors| NormTensors {
+                    weight: to_f32(&n.weight),
+                    bias: to_f32(&n.bias),
+                    running_mean: to_f32(&n.running_mean),
+                    running_var: to_f32(&n.running_var),
+                };
+                LayerTensors { norm1: norm(&l.norm1), conv1: to_f32(&l.conv1), norm2: norm(&l.norm2), conv2: to_f32(&l.conv2) }
+            })
+            .collect();
+        for batch_stats in [true, false] {
+            let (ours, _) = dense_block(&to_f32(&xs), &layers32, batch_stats, 1e-5, false).unwrap();
+            let expected = reference(&xs, &layers, batch_stats, 1e-5);
+            // Sums of at most 72 terms of order 1: f32 rounding stays below 1e-4.
+            assert!(max_abs_diff(&ours.to_dtype(DType::F64).unwrap(), &expected) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_types_are_errors() {
+        let (layers, _) = layers(3, 2, 4, 2, 1);
+        assert!(dense_block(&random(&[1, 4, 5, 5], 1, 0.0, 1.0), &layers, false, 1e-5, false).is_err());
+        assert!(dense_block(&random(&[3, 5, 5], 1, 0.0, 1.0), &layers, false, 1e-5, false).is_err());
+        assert!(dense_block(&random(&[1, 3, 5, 5], 1, 0.0, 1.0).to_dtype(DType::F32).unwrap(), &layers, false, 1e-5, false).is_err());
+        assert!(dense_block(&random(&[1, 3, 1, 1], 1, 0.0, 1.0), &layers, true, 1e-5, false).is_err());
+        assert!(dense_block(&random(&[1, 3, 5, 5], 1, 0.0, 1.0), &[], false, 1e-5, false).is_err());
+        let mut wrong = layers.clone();
+        wrong[1].conv1 = random(&[4, 4, 1, 1], 1, 0.0, 1.0);
+        let message = dense_block(&random(&[1, 3, 5, 5], 1, 0.0, 1.0), &wrong, false, 1e-5, false).unwrap_err().to_string();
+        assert!(message.contains("layer 2 conv1.weight"), "{message}");
+    }
+}
