@@ -206,11 +206,16 @@ fn valid_columns(g: &Geometry, kx: usize) -> std::ops::Range<usize> {
     first.min(g.out_w)..last.min(g.out_w).max(first.min(g.out_w))
 }
 
+/// Whether work outside the products should also be spread over threads: the
+/// products are parallel, so no outer loop is.
+pub(crate) fn is_parallel(par: Parallelism) -> bool {
+    matches!(par, Parallelism::Rayon(n) if n > 1)
+}
+
 /// Unfolds one image (C, H, W) into `cols` (C·KH·KW, OH·OW), zeros where a window
-/// reaches into the padding.
-pub(crate) fn im2col<T: Float>(g: &Geometry, image: &[T], cols: &mut [T]) {
-    let out_pixels = g.out_pixels();
-    for (row, cols_row) in cols.chunks_exact_mut(out_pixels).enumerate() {
+/// reaches into the padding; rows across threads if `par` is parallel.
+pub(crate) fn im2col<T: Float>(g: &Geometry, image: &[T], cols: &mut [T], par: Parallelism) {
+    let fill_row = |(row, cols_row): (usize, &mut [T])| {
         let channel = row / (g.kernel_h * g.kernel_w);
         let ky = row / g.kernel_w % g.kernel_h;
         let kx = row % g.kernel_w;
@@ -237,31 +242,44 @@ pub(crate) fn im2col<T: Float>(g: &Geometry, image: &[T], cols: &mut [T]) {
                 }
             }
         }
+    };
+    let out_pixels = g.out_pixels();
+    if is_parallel(par) {
+        cols.par_chunks_exact_mut(out_pixels).enumerate().for_each(fill_row);
+    } else {
+        cols.chunks_exact_mut(out_pixels).enumerate().for_each(fill_row);
     }
 }
 
-/// The adjoint of [`im2col`]: adds every column entry back onto the pixel it came from.
-pub(crate) fn col2im<T: Float>(g: &Geometry, cols: &[T], image: &mut [T]) {
-    image.fill(T::zero());
+/// The adjoint of [`im2col`]: adds every column entry back onto the pixel it came
+/// from; channels across threads if `par` is parallel.
+pub(crate) fn col2im<T: Float>(g: &Geometry, cols: &[T], image: &mut [T], par: Parallelism) {
     let out_pixels = g.out_pixels();
-    for (row, cols_row) in cols.chunks_exact(out_pixels).enumerate() {
-        let channel = row / (g.kernel_h * g.kernel_w);
-        let ky = row / g.kernel_w % g.kernel_h;
-        let kx = row % g.kernel_w;
-        let plane = &mut image[channel * g.in_h * g.in_w..][..g.in_h * g.in_w];
-        let valid = valid_columns(g, kx);
-        if valid.is_empty() {
-            continue;
-        }
-        let first_ix = valid.start * g.stride + kx - g.padding;
-        for (oy, out_row) in cols_row.chunks_exact(g.out_w).enumerate() {
-            let Some(iy) = g.source(oy, ky, g.in_h) else { continue };
-            let in_row = &mut plane[iy * g.in_w..][..g.in_w];
-            let src = &out_row[valid.clone()];
-            for (x, &value) in in_row[first_ix..].iter_mut().step_by(g.stride).zip(src) {
-                *x += value;
+    let taps = g.kernel_h * g.kernel_w;
+    let fold_channel = |(plane, channel_cols): (&mut [T], &[T])| {
+        plane.fill(T::zero());
+        for (tap, cols_row) in channel_cols.chunks_exact(out_pixels).enumerate() {
+            let (ky, kx) = (tap / g.kernel_w, tap % g.kernel_w);
+            let valid = valid_columns(g, kx);
+            if valid.is_empty() {
+                continue;
+            }
+            let first_ix = valid.start * g.stride + kx - g.padding;
+            for (oy, out_row) in cols_row.chunks_exact(g.out_w).enumerate() {
+                let Some(iy) = g.source(oy, ky, g.in_h) else { continue };
+                let in_row = &mut plane[iy * g.in_w..][..g.in_w];
+                let src = &out_row[valid.clone()];
+                for (x, &value) in in_row[first_ix..].iter_mut().step_by(g.stride).zip(src) {
+                    *x += value;
+                }
             }
         }
+    };
+    let plane_len = g.in_h * g.in_w;
+    if is_parallel(par) {
+        image.par_chunks_exact_mut(plane_len).zip(cols.par_chunks_exact(taps * out_pixels)).for_each(fold_channel);
+    } else {
+        image.chunks_exact_mut(plane_len).zip(cols.chunks_exact(taps * out_pixels)).for_each(fold_channel);
     }
 }
 
@@ -292,7 +310,7 @@ fn forward<T: Float>(g: &Geometry, xs: &[T], weight: &[T]) -> Vec<T> {
         let cols = if g.is_pointwise() {
             image
         } else {
-            im2col(g, image, scratch);
+            im2col(g, image, scratch, par);
             &scratch[..]
         };
         let w = Mat::rows(weight.as_ptr(), g.patch_len());
@@ -313,7 +331,7 @@ fn input_grad<T: Float>(g: &Geometry, grad: &[T], weight: &[T]) -> Vec<T> {
             matmul(dx, g.patch_len(), g.out_pixels(), g.out_channels, w_t, dy, false, par);
         } else {
             matmul(scratch, g.patch_len(), g.out_pixels(), g.out_channels, w_t, dy, false, par);
-            col2im(g, scratch, dx);
+            col2im(g, scratch, dx, par);
         }
     });
     dx
@@ -329,7 +347,7 @@ fn weight_grad<T: Float>(g: &Geometry, xs: &[T], grad: &[T]) -> Vec<T> {
             let cols = if g.is_pointwise() {
                 image
             } else {
-                im2col(g, image, scratch);
+                im2col(g, image, scratch, par);
                 &scratch[..]
             };
             let dy = Mat::rows(grad[n * g.out_image_len()..].as_ptr(), g.out_pixels());

@@ -29,7 +29,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{self, col2im, im2col, matmul, Geometry, Mat};
+use super::conv::{self, col2im, im2col, is_parallel, matmul, Geometry, Mat};
 
 /// One BatchNorm's tensors, as `BatchNorm2d` holds them.
 #[derive(Clone, Debug)]
@@ -225,15 +225,26 @@ impl Affine {
     }
 }
 
-/// `dst = relu(src·scale + shift)`, plane by plane.
-fn scale_shift_relu<T: Float>(src: &[T], (scale, shift): (&[T], &[T]), pixels: usize, dst: &mut [T]) {
-    for (c, (src, dst)) in src.chunks_exact(pixels).zip(dst.chunks_exact_mut(pixels)).enumerate() {
+/// Runs `f(c, plane)` on each `pixels`-long plane of `dst` and collects the results;
+/// planes across threads when `par` is parallel (the products are, so nothing
+/// outside them is).
+fn each_plane<T: Send, R: Send>(par: Parallelism, dst: &mut [T], pixels: usize, f: impl Fn(usize, &mut [T]) -> R + Sync) -> Vec<R> {
+    if is_parallel(par) {
+        dst.par_chunks_exact_mut(pixels).enumerate().map(|(c, plane)| f(c, plane)).collect()
+    } else {
+        dst.chunks_exact_mut(pixels).enumerate().map(|(c, plane)| f(c, plane)).collect()
+    }
+}
+
+/// `dst = relu(src·scale + shift)`, plane by plane; `dst` may be longer than `src`.
+fn scale_shift_relu<T: Float>(src: &[T], (scale, shift): (&[T], &[T]), pixels: usize, dst: &mut [T], par: Parallelism) {
+    each_plane(par, &mut dst[..src.len()], pixels, |c, dst| {
         let (a, b) = (scale[c], shift[c]);
-        for (d, &s) in dst.iter_mut().zip(src) {
+        for (d, &s) in dst.iter_mut().zip(&src[c * pixels..][..pixels]) {
             let y = s * a + b;
             *d = if y > T::zero() { y } else { T::zero() };
         }
-    }
+    });
 }
 
 /// Mean and biased variance over the batch of `channels` of images stored
@@ -264,7 +275,7 @@ struct Images<T> {
 }
 
 // SAFETY: `Images` is only used through `image`, whose callers touch each image
-// from one thread at a time (see `by_parts`).
+// from one thread at a time (see `Parts::run`).
 unsafe impl<T: Send> Send for Images<T> {}
 unsafe impl<T: Send> Sync for Images<T> {}
 
@@ -283,19 +294,57 @@ impl<T> Images<T> {
     }
 }
 
-/// Runs `work` over disjoint ranges of images: one range per thread when there are
-/// enough images (each with single-threaded products), else one range with
-/// multi-threaded products. Returns each range's result.
-fn by_parts<R: Send>(batch: usize, work: impl Fn(Range<usize>, Parallelism) -> R + Sync) -> Vec<R> {
-    if conv::split_by_image(batch) {
-        let parts = conv::threads().min(batch);
-        let per_part = batch.div_ceil(parts);
-        (0..parts)
+/// How a batch is shared between threads: one range of images per thread when there
+/// are enough images (each with single-threaded products), else one range with
+/// multi-threaded products.
+#[derive(Clone, Copy, Debug)]
+struct Parts {
+    batch: usize,
+    count: usize,
+}
+
+impl Parts {
+    fn new(batch: usize) -> Self {
+        let count = if conv::split_by_image(batch) { conv::threads().min(batch) } else { 1 };
+        Self { batch, count }
+    }
+
+    /// Runs `work(part, images, parallelism)` for every part and returns each part's result.
+    fn run<R: Send>(&self, work: impl Fn(usize, Range<usize>, Parallelism) -> R + Sync) -> Vec<R> {
+        if self.count == 1 {
+            return vec![work(0, 0..self.batch, conv::gemm_parallelism(false))];
+        }
+        let per_part = self.batch.div_ceil(self.count);
+        (0..self.count)
             .into_par_iter()
-            .map(|p| work(p * per_part..((p + 1) * per_part).min(batch), conv::gemm_parallelism(true)))
+            .map(|p| work(p, p * per_part..((p + 1) * per_part).min(self.batch), conv::gemm_parallelism(true)))
             .collect()
-    } else {
-        vec![work(0..batch, conv::gemm_parallelism(false))]
+    }
+}
+
+/// Per-part work buffers, allocated once per pass rather than once per layer; every
+/// use overwrites what it reads.
+struct Scratch<T> {
+    /// BatchNorm+ReLU of the channels a layer reads, or of its bottleneck.
+    normed: Vec<T>,
+    /// The 3×3 convolution's unfolded input, or its gradient.
+    cols: Vec<T>,
+    /// The gradient of a bottleneck before its BatchNorm.
+    d_bottleneck: Vec<T>,
+}
+
+impl<T: Float> Scratch<T> {
+    fn for_parts(parts: &Parts, block: &Block) -> Vec<Mutex<Self>> {
+        let widest_input = block.layer_in(block.layers - 1).max(block.bottleneck) * block.pixels();
+        (0..parts.count)
+            .map(|_| {
+                Mutex::new(Self {
+                    normed: vec![T::zero(); widest_input],
+                    cols: vec![T::zero(); block.conv2().patch_len() * block.pixels()],
+                    d_bottleneck: vec![T::zero(); block.bottleneck_len()],
+                })
+            })
+            .collect()
     }
 }
 
@@ -309,18 +358,26 @@ fn sum_parts(parts: Vec<Vec<f64>>) -> Vec<f64> {
     total
 }
 
-/// Per channel `[Σ dy, Σ dy·x̂]` of one image's `channels` planes.
-fn add_grad_sums<T: Float>(dy: &[T], x: &[T], norm: &Affine, pixels: usize, sums: &mut [f64]) {
-    for (c, (dy, x)) in dy.chunks_exact(pixels).zip(x.chunks_exact(pixels)).enumerate() {
-        let (mut s_dy, mut s_dyx) = (0f64, 0f64);
-        for (&g, &v) in dy.iter().zip(x) {
-            let g: f64 = g.into();
-            s_dy += g;
-            s_dyx += g * v.into();
+/// Zeroes `dy` where the ReLU output `y` is not positive (the ReLU's backward), and
+/// adds per channel `[Σ dy, Σ dy·x̂]` of the result to `sums`, with `x` the BatchNorm's input.
+fn relu_grad_and_sums<T: Float>(dy: &mut [T], y: &[T], x: &[T], norm: &Affine, pixels: usize, sums: &mut [f64], par: Parallelism) {
+    let per_channel = each_plane(par, dy, pixels, |c, dy| {
+        let (y, x) = (&y[c * pixels..][..pixels], &x[c * pixels..][..pixels]);
+        let (mut s_dy, mut s_dyx) = (T::zero(), T::zero());
+        for ((g, &y), &x) in dy.iter_mut().zip(y).zip(x) {
+            if y <= T::zero() {
+                *g = T::zero();
+            }
+            s_dy = s_dy + *g;
+            s_dyx = s_dyx + *g * x;
         }
-        sums[2 * c] += s_dy;
+        let (s_dy, s_dyx): (f64, f64) = (s_dy.into(), s_dyx.into());
         // Σ dy·x̂ = inv_std·(Σ dy·x - mean·Σ dy)
-        sums[2 * c + 1] += norm.inv_std[c] * (s_dyx - norm.mean[c] * s_dy);
+        [s_dy, norm.inv_std[c] * (s_dyx - norm.mean[c] * s_dy)]
+    });
+    for (sum, part) in sums.chunks_exact_mut(2).zip(per_channel) {
+        sum[0] += part[0];
+        sum[1] += part[1];
     }
 }
 
@@ -343,15 +400,14 @@ fn norm_input_grad_coefficients(norm: &Affine, sums: &[f64], batch_stats: bool, 
 }
 
 /// `dst (=|+=) k·dy + on_x·x + constant`, plane by plane.
-fn apply_input_grad<T: Float>(dy: &[T], x: &[T], coefficients: &[[f64; 3]], pixels: usize, dst: &mut [T], add: bool) {
-    let planes = dy.chunks_exact(pixels).zip(x.chunks_exact(pixels)).zip(dst.chunks_exact_mut(pixels));
-    for (c, ((dy, x), dst)) in planes.enumerate() {
+fn apply_input_grad<T: Float>(dy: &[T], x: &[T], coefficients: &[[f64; 3]], pixels: usize, dst: &mut [T], add: bool, par: Parallelism) {
+    each_plane(par, &mut dst[..dy.len()], pixels, |c, dst| {
         let [k, on_x, constant] = coefficients[c].map(cast::<T>);
-        for ((d, &g), &v) in dst.iter_mut().zip(dy).zip(x) {
+        for ((d, &g), &v) in dst.iter_mut().zip(&dy[c * pixels..][..pixels]).zip(&x[c * pixels..][..pixels]) {
             let value = k * g + on_x * v + constant;
             *d = if add { *d + value } else { value };
         }
-    }
+    });
 }
 
 /// What the forward pass leaves for the backward pass.
@@ -464,6 +520,8 @@ impl DenseBlock {
         } else {
             (Vec::new(), Vec::new())
         };
+        let parts = Parts::new(b.batch);
+        let scratch = Scratch::<T>::for_parts(&parts, &b);
         let mut saved = Saved { bottlenecks: Vec::new(), norms: Vec::new(), variances: Vec::new() };
         let mut bottleneck = Vec::new();
         for (l, p) in params.iter().enumerate() {
@@ -476,10 +534,10 @@ impl DenseBlock {
             let (norm1, var1) = self.affine(p.norm1, p.running1, stats1);
             let (scale1, shift1) = norm1.in_type::<T>();
             let bottlenecks = Images::new(&mut bottleneck, bottleneck_len);
-            by_parts(b.batch, |images, par| {
-                let mut normed = vec![T::zero(); c_in * pixels];
+            parts.run(|part, images, par| {
+                let normed = &mut lock(&scratch[part]).normed;
                 for n in images {
-                    scale_shift_relu(&out[n * image_len..][..c_in * pixels], (&scale1, &shift1), pixels, &mut normed);
+                    scale_shift_relu(&out[n * image_len..][..c_in * pixels], (&scale1, &shift1), pixels, normed, par);
                     // SAFETY: each image belongs to one part.
                     let dst = unsafe { bottlenecks.image(n) };
                     let (w, x) = (Mat::rows(p.conv1.as_ptr(), c_in), Mat::rows(normed.as_ptr(), pixels));
@@ -490,12 +548,11 @@ impl DenseBlock {
             let (norm2, var2) = self.affine(p.norm2, p.running2, stats2.as_ref().map(|(m, v)| (&m[..], &v[..])));
             let (scale2, shift2) = norm2.in_type::<T>();
             let images = Images::new(&mut out, image_len);
-            by_parts(b.batch, |range, par| {
-                let mut normed = vec![T::zero(); bottleneck_len];
-                let mut cols = vec![T::zero(); conv2.patch_len() * pixels];
+            parts.run(|part, range, par| {
+                let Scratch { normed, cols, .. } = &mut *lock(&scratch[part]);
                 for n in range {
-                    scale_shift_relu(&bottleneck[n * bottleneck_len..][..bottleneck_len], (&scale2, &shift2), pixels, &mut normed);
-                    im2col(&conv2, &normed, &mut cols);
+                    scale_shift_relu(&bottleneck[n * bottleneck_len..][..bottleneck_len], (&scale2, &shift2), pixels, normed, par);
+                    im2col(&conv2, &normed[..bottleneck_len], cols, par);
                     // SAFETY: each image belongs to one part.
                     let dst = &mut unsafe { images.image(n) }[c_in * pixels..][..b.growth * pixels];
                     let (w, x) = (Mat::rows(p.conv2.as_ptr(), conv2.patch_len()), Mat::rows(cols.as_ptr(), pixels));
@@ -532,6 +589,8 @@ impl DenseBlock {
         let (pixels, image_len, bottleneck_len) = (b.pixels(), b.image_len(), b.bottleneck_len());
         let conv2 = b.conv2();
         let count = b.count();
+        let parts = Parts::new(b.batch);
+        let scratch = Scratch::<T>::for_parts(&parts, &b);
         // The gradient of the whole block, completed layer by layer from the last:
         // a layer's own channels have all their gradient once the later layers are done.
         let mut d_out = grad.to_vec();
@@ -547,76 +606,66 @@ impl DenseBlock {
 
             // conv2 and norm2's ReLU: d(bottleneck after norm2), and conv2's weight gradient.
             let d_bn = Images::new(&mut d_bottleneck, bottleneck_len);
-            let parts = by_parts(b.batch, |images, par| {
-                let mut normed = vec![T::zero(); bottleneck_len];
-                let mut cols = vec![T::zero(); conv2.patch_len() * pixels];
+            let results = parts.run(|part, images, par| {
+                let Scratch { normed, cols, .. } = &mut *lock(&scratch[part]);
+                let normed = &mut normed[..bottleneck_len];
                 let mut d_w2 = vec![T::zero(); b.growth * conv2.patch_len()];
                 let mut sums = vec![0f64; 2 * b.bottleneck];
                 for n in images.clone() {
                     let x = &bottleneck[n * bottleneck_len..][..bottleneck_len];
-                    scale_shift_relu(x, (&scale2, &shift2), pixels, &mut normed);
-                    im2col(&conv2, &normed, &mut cols);
+                    scale_shift_relu(x, (&scale2, &shift2), pixels, normed, par);
+                    im2col(&conv2, normed, cols, par);
                     let d_new = &d_out[n * image_len + c_in * pixels..][..b.growth * pixels];
                     let (dy, cols_t) = (Mat::rows(d_new.as_ptr(), pixels), Mat::transposed(cols.as_ptr(), pixels));
                     matmul(&mut d_w2, b.growth, conv2.patch_len(), pixels, dy, cols_t, n > images.start, par);
                     let (w_t, dy) = (Mat::transposed(p.conv2.as_ptr(), conv2.patch_len()), Mat::rows(d_new.as_ptr(), pixels));
-                    matmul(&mut cols, conv2.patch_len(), pixels, b.growth, w_t, dy, false, par);
+                    matmul(cols, conv2.patch_len(), pixels, b.growth, w_t, dy, false, par);
                     // SAFETY: each image belongs to one part.
                     let d_y = unsafe { d_bn.image(n) };
-                    col2im(&conv2, &cols, d_y);
-                    for (g, &y) in d_y.iter_mut().zip(&normed) {
-                        if y <= T::zero() {
-                            *g = T::zero();
-                        }
-                    }
-                    add_grad_sums(d_y, x, norm2, pixels, &mut sums);
+                    col2im(&conv2, cols, d_y, par);
+                    relu_grad_and_sums(d_y, normed, x, norm2, pixels, &mut sums, par);
                 }
                 (d_w2, sums)
             });
-            let (d_w2, sums2) = sum_weight_parts(parts);
+            let (d_w2, sums2) = sum_weight_parts(results);
             let coefficients2 = norm_input_grad_coefficients(norm2, &sums2, self.batch_stats, count);
 
             // norm2's input gradient, conv1, and norm1's ReLU.
             let d_n1 = Images::new(&mut d_normed1, image_len);
             let d_bn = &d_bottleneck;
-            let parts = by_parts(b.batch, |images, par| {
-                let mut normed = vec![T::zero(); c_in * pixels];
-                let mut d_x2 = vec![T::zero(); bottleneck_len];
+            let results = parts.run(|part, images, par| {
+                let Scratch { normed, d_bottleneck: d_x2, .. } = &mut *lock(&scratch[part]);
+                let normed = &mut normed[..c_in * pixels];
                 let mut d_w1 = vec![T::zero(); b.bottleneck * c_in];
                 let mut sums = vec![0f64; 2 * c_in];
                 for n in images.clone() {
                     let x2 = &bottleneck[n * bottleneck_len..][..bottleneck_len];
-                    apply_input_grad(&d_bn[n * bottleneck_len..][..bottleneck_len], x2, &coefficients2, pixels, &mut d_x2, false);
+                    apply_input_grad(&d_bn[n * bottleneck_len..][..bottleneck_len], x2, &coefficients2, pixels, d_x2, false, par);
                     let x1 = &out[n * image_len..][..c_in * pixels];
-                    scale_shift_relu(x1, (&scale1, &shift1), pixels, &mut normed);
+                    scale_shift_relu(x1, (&scale1, &shift1), pixels, normed, par);
                     let (dy, x_t) = (Mat::rows(d_x2.as_ptr(), pixels), Mat::transposed(normed.as_ptr(), pixels));
                     matmul(&mut d_w1, b.bottleneck, c_in, pixels, dy, x_t, n > images.start, par);
                     // SAFETY: each image belongs to one part.
                     let d_y = &mut unsafe { d_n1.image(n) }[..c_in * pixels];
                     let (w_t, dy) = (Mat::transposed(p.conv1.as_ptr(), c_in), Mat::rows(d_x2.as_ptr(), pixels));
                     matmul(d_y, c_in, pixels, b.bottleneck, w_t, dy, false, par);
-                    for (g, &y) in d_y.iter_mut().zip(&normed) {
-                        if y <= T::zero() {
-                            *g = T::zero();
-                        }
-                    }
-                    add_grad_sums(d_y, x1, norm1, pixels, &mut sums);
+                    relu_grad_and_sums(d_y, normed, x1, norm1, pixels, &mut sums, par);
                 }
                 (d_w1, sums)
             });
-            let (d_w1, sums1) = sum_weight_parts(parts);
+            let (d_w1, sums1) = sum_weight_parts(results);
             let coefficients1 = norm_input_grad_coefficients(norm1, &sums1, self.batch_stats, count);
 
             // norm1's input gradient joins the gradient of the channels this layer read.
             let d_all = Images::new(&mut d_out, image_len);
             let d_n1 = &d_normed1;
-            by_parts(b.batch, |images, _| {
+            parts.run(|_, images, par| {
                 for n in images {
                     let dy = &d_n1[n * image_len..][..c_in * pixels];
                     let x = &out[n * image_len..][..c_in * pixels];
                     // SAFETY: each image belongs to one part.
                     let dst = &mut unsafe { d_all.image(n) }[..c_in * pixels];
-                    apply_input_grad(dy, x, &coefficients1, pixels, dst, true);
+                    apply_input_grad(dy, x, &coefficients1, pixels, dst, true, par);
                 }
             });
             let (d_gamma1, d_beta1) = norm_param_grads(&sums1);
