@@ -29,7 +29,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{self, col2im, im2col, is_parallel, matmul, Geometry, Mat};
+use super::conv::{self, im2col, is_parallel, matmul, Geometry, Mat};
 
 /// One BatchNorm's tensors, as `BatchNorm2d` holds them.
 #[derive(Clone, Debug)]
@@ -187,6 +187,15 @@ impl Block {
             .expect("a padded 3x3 kernel fits every image")
     }
 
+    /// conv2's input gradient as a convolution of its output gradient: with stride 1
+    /// and padding 1 that is the same 3×3 convolution with the kernel flipped and its
+    /// channels swapped ([`flipped_transposed`]), so it needs no col2im and its product
+    /// sums over growth·9 terms instead of growth.
+    fn conv2_input_grad(&self) -> Geometry {
+        Geometry::new(&[1, self.growth, self.h, self.w], &[self.bottleneck, self.growth, 3, 3], 1, 1)
+            .expect("a padded 3x3 kernel fits every image")
+    }
+
     fn out_shape(&self) -> Shape {
         Shape::from((self.batch, self.out_channels(), self.h, self.w))
     }
@@ -327,7 +336,7 @@ impl Parts {
 struct Scratch<T> {
     /// BatchNorm+ReLU of the channels a layer reads, or of its bottleneck.
     normed: Vec<T>,
-    /// The 3×3 convolution's unfolded input, or its gradient.
+    /// The 3×3 convolution's unfolded input, or its unfolded output gradient.
     cols: Vec<T>,
     /// The gradient of a bottleneck before its BatchNorm.
     d_bottleneck: Vec<T>,
@@ -340,7 +349,7 @@ impl<T: Float> Scratch<T> {
             .map(|_| {
                 Mutex::new(Self {
                     normed: vec![T::zero(); widest_input],
-                    cols: vec![T::zero(); block.conv2().patch_len() * block.pixels()],
+                    cols: vec![T::zero(); 9 * block.bottleneck.max(block.growth) * block.pixels()],
                     d_bottleneck: vec![T::zero(); block.bottleneck_len()],
                 })
             })
@@ -408,6 +417,18 @@ fn apply_input_grad<T: Float>(dy: &[T], x: &[T], coefficients: &[[f64; 3]], pixe
             *d = if add { *d + value } else { value };
         }
     });
+}
+
+/// A 3×3 kernel (O, C, 3, 3) as (C, O, 3, 3), rotated by 180°.
+fn flipped_transposed<T: Copy>(weight: &[T], out_channels: usize, in_channels: usize) -> Vec<T> {
+    let mut flipped = Vec::with_capacity(weight.len());
+    for c in 0..in_channels {
+        for o in 0..out_channels {
+            let kernel = &weight[(o * in_channels + c) * 9..][..9];
+            flipped.extend(kernel.iter().rev());
+        }
+    }
+    flipped
 }
 
 /// What the forward pass leaves for the backward pass.
@@ -550,6 +571,7 @@ impl DenseBlock {
             let images = Images::new(&mut out, image_len);
             parts.run(|part, range, par| {
                 let Scratch { normed, cols, .. } = &mut *lock(&scratch[part]);
+                let cols = &mut cols[..conv2.patch_len() * pixels];
                 for n in range {
                     scale_shift_relu(&bottleneck[n * bottleneck_len..][..bottleneck_len], (&scale2, &shift2), pixels, normed, par);
                     im2col(&conv2, &normed[..bottleneck_len], cols, par);
@@ -587,7 +609,7 @@ impl DenseBlock {
     fn backward_with<T: Float>(&self, out: &[T], grad: &[T], params: &[LayerSlices<T>], saved: &Saved) -> Result<(Vec<T>, Vec<T>)> {
         let b = self.block;
         let (pixels, image_len, bottleneck_len) = (b.pixels(), b.image_len(), b.bottleneck_len());
-        let conv2 = b.conv2();
+        let (conv2, conv2_grad) = (b.conv2(), b.conv2_input_grad());
         let count = b.count();
         let parts = Parts::new(b.batch);
         let scratch = Scratch::<T>::for_parts(&parts, &b);
@@ -603,6 +625,7 @@ impl DenseBlock {
             let (norm1, norm2) = &saved.norms[l];
             let (scale1, shift1) = norm1.in_type::<T>();
             let (scale2, shift2) = norm2.in_type::<T>();
+            let w2_flipped = flipped_transposed(p.conv2, b.growth, b.bottleneck);
 
             // conv2 and norm2's ReLU: d(bottleneck after norm2), and conv2's weight gradient.
             let d_bn = Images::new(&mut d_bottleneck, bottleneck_len);
@@ -614,15 +637,17 @@ impl DenseBlock {
                 for n in images.clone() {
                     let x = &bottleneck[n * bottleneck_len..][..bottleneck_len];
                     scale_shift_relu(x, (&scale2, &shift2), pixels, normed, par);
-                    im2col(&conv2, normed, cols, par);
+                    let unfolded = &mut cols[..conv2.patch_len() * pixels];
+                    im2col(&conv2, normed, unfolded, par);
                     let d_new = &d_out[n * image_len + c_in * pixels..][..b.growth * pixels];
-                    let (dy, cols_t) = (Mat::rows(d_new.as_ptr(), pixels), Mat::transposed(cols.as_ptr(), pixels));
+                    let (dy, cols_t) = (Mat::rows(d_new.as_ptr(), pixels), Mat::transposed(unfolded.as_ptr(), pixels));
                     matmul(&mut d_w2, b.growth, conv2.patch_len(), pixels, dy, cols_t, n > images.start, par);
-                    let (w_t, dy) = (Mat::transposed(p.conv2.as_ptr(), conv2.patch_len()), Mat::rows(d_new.as_ptr(), pixels));
-                    matmul(cols, conv2.patch_len(), pixels, b.growth, w_t, dy, false, par);
+                    let d_cols = &mut cols[..conv2_grad.patch_len() * pixels];
+                    im2col(&conv2_grad, d_new, d_cols, par);
                     // SAFETY: each image belongs to one part.
                     let d_y = unsafe { d_bn.image(n) };
-                    col2im(&conv2, cols, d_y, par);
+                    let (w, dy) = (Mat::rows(w2_flipped.as_ptr(), conv2_grad.patch_len()), Mat::rows(d_cols.as_ptr(), pixels));
+                    matmul(d_y, b.bottleneck, pixels, conv2_grad.patch_len(), w, dy, false, par);
                     relu_grad_and_sums(d_y, normed, x, norm2, pixels, &mut sums, par);
                 }
                 (d_w2, sums)
