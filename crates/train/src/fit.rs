@@ -171,7 +171,7 @@ impl Checkpoint {
 
     fn save(&self, card: &ModelCard, params: &Params, adam: &Adam, state: &CheckpointState) -> Result<(), FitError> {
         let mut tensors = params.tensors();
-        tensors.extend(adam.state());
+        tensors.extend(adam.state()?);
         let mut card = card.clone();
         card.notes.push("Training checkpoint: not a finished model.".into());
         let mut bytes = ModelFile::to_bytes(&card, &tensors, StorageDType::F32)?;
