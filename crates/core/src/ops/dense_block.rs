@@ -30,6 +30,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::{self, im2col, is_parallel, matmul, Geometry, Mat};
+use super::simd_fn;
 
 /// One BatchNorm's tensors, as `BatchNorm2d` holds them.
 #[derive(Clone, Debug)]
@@ -238,22 +239,25 @@ impl Affine {
 /// planes across threads when `par` is parallel (the products are, so nothing
 /// outside them is).
 fn each_plane<T: Send, R: Send>(par: Parallelism, dst: &mut [T], pixels: usize, f: impl Fn(usize, &mut [T]) -> R + Sync) -> Vec<R> {
+    let f = |(c, plane): (usize, &mut [T])| f(c, plane);
     if is_parallel(par) {
-        dst.par_chunks_exact_mut(pixels).enumerate().map(|(c, plane)| f(c, plane)).collect()
+        dst.par_chunks_exact_mut(pixels).enumerate().map(f).collect()
     } else {
-        dst.chunks_exact_mut(pixels).enumerate().map(|(c, plane)| f(c, plane)).collect()
+        dst.chunks_exact_mut(pixels).enumerate().map(f).collect()
     }
 }
 
 /// `dst = relu(src·scale + shift)`, plane by plane; `dst` may be longer than `src`.
 fn scale_shift_relu<T: Float>(src: &[T], (scale, shift): (&[T], &[T]), pixels: usize, dst: &mut [T], par: Parallelism) {
-    each_plane(par, &mut dst[..src.len()], pixels, |c, dst| {
-        let (a, b) = (scale[c], shift[c]);
-        for (d, &s) in dst.iter_mut().zip(&src[c * pixels..][..pixels]) {
-            let y = s * a + b;
-            *d = if y > T::zero() { y } else { T::zero() };
+    simd_fn! {
+        fn plane<T: Float>(dst: &mut [T], src: &[T], a: T, b: T) {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                let y = s * a + b;
+                *d = if y > T::zero() { y } else { T::zero() };
+            }
         }
-    });
+    }
+    each_plane(par, &mut dst[..src.len()], pixels, |c, dst| plane(dst, &src[c * pixels..][..pixels], scale[c], shift[c]));
 }
 
 /// Mean and biased variance over the batch of `channels` of images stored
@@ -367,20 +371,54 @@ fn sum_parts(parts: Vec<Vec<f64>>) -> Vec<f64> {
     total
 }
 
+/// Σ a·b (or Σ a without `b`) in f64, accumulated in eight independent lanes of `T`
+/// so that the loop vectorises: one accumulator is a chain of dependent additions.
+#[inline(always)]
+fn lane_dot<T: Float>(a: &[T], b: Option<&[T]>) -> f64 {
+    let mut lanes = [T::zero(); 8];
+    let mut tail = T::zero();
+    match b {
+        Some(b) => {
+            for (a8, b8) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+                for ((lane, &a), &b) in lanes.iter_mut().zip(a8).zip(b8) {
+                    *lane = *lane + a * b;
+                }
+            }
+            let done = a.len() / 8 * 8;
+            for (&a, &b) in a[done..].iter().zip(&b[done..]) {
+                tail = tail + a * b;
+            }
+        }
+        None => {
+            for a8 in a.chunks_exact(8) {
+                for (lane, &a) in lanes.iter_mut().zip(a8) {
+                    *lane = *lane + a;
+                }
+            }
+            for &a in a.chunks_exact(8).remainder() {
+                tail = tail + a;
+            }
+        }
+    }
+    lanes.iter().map(|&l| l.into()).sum::<f64>() + tail.into()
+}
+
 /// Zeroes `dy` where the ReLU output `y` is not positive (the ReLU's backward), and
 /// adds per channel `[Σ dy, Σ dy·x̂]` of the result to `sums`, with `x` the BatchNorm's input.
 fn relu_grad_and_sums<T: Float>(dy: &mut [T], y: &[T], x: &[T], norm: &Affine, pixels: usize, sums: &mut [f64], par: Parallelism) {
+    simd_fn! {
+        fn plane<T: Float>(dy: &mut [T], y: &[T], x: &[T]) -> (f64, f64) {
+            for (g, &y) in dy.iter_mut().zip(y) {
+                if y <= T::zero() {
+                    *g = T::zero();
+                }
+            }
+            (lane_dot(dy, None), lane_dot(dy, Some(x)))
+        }
+    }
     let per_channel = each_plane(par, dy, pixels, |c, dy| {
         let (y, x) = (&y[c * pixels..][..pixels], &x[c * pixels..][..pixels]);
-        let (mut s_dy, mut s_dyx) = (T::zero(), T::zero());
-        for ((g, &y), &x) in dy.iter_mut().zip(y).zip(x) {
-            if y <= T::zero() {
-                *g = T::zero();
-            }
-            s_dy = s_dy + *g;
-            s_dyx = s_dyx + *g * x;
-        }
-        let (s_dy, s_dyx): (f64, f64) = (s_dy.into(), s_dyx.into());
+        let (s_dy, s_dyx) = plane(dy, y, x);
         // Σ dy·x̂ = inv_std·(Σ dy·x - mean·Σ dy)
         [s_dy, norm.inv_std[c] * (s_dyx - norm.mean[c] * s_dy)]
     });
@@ -410,12 +448,18 @@ fn norm_input_grad_coefficients(norm: &Affine, sums: &[f64], batch_stats: bool, 
 
 /// `dst (=|+=) k·dy + on_x·x + constant`, plane by plane.
 fn apply_input_grad<T: Float>(dy: &[T], x: &[T], coefficients: &[[f64; 3]], pixels: usize, dst: &mut [T], add: bool, par: Parallelism) {
-    each_plane(par, &mut dst[..dy.len()], pixels, |c, dst| {
-        let [k, on_x, constant] = coefficients[c].map(cast::<T>);
-        for ((d, &g), &v) in dst.iter_mut().zip(&dy[c * pixels..][..pixels]).zip(&x[c * pixels..][..pixels]) {
-            let value = k * g + on_x * v + constant;
-            *d = if add { *d + value } else { value };
+    simd_fn! {
+        fn plane<T: Float>(dst: &mut [T], dy: &[T], x: &[T], coefficients: [T; 3], add: bool) {
+            let [k, on_x, constant] = coefficients;
+            for ((d, &g), &v) in dst.iter_mut().zip(dy).zip(x) {
+                let value = k * g + on_x * v + constant;
+                *d = if add { *d + value } else { value };
+            }
         }
+    }
+    each_plane(par, &mut dst[..dy.len()], pixels, |c, dst| {
+        let (dy, x) = (&dy[c * pixels..][..pixels], &x[c * pixels..][..pixels]);
+        plane(dst, dy, x, coefficients[c].map(cast::<T>), add)
     });
 }
 

@@ -6,6 +6,36 @@ pub mod norm;
 pub mod pool;
 
 use candle_core::{Result, Tensor};
+
+/// Defines a function generic over the module's `Float` whose body runs compiled
+/// for AVX2 and FMA when the CPU has them, else as built (the portable baseline:
+/// SSE2 on x86_64, SIMD128 in the browser, where the build enables it). For our
+/// element-wise loops: the products pick their kernels at run time inside `gemm`,
+/// but code of ours built for the baseline uses a quarter of an AVX2 core's width.
+/// The body is an always-inlined function, so the AVX2 build really contains it.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* fn $name:ident<T: Float>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        fn $name<T: Float>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn portable<T: Float>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2<T: Float>($($arg: $ty),*) $(-> $ret)? {
+                    portable($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled for (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 /// Inverted dropout with a mask drawn from `seed`.
