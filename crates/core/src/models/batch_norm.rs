@@ -126,6 +126,19 @@ mod tests {
     }
 
     #[test]
+    fn a_fused_kernels_batch_statistics_update_the_running_ones_like_pytorch() {
+        let varmap = VarMap::new();
+        let bn = batch_norm2d(2, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        // Biased variances over 5 values: unbiased ×5/4, as torch keeps them.
+        bn.update_from_batch(&[2.0, -1.0], &[1.0, 0.4], 5).unwrap();
+        let data = varmap.data().lock().unwrap();
+        let rm: Vec<f32> = data["running_mean"].as_tensor().to_vec1().unwrap();
+        let rv: Vec<f32> = data["running_var"].as_tensor().to_vec1().unwrap();
+        assert!((rm[0] - 0.2).abs() < 1e-6 && (rm[1] + 0.1).abs() < 1e-6, "{rm:?}");
+        assert!((rv[0] - (0.9 + 0.1 * 1.25)).abs() < 1e-6 && (rv[1] - (0.9 + 0.1 * 0.5)).abs() < 1e-6, "{rv:?}");
+    }
+
+    #[test]
     fn inference_mode_uses_running_stats_and_leaves_them_alone() {
         let mut tensors = std::collections::HashMap::new();
         let dev = Device::Cpu;

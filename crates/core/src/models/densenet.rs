@@ -164,8 +164,9 @@ impl DenseBlock {
     }
 
     fn forward(&self, xs: &Tensor, batch_stats: bool, keep_graph: bool) -> Result<Tensor> {
+        let Some(first) = self.layers.first() else { return Ok(xs.clone()) };
         let tensors: Vec<LayerTensors> = self.layers.iter().map(DenseLayer::tensors).collect();
-        let eps = self.layers[0].norm1.eps();
+        let eps = first.norm1.eps();
         let (out, stats) = dense_block(xs, &tensors, batch_stats, eps, keep_graph)?;
         if let Some(stats) = stats {
             let (n, _, h, w) = xs.dims4()?;
@@ -359,6 +360,16 @@ mod tests {
         }
         let features = model.features(&xs, false).unwrap();
         assert_eq!(features.dims(), &[2, cfg.num_features(), cfg.final_side(33), cfg.final_side(33)]);
+
+        // Batch statistics move the dense layers' running statistics; inference mode does not.
+        let running = |name: &str| -> Vec<f32> { varmap.data().lock().unwrap()[name].as_tensor().to_vec1().unwrap() };
+        let name = "features.denseblock2.denselayer2.norm2.running_mean";
+        let before = running(name);
+        model.frozen_features(&xs).unwrap();
+        model.forward(&xs, Mode::EVAL).unwrap();
+        assert_eq!(running(name), before);
+        model.forward(&xs, Mode::train(2)).unwrap();
+        assert_ne!(running(name), before);
         assert_eq!(model.class_activation_map(&features).unwrap().dims(), &[2, 4, 4]);
     }
 }
