@@ -381,22 +381,22 @@ fn lane_dot<T: Float>(a: &[T], b: Option<&[T]>) -> f64 {
         Some(b) => {
             for (a8, b8) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
                 for ((lane, &a), &b) in lanes.iter_mut().zip(a8).zip(b8) {
-                    *lane = *lane + a * b;
+                    *lane += a * b;
                 }
             }
             let done = a.len() / 8 * 8;
             for (&a, &b) in a[done..].iter().zip(&b[done..]) {
-                tail = tail + a * b;
+                tail += a * b;
             }
         }
         None => {
             for a8 in a.chunks_exact(8) {
                 for (lane, &a) in lanes.iter_mut().zip(a8) {
-                    *lane = *lane + a;
+                    *lane += a;
                 }
             }
             for &a in a.chunks_exact(8).remainder() {
-                tail = tail + a;
+                tail += a;
             }
         }
     }
