@@ -370,17 +370,22 @@ fn weight_grad<T: Float>(g: &Geometry, xs: &[T], grad: &[T]) -> Vec<T> {
                 dw
             })
             .collect();
-        let mut partials = partials.into_iter();
-        let mut dw = partials.next().expect("at least one thread");
-        for partial in partials {
-            dw.iter_mut().zip(&partial).for_each(|(a, &b)| *a += b);
-        }
-        dw
+        add_up(partials)
     } else {
         let mut dw = vec![T::zero(); weight_len];
         accumulate(&mut dw, 0..g.batch, &mut vec![T::zero(); scratch_len], gemm_parallelism(false));
         dw
     }
+}
+
+/// The element-wise sum of per-thread partial results (empty if there are none).
+pub(crate) fn add_up<T: Copy + std::ops::AddAssign>(parts: impl IntoIterator<Item = Vec<T>>) -> Vec<T> {
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().unwrap_or_default();
+    for part in parts {
+        total.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+    }
+    total
 }
 
 fn unsupported(op: &str, dtype: DType) -> candle_core::Error {

@@ -29,7 +29,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{self, im2col, is_parallel, matmul, Geometry, Mat};
+use super::conv::{self, add_up, im2col, is_parallel, matmul, Geometry, Mat};
 use super::simd_fn;
 
 /// One BatchNorm's tensors, as `BatchNorm2d` holds them.
@@ -359,16 +359,6 @@ impl<T: Float> Scratch<T> {
             })
             .collect()
     }
-}
-
-/// Element-wise sum of the parts' partial results.
-fn sum_parts(parts: Vec<Vec<f64>>) -> Vec<f64> {
-    let mut parts = parts.into_iter();
-    let mut total = parts.next().unwrap_or_default();
-    for part in parts {
-        total.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
-    }
-    total
 }
 
 /// Σ a·b (or Σ a without `b`) in f64, accumulated in eight independent lanes of `T`
@@ -751,12 +741,7 @@ impl DenseBlock {
 /// The parts' weight gradients and per-channel sums, added up.
 fn sum_weight_parts<T: Float>(parts: Vec<(Vec<T>, Vec<f64>)>) -> (Vec<T>, Vec<f64>) {
     let (weights, sums): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-    let mut weights = weights.into_iter();
-    let mut total = weights.next().unwrap_or_default();
-    for part in weights {
-        total.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
-    }
-    (total, sum_parts(sums))
+    (add_up(weights), add_up(sums))
 }
 
 /// BatchNorm's weight and bias gradients from the `[Σ dy, Σ dy·x̂]` sums.
