@@ -9,7 +9,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{conv2d, Mode};
-use crate::ops::{dropout, pool::max_pool2d};
+use crate::ops::{conv_relu_pool::conv_relu_pool, dropout};
 use crate::{Error, Result as CoreResult};
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -89,9 +89,9 @@ impl Module for SameConv {
 }
 
 impl SameConv {
-    /// `relu(conv(xs) + bias)`, with the bias and the ReLU fused into one pass.
-    fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::ops::norm::bias_relu(&conv2d(xs, &self.weight, self.kernel_size / 2, 1)?, &self.bias)
+    /// `max_pool_2x2(relu(conv(xs) + bias))`, the whole layer as one op.
+    fn forward_relu_pool(&self, xs: &Tensor) -> Result<Tensor> {
+        conv_relu_pool(xs, &self.weight, &self.bias, self.kernel_size / 2)
     }
 }
 
@@ -127,7 +127,7 @@ impl Cnn {
     pub fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
         let mut xs = xs.clone();
         for conv in &self.convs {
-            xs = max_pool2d(&conv.forward_relu(&xs)?, 2, 2, 0)?;
+            xs = conv.forward_relu_pool(&xs)?;
         }
         if let Some(seed) = mode.dropout_seed {
             xs = dropout(&xs, self.dropout, seed)?;

@@ -28,17 +28,17 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Re
 /// Sizes of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Geometry {
-    batch: usize,
-    in_channels: usize,
-    in_h: usize,
-    in_w: usize,
-    out_channels: usize,
-    kernel_h: usize,
-    kernel_w: usize,
-    padding: usize,
-    stride: usize,
-    out_h: usize,
-    out_w: usize,
+    pub(crate) batch: usize,
+    pub(crate) in_channels: usize,
+    pub(crate) in_h: usize,
+    pub(crate) in_w: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) kernel_h: usize,
+    pub(crate) kernel_w: usize,
+    pub(crate) padding: usize,
+    pub(crate) stride: usize,
+    pub(crate) out_h: usize,
+    pub(crate) out_w: usize,
 }
 
 impl Geometry {
@@ -74,11 +74,11 @@ impl Geometry {
     }
 
     /// A 1×1 kernel with stride 1 and no padding reads the image as it is.
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         self.kernel_h == 1 && self.kernel_w == 1 && self.stride == 1 && self.padding == 0
     }
 
-    fn image_len(&self) -> usize {
+    pub(crate) fn image_len(&self) -> usize {
         self.in_channels * self.in_h * self.in_w
     }
 
@@ -91,11 +91,11 @@ impl Geometry {
         self.in_channels * self.kernel_h * self.kernel_w
     }
 
-    fn out_image_len(&self) -> usize {
+    pub(crate) fn out_image_len(&self) -> usize {
         self.out_channels * self.out_pixels()
     }
 
-    fn in_shape(&self) -> Shape {
+    pub(crate) fn in_shape(&self) -> Shape {
         Shape::from((self.batch, self.in_channels, self.in_h, self.in_w))
     }
 
@@ -103,7 +103,7 @@ impl Geometry {
         Shape::from((self.batch, self.out_channels, self.out_h, self.out_w))
     }
 
-    fn weight_shape(&self) -> Shape {
+    pub(crate) fn weight_shape(&self) -> Shape {
         Shape::from((self.out_channels, self.in_channels, self.kernel_h, self.kernel_w))
     }
 

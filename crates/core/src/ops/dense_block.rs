@@ -30,7 +30,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::{self, add_up, im2col, is_parallel, matmul, Geometry, Mat};
-use super::simd_fn;
+use super::{lane_dot, simd_fn};
 
 /// One BatchNorm's tensors, as `BatchNorm2d` holds them.
 #[derive(Clone, Debug)]
@@ -359,38 +359,6 @@ impl<T: Float> Scratch<T> {
             })
             .collect()
     }
-}
-
-/// Σ a·b (or Σ a without `b`) in f64, accumulated in eight independent lanes of `T`
-/// so that the loop vectorises: one accumulator is a chain of dependent additions.
-#[inline(always)]
-fn lane_dot<T: Float>(a: &[T], b: Option<&[T]>) -> f64 {
-    let mut lanes = [T::zero(); 8];
-    let mut tail = T::zero();
-    match b {
-        Some(b) => {
-            for (a8, b8) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-                for ((lane, &a), &b) in lanes.iter_mut().zip(a8).zip(b8) {
-                    *lane += a * b;
-                }
-            }
-            let done = a.len() / 8 * 8;
-            for (&a, &b) in a[done..].iter().zip(&b[done..]) {
-                tail += a * b;
-            }
-        }
-        None => {
-            for a8 in a.chunks_exact(8) {
-                for (lane, &a) in lanes.iter_mut().zip(a8) {
-                    *lane += a;
-                }
-            }
-            for &a in a.chunks_exact(8).remainder() {
-                tail += a;
-            }
-        }
-    }
-    lanes.iter().map(|&l| l.into()).sum::<f64>() + tail.into()
 }
 
 /// Zeroes `dy` where the ReLU output `y` is not positive (the ReLU's backward), and

@@ -1,11 +1,12 @@
 //! Our own tensor operations, where candle's are missing or wrong for training.
 
 pub mod conv;
+pub mod conv_relu_pool;
 pub mod dense_block;
 pub mod norm;
 pub mod pool;
 
-use candle_core::{Result, Tensor};
+use candle_core::{bail, CpuStorage, Layout, Result, Tensor, WithDType};
 
 /// Defines a function generic over the module's `Float` whose body runs compiled
 /// for AVX2 and FMA when the CPU has them, else as built (the portable baseline:
@@ -35,6 +36,44 @@ macro_rules! simd_fn {
     };
 }
 pub(crate) use simd_fn;
+
+/// Σ a·b (or Σ a without `b`) in f64, accumulated in eight independent lanes of `T`
+/// so that the loop vectorises: one accumulator is a chain of dependent additions.
+#[inline(always)]
+pub(crate) fn lane_dot<T: WithDType>(a: &[T], b: Option<&[T]>) -> f64 {
+    let mut lanes = [T::zero(); 8];
+    let mut tail = T::zero();
+    match b {
+        Some(b) => {
+            for (a8, b8) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+                for ((lane, &a), &b) in lanes.iter_mut().zip(a8).zip(b8) {
+                    *lane += a * b;
+                }
+            }
+            let done = a.len() / 8 * 8;
+            for (&a, &b) in a[done..].iter().zip(&b[done..]) {
+                tail += a * b;
+            }
+        }
+        None => {
+            for a8 in a.chunks_exact(8) {
+                for (lane, &a) in lanes.iter_mut().zip(a8) {
+                    *lane += a;
+                }
+            }
+            for &a in a.chunks_exact(8).remainder() {
+                tail += a;
+            }
+        }
+    }
+    lanes.iter().map(|l| l.to_f64()).sum::<f64>() + tail.to_f64()
+}
+
+/// The contiguous data of a CPU storage as `&[T]`, or an error naming the op.
+pub(crate) fn contiguous_slice<'a, T: WithDType>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: expects contiguous tensors") };
+    Ok(&T::cpu_storage_as_slice(storage)?[start..end])
+}
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 

@@ -20,13 +20,6 @@ pub fn scale_shift_relu(xs: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<T
     xs.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ScaleShiftRelu(planes))
 }
 
-/// `relu(xs + bias)` with a per-channel `bias`: a convolution's bias and activation in
-/// one pass.
-pub fn bias_relu(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let planes = Planes::new("bias-relu", xs.dims(), &[bias.dims()])?;
-    xs.contiguous()?.apply_op2(&bias.contiguous()?, BiasRelu(planes))
-}
-
 /// `relu(batch_norm(xs))` normalised with the batch's statistics over (N, H, W), then
 /// `weight` and `bias` applied. Also returns the batch mean and the biased variance,
 /// both (C,) and without gradient, for the running statistics.
@@ -225,47 +218,6 @@ impl CustomOp3 for ScaleShiftRelu {
         let dx = passed.broadcast_mul(&scale.reshape((1, (), 1, 1))?)?;
         let sums = xs.apply_op2_no_bwd(&passed, &ScaleShiftParamGrads(self.0))?;
         Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
-    }
-}
-
-struct BiasRelu(Planes);
-
-impl candle_core::CustomOp2 for BiasRelu {
-    fn name(&self) -> &'static str {
-        "bias-relu"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn fwd<T: Float>(p: Planes, xs: &[T], bias: &[T]) -> Vec<T> {
-            map_planes(p, xs.len(), |i, c| relu(xs[i] + bias[c]))
-        }
-        let (p, name) = (self.0, self.name());
-        let out = float_op2!(name, (s1, l1), (s2, l2), |x, b| fwd(p, x, b));
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(&self, _xs: &Tensor, _bias: &Tensor, ys: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let passed = grad.contiguous()?.apply_op2_no_bwd(ys, &ReluMask)?;
-        let dbias = passed.apply_op1_no_bwd(&ChannelSum(self.0))?;
-        Ok((Some(passed), Some(dbias)))
-    }
-}
-
-/// grad → (C,): its sum over (N, H, W), a per-channel bias's gradient.
-struct ChannelSum(Planes);
-
-impl CustomOp1 for ChannelSum {
-    fn name(&self) -> &'static str {
-        "channel-sum"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn sums<T: Float>(p: Planes, g: &[T]) -> Vec<T> {
-            channel_sums(p, |i| [g[i].into()]).iter().map(|s| cast(s[0])).collect()
-        }
-        let (p, name) = (self.0, self.name());
-        let out = float_op1!(name, (s, l), |g| sums(p, g));
-        Ok((out, Shape::from(p.channels)))
     }
 }
 
@@ -509,21 +461,6 @@ mod tests {
         assert!(max_abs_diff(&ours, &reference) < 1e-12);
         let probe = random(&shape, 7);
         assert_same_gradients(&ours, &reference, &probe, &[("input", &xs), ("scale", &scale), ("shift", &shift)], 1e-12);
-    }
-
-    #[test]
-    fn bias_relu_matches_candles_ops_with_gradients() {
-        for (shape, seed) in [([2usize, 7, 5, 3], 8u64), ([1, 3, 1, 1], 9)] {
-            let xs = Var::from_tensor(&random(&shape, seed)).unwrap();
-            let bias = Var::from_tensor(&random(&[shape[1]], seed + 10)).unwrap();
-            let ours = bias_relu(&xs, &bias).unwrap();
-            let reference = xs.broadcast_add(&per_channel(&bias)).unwrap().relu().unwrap();
-            assert!(max_abs_diff(&ours, &reference) < 1e-12);
-            let probe = random(&shape, seed + 20);
-            assert_same_gradients(&ours, &reference, &probe, &[("input", &xs), ("bias", &bias)], 1e-12);
-        }
-        let (xs, wrong_bias) = (Tensor::zeros((1, 3, 2, 2), DType::F64, &Device::Cpu).unwrap(), Tensor::zeros(4, DType::F64, &Device::Cpu).unwrap());
-        assert!(bias_relu(&xs, &wrong_bias).is_err());
     }
 
     #[test]
