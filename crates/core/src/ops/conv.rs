@@ -155,6 +155,10 @@ impl<T> Mat<T> {
     pub(crate) fn transposed(ptr: *const T, cols: usize) -> Self {
         Self { ptr, row_stride: 1, col_stride: cols as isize }
     }
+
+    pub(crate) fn strided(ptr: *const T, row_stride: usize, col_stride: usize) -> Self {
+        Self { ptr, row_stride: row_stride as isize, col_stride: col_stride as isize }
+    }
 }
 
 /// `dst (m×n, row-major) = lhs (m×k) · rhs (k×n)`, or `+=` when `accumulate`.
@@ -171,16 +175,39 @@ pub(crate) fn matmul<T: Float>(
     parallelism: Parallelism,
 ) {
     assert_eq!(dst.len(), m * n, "destination size");
-    // SAFETY: `dst` holds m×n elements (checked above) and the callers build `lhs` and
-    // `rhs` from slices of at least m×k and k×n elements with matching strides.
+    matmul_strided(dst, (n, 1), m, n, k, lhs, rhs, accumulate, parallelism)
+}
+
+/// [`matmul`] into a destination with its own (row, column) strides, e.g. one
+/// tap `[.., .., ky, kx]` of a convolution kernel's gradient.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_strided<T: Float>(
+    dst: &mut [T],
+    (dst_row_stride, dst_col_stride): (usize, usize),
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = (m - 1) * dst_row_stride + (n - 1) * dst_col_stride;
+    assert!(last < dst.len(), "destination of {} elements, {m}x{n} with strides ({dst_row_stride}, {dst_col_stride})", dst.len());
+    // SAFETY: every destination element lies in `dst` (checked above) and the
+    // callers build `lhs` and `rhs` from slices that hold m×k and k×n elements at
+    // their strides.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_col_stride as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.ptr,
             lhs.col_stride,

@@ -29,7 +29,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{self, add_up, im2col, is_parallel, matmul, Geometry, Mat};
+use super::conv::{self, add_up, im2col, is_parallel, matmul, matmul_strided, Geometry, Mat};
 use super::{lane_dot, simd_fn};
 
 /// One BatchNorm's tensors, as `BatchNorm2d` holds them.
@@ -183,9 +183,8 @@ impl Block {
         (self.batch * self.pixels()) as f64
     }
 
-    fn conv2(&self) -> Geometry {
-        Geometry::new(&[1, self.bottleneck, self.h, self.w], &[self.growth, self.bottleneck, 3, 3], 1, 1)
-            .expect("a padded 3x3 kernel fits every image")
+    fn padded(&self) -> Padded {
+        Padded { h: self.h, w: self.w }
     }
 
     /// conv2's input gradient as a convolution of its output gradient: with stride 1
@@ -340,8 +339,13 @@ impl Parts {
 struct Scratch<T> {
     /// BatchNorm+ReLU of the channels a layer reads, or of its bottleneck.
     normed: Vec<T>,
-    /// The 3×3 convolution's unfolded input, or its unfolded output gradient.
+    /// conv2's unfolded output gradient.
     cols: Vec<T>,
+    /// A bottleneck after BatchNorm+ReLU, with the zero border of [`Padded`].
+    padded: Vec<T>,
+    /// conv2's output (forward) or its gradient (backward) in wide rows; the
+    /// backward pass relies on their discarded columns staying zero.
+    wide: Vec<T>,
     /// The gradient of a bottleneck before its BatchNorm.
     d_bottleneck: Vec<T>,
 }
@@ -353,7 +357,9 @@ impl<T: Float> Scratch<T> {
             .map(|_| {
                 Mutex::new(Self {
                     normed: vec![T::zero(); widest_input],
-                    cols: vec![T::zero(); 9 * block.bottleneck.max(block.growth) * block.pixels()],
+                    cols: vec![T::zero(); 9 * block.growth * block.pixels()],
+                    padded: vec![T::zero(); block.padded().len(block.bottleneck)],
+                    wide: vec![T::zero(); block.growth * block.padded().wide()],
                     d_bottleneck: vec![T::zero(); block.bottleneck_len()],
                 })
             })
@@ -431,6 +437,102 @@ fn flipped_transposed<T: Copy>(weight: &[T], out_channels: usize, in_channels: u
         }
     }
     flipped
+}
+
+/// The 3×3 convolution's input stored with its zero border: each channel an
+/// (h+2)×(w+2) plane. The input under each kernel tap is then one strided matrix,
+/// so the convolution is nine products over the input as it is (im2col would copy
+/// it nine times first). Their outputs come as `h` rows of `w + 2` ("wide" rows)
+/// whose last two columns are discarded.
+#[derive(Clone, Copy, Debug)]
+struct Padded {
+    h: usize,
+    w: usize,
+}
+
+impl Padded {
+    fn row(&self) -> usize {
+        self.w + 2
+    }
+
+    fn plane(&self) -> usize {
+        (self.h + 2) * self.row()
+    }
+
+    /// Elements for `channels` planes, plus the two past the last plane that the
+    /// discarded columns of the last row read.
+    fn len(&self, channels: usize) -> usize {
+        channels * self.plane() + 2
+    }
+
+    /// Output positions per channel: `h` wide rows.
+    fn wide(&self) -> usize {
+        self.h * self.row()
+    }
+
+    /// Where the input under `tap` (ky·3 + kx) starts, relative to the output position.
+    fn tap_offset(&self, tap: usize) -> usize {
+        tap / 3 * self.row() + tap % 3
+    }
+}
+
+/// `dst = relu(src·scale + shift)` into the interior of padded planes; their border
+/// is never written, so it stays zero.
+fn scale_shift_relu_padded<T: Float>(src: &[T], (scale, shift): (&[T], &[T]), pad: Padded, dst: &mut [T], par: Parallelism) {
+    simd_fn! {
+        fn plane<T: Float>(dst: &mut [T], src: &[T], a: T, b: T, w: usize) {
+            for (dst_row, src_row) in dst.chunks_exact_mut(w + 2).skip(1).zip(src.chunks_exact(w)) {
+                for (d, &s) in dst_row[1..=w].iter_mut().zip(src_row) {
+                    let y = s * a + b;
+                    *d = if y > T::zero() { y } else { T::zero() };
+                }
+            }
+        }
+    }
+    let pixels = pad.h * pad.w;
+    let channels = src.len() / pixels;
+    each_plane(par, &mut dst[..channels * pad.plane()], pad.plane(), |c, dst| {
+        plane(dst, &src[c * pixels..][..pixels], scale[c], shift[c], pad.w)
+    });
+}
+
+/// `dst (out_channels × wide rows) = conv3x3(weight, src)`, `src` padded, one product per tap.
+fn conv3x3<T: Float>(weight: &[T], out_channels: usize, src: &[T], pad: Padded, dst: &mut [T], par: Parallelism) {
+    let in_channels = weight.len() / (9 * out_channels);
+    assert!(src.len() >= pad.len(in_channels), "padded input of {} elements for {in_channels} channels", src.len());
+    for tap in 0..9 {
+        let w = Mat::strided(weight[tap..].as_ptr(), in_channels * 9, 9);
+        let x = Mat::strided(src[pad.tap_offset(tap)..].as_ptr(), pad.plane(), 1);
+        matmul(dst, out_channels, pad.wide(), in_channels, w, x, tap > 0, par);
+    }
+}
+
+/// The gradient of [`conv3x3`]'s weight, `(+)= d_wide · tapᵀ` for each tap, from the
+/// output gradient in wide rows whose discarded columns are zero.
+fn conv3x3_weight_grad<T: Float>(d_wide: &[T], src: &[T], pad: Padded, d_weight: &mut [T], accumulate: bool, par: Parallelism) {
+    let out_channels = d_wide.len() / pad.wide();
+    let in_channels = d_weight.len() / (9 * out_channels);
+    assert!(src.len() >= pad.len(in_channels), "padded input of {} elements for {in_channels} channels", src.len());
+    for tap in 0..9 {
+        let dy = Mat::rows(d_wide.as_ptr(), pad.wide());
+        let x_t = Mat::strided(src[pad.tap_offset(tap)..].as_ptr(), 1, pad.plane());
+        let dst = &mut d_weight[tap..];
+        matmul_strided(dst, (in_channels * 9, 9), out_channels, in_channels, pad.wide(), dy, x_t, accumulate, par);
+    }
+}
+
+/// Wide rows (`w + 2` long) to plain ones, dropping the discarded columns.
+fn narrow_rows<T: Copy>(wide: &[T], w: usize, dst: &mut [T]) {
+    for (dst, src) in dst.chunks_exact_mut(w).zip(wide.chunks_exact(w + 2)) {
+        dst.copy_from_slice(&src[..w]);
+    }
+}
+
+/// Plain rows into wide ones; the discarded columns are left as they are (zero).
+fn widen_rows<T: Copy>(src: &[T], w: usize, wide: &mut [T]) {
+    for (dst, src) in wide.chunks_exact_mut(w + 2).zip(src.chunks_exact(w)) {
+        dst[..w].copy_from_slice(src);
+    }
 }
 
 /// What the forward pass leaves for the backward pass.
@@ -531,7 +633,7 @@ impl DenseBlock {
     fn forward_with<T: Float>(&self, xs: &[T], params: &[LayerSlices<T>], save: bool) -> Vec<T> {
         let b = self.block;
         let (pixels, image_len, bottleneck_len) = (b.pixels(), b.image_len(), b.bottleneck_len());
-        let conv2 = b.conv2();
+        let pad = b.padded();
         let mut out = vec![T::zero(); b.batch * image_len];
         let input_len = b.in_channels * pixels;
         for (dst, src) in out.chunks_exact_mut(image_len).zip(xs.chunks_exact(input_len)) {
@@ -572,15 +674,13 @@ impl DenseBlock {
             let (scale2, shift2) = norm2.in_type::<T>();
             let images = Images::new(&mut out, image_len);
             parts.run(|part, range, par| {
-                let Scratch { normed, cols, .. } = &mut *lock(&scratch[part]);
-                let cols = &mut cols[..conv2.patch_len() * pixels];
+                let Scratch { padded, wide, .. } = &mut *lock(&scratch[part]);
                 for n in range {
-                    scale_shift_relu(&bottleneck[n * bottleneck_len..][..bottleneck_len], (&scale2, &shift2), pixels, normed, par);
-                    im2col(&conv2, &normed[..bottleneck_len], cols, par);
+                    scale_shift_relu_padded(&bottleneck[n * bottleneck_len..][..bottleneck_len], (&scale2, &shift2), pad, padded, par);
+                    conv3x3(p.conv2, b.growth, padded, pad, wide, par);
                     // SAFETY: each image belongs to one part.
                     let dst = &mut unsafe { images.image(n) }[c_in * pixels..][..b.growth * pixels];
-                    let (w, x) = (Mat::rows(p.conv2.as_ptr(), conv2.patch_len()), Mat::rows(cols.as_ptr(), pixels));
-                    matmul(dst, b.growth, pixels, conv2.patch_len(), w, x, false, par);
+                    narrow_rows(wide, b.w, dst);
                 }
             });
             if self.batch_stats {
@@ -611,7 +711,7 @@ impl DenseBlock {
     fn backward_with<T: Float>(&self, out: &[T], grad: &[T], params: &[LayerSlices<T>], saved: &Saved) -> Result<(Vec<T>, Vec<T>)> {
         let b = self.block;
         let (pixels, image_len, bottleneck_len) = (b.pixels(), b.image_len(), b.bottleneck_len());
-        let (conv2, conv2_grad) = (b.conv2(), b.conv2_input_grad());
+        let (pad, conv2_grad) = (b.padded(), b.conv2_input_grad());
         let count = b.count();
         let parts = Parts::new(b.batch);
         let scratch = Scratch::<T>::for_parts(&parts, &b);
@@ -632,18 +732,17 @@ impl DenseBlock {
             // conv2 and norm2's ReLU: d(bottleneck after norm2), and conv2's weight gradient.
             let d_bn = Images::new(&mut d_bottleneck, bottleneck_len);
             let results = parts.run(|part, images, par| {
-                let Scratch { normed, cols, .. } = &mut *lock(&scratch[part]);
+                let Scratch { normed, cols, padded, wide, .. } = &mut *lock(&scratch[part]);
                 let normed = &mut normed[..bottleneck_len];
-                let mut d_w2 = vec![T::zero(); b.growth * conv2.patch_len()];
+                let mut d_w2 = vec![T::zero(); b.growth * b.bottleneck * 9];
                 let mut sums = vec![0f64; 2 * b.bottleneck];
                 for n in images.clone() {
                     let x = &bottleneck[n * bottleneck_len..][..bottleneck_len];
                     scale_shift_relu(x, (&scale2, &shift2), pixels, normed, par);
-                    let unfolded = &mut cols[..conv2.patch_len() * pixels];
-                    im2col(&conv2, normed, unfolded, par);
+                    scale_shift_relu_padded(x, (&scale2, &shift2), pad, padded, par);
                     let d_new = &d_out[n * image_len + c_in * pixels..][..b.growth * pixels];
-                    let (dy, cols_t) = (Mat::rows(d_new.as_ptr(), pixels), Mat::transposed(unfolded.as_ptr(), pixels));
-                    matmul(&mut d_w2, b.growth, conv2.patch_len(), pixels, dy, cols_t, n > images.start, par);
+                    widen_rows(d_new, b.w, wide);
+                    conv3x3_weight_grad(wide, padded, pad, &mut d_w2, n > images.start, par);
                     let d_cols = &mut cols[..conv2_grad.patch_len() * pixels];
                     im2col(&conv2_grad, d_new, d_cols, par);
                     // SAFETY: each image belongs to one part.
