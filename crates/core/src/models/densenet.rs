@@ -193,9 +193,13 @@ impl Transition {
         })
     }
 
+    /// torchvision's `pool(conv(relu(norm(x))))`, computed as `conv(pool(relu(norm(x))))`:
+    /// a bias-free 1×1 convolution and an average pool are both linear maps acting on
+    /// different axes (channels, pixels), so they commute, and pooling first gives the
+    /// convolution a quarter of the pixels.
     fn forward(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
-        let xs = conv2d(&self.norm.forward_relu(xs, batch_stats)?, &self.conv, 0, 1)?;
-        pool::avg_pool2d(&xs, 2, 2)
+        let pooled = pool::avg_pool2d(&self.norm.forward_relu(xs, batch_stats)?, 2, 2)?;
+        conv2d(&pooled, &self.conv, 0, 1)
     }
 }
 
@@ -371,5 +375,25 @@ mod tests {
         model.forward(&xs, Mode::train(2)).unwrap();
         assert_ne!(running(name), before);
         assert_eq!(model.class_activation_map(&features).unwrap().dims(), &[2, 4, 4]);
+    }
+
+    #[test]
+    fn transition_pooling_first_equals_torchvisions_order_with_gradients() {
+        // Odd side: floor mode drops the last row and column in both orders.
+        let varmap = VarMap::new();
+        let t = Transition::new(6, 3, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
+        let xs = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1., (2, 6, 7, 7), &Device::Cpu).unwrap()).unwrap();
+        for batch_stats in [false, true] {
+            let ours = t.forward(&xs, batch_stats).unwrap();
+            let torchvision = pool::avg_pool2d(&conv2d(&t.norm.forward_relu(&xs, batch_stats).unwrap(), &t.conv, 0, 1).unwrap(), 2, 2).unwrap();
+            assert_eq!(ours.dims(), &[2, 3, 3, 3]);
+            let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff(&ours, &torchvision) < 1e-12);
+            let probe = Tensor::randn(0f64, 1., ours.dims(), &Device::Cpu).unwrap();
+            let g_ours = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (&torchvision * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(diff(g_ours.get(&xs).unwrap(), g_ref.get(&xs).unwrap()) < 1e-12);
+            assert!(diff(g_ours.get(&t.conv).unwrap(), g_ref.get(&t.conv).unwrap()) < 1e-12);
+        }
     }
 }

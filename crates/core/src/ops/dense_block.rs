@@ -300,36 +300,83 @@ impl<T> Images<T> {
     /// No other reference to image `n` may be alive while the returned one is.
     #[allow(clippy::mut_from_ref)]
     unsafe fn image(&self, n: usize) -> &mut [T] {
-        assert!(n < self.batch, "image {n} of {}", self.batch);
+        // SAFETY: the caller's promise, for the whole image.
+        unsafe { self.part(n, 0..self.image_len) }
+    }
+
+    /// Elements `range` of image `n`.
+    ///
+    /// # Safety
+    /// No other reference to these elements may be alive while the returned one is.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, n: usize, range: Range<usize>) -> &mut [T] {
+        assert!(n < self.batch && range.start <= range.end && range.end <= self.image_len, "image {n} of {}, {range:?}", self.batch);
         // SAFETY: in bounds (checked above); exclusivity is the caller's promise.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(n * self.image_len), self.image_len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(n * self.image_len + range.start), range.len()) }
     }
 }
 
 /// How a batch is shared between threads: one range of images per thread when there
-/// are enough images (each with single-threaded products), else one range with
-/// multi-threaded products.
+/// are enough images (each with single-threaded products); else, in the forward
+/// pass, every thread takes all images and a [`Share`] of each layer's output
+/// channels; else (the backward pass) one range with multi-threaded products.
 #[derive(Clone, Copy, Debug)]
 struct Parts {
     batch: usize,
     count: usize,
+    split_channels: bool,
+}
+
+/// One part's share of a layer's output channels.
+#[derive(Clone, Copy, Debug)]
+struct Share {
+    index: usize,
+    count: usize,
+}
+
+impl Share {
+    const WHOLE: Share = Share { index: 0, count: 1 };
+
+    /// This share of `len` channels.
+    fn of(&self, len: usize) -> Range<usize> {
+        let per_share = len.div_ceil(self.count);
+        (self.index * per_share).min(len)..((self.index + 1) * per_share).min(len)
+    }
 }
 
 impl Parts {
     fn new(batch: usize) -> Self {
         let count = if conv::split_by_image(batch) { conv::threads().min(batch) } else { 1 };
-        Self { batch, count }
+        Self { batch, count, split_channels: false }
     }
 
-    /// Runs `work(part, images, parallelism)` for every part and returns each part's result.
-    fn run<R: Send>(&self, work: impl Fn(usize, Range<usize>, Parallelism) -> R + Sync) -> Vec<R> {
+    /// Inference at batch 1 is a long chain of small products (a 4×4 image in the
+    /// last block); multi-threading each of them costs a synchronisation per product,
+    /// splitting each layer's output channels between threads one per layer. The
+    /// element-wise work each product needs (BatchNorm+ReLU of its input, ~1/300 of
+    /// its arithmetic) is repeated by every thread rather than synchronised.
+    fn for_forward(batch: usize) -> Self {
+        let threads = conv::threads();
+        if conv::split_by_image(batch) || threads == 1 {
+            Self::new(batch)
+        } else {
+            Self { batch, count: threads, split_channels: true }
+        }
+    }
+
+    /// Runs `work(part, images, share, parallelism)` for every part and returns each part's result.
+    fn run<R: Send>(&self, work: impl Fn(usize, Range<usize>, Share, Parallelism) -> R + Sync) -> Vec<R> {
+        if self.split_channels {
+            let count = self.count;
+            return (0..count).into_par_iter().map(|p| work(p, 0..self.batch, Share { index: p, count }, Parallelism::None)).collect();
+        }
         if self.count == 1 {
-            return vec![work(0, 0..self.batch, conv::gemm_parallelism(false))];
+            return vec![work(0, 0..self.batch, Share::WHOLE, conv::gemm_parallelism(false))];
         }
         let per_part = self.batch.div_ceil(self.count);
         (0..self.count)
             .into_par_iter()
-            .map(|p| work(p, p * per_part..((p + 1) * per_part).min(self.batch), conv::gemm_parallelism(true)))
+            .map(|p| work(p, p * per_part..((p + 1) * per_part).min(self.batch), Share::WHOLE, conv::gemm_parallelism(true)))
             .collect()
     }
 }
@@ -351,16 +398,18 @@ struct Scratch<T> {
 }
 
 impl<T: Float> Scratch<T> {
-    fn for_parts(parts: &Parts, block: &Block) -> Vec<Mutex<Self>> {
+    /// `backward: false` leaves out the buffers that only the backward pass uses.
+    fn for_parts(parts: &Parts, block: &Block, backward: bool) -> Vec<Mutex<Self>> {
         let widest_input = block.layer_in(block.layers - 1).max(block.bottleneck) * block.pixels();
+        let backward_only = |len: usize| if backward { len } else { 0 };
         (0..parts.count)
             .map(|_| {
                 Mutex::new(Self {
                     normed: vec![T::zero(); widest_input],
-                    cols: vec![T::zero(); 9 * block.growth * block.pixels()],
+                    cols: vec![T::zero(); backward_only(9 * block.growth * block.pixels())],
                     padded: vec![T::zero(); block.padded().len(block.bottleneck)],
                     wide: vec![T::zero(); block.growth * block.padded().wide()],
-                    d_bottleneck: vec![T::zero(); block.bottleneck_len()],
+                    d_bottleneck: vec![T::zero(); backward_only(block.bottleneck_len())],
                 })
             })
             .collect()
@@ -497,8 +546,8 @@ fn scale_shift_relu_padded<T: Float>(src: &[T], (scale, shift): (&[T], &[T]), pa
 }
 
 /// `dst (out_channels × wide rows) = conv3x3(weight, src)`, `src` padded, one product per tap.
-fn conv3x3<T: Float>(weight: &[T], out_channels: usize, src: &[T], pad: Padded, dst: &mut [T], par: Parallelism) {
-    let in_channels = weight.len() / (9 * out_channels);
+fn conv3x3<T: Float>(weight: &[T], in_channels: usize, src: &[T], pad: Padded, dst: &mut [T], par: Parallelism) {
+    let out_channels = weight.len() / (9 * in_channels);
     assert!(src.len() >= pad.len(in_channels), "padded input of {} elements for {in_channels} channels", src.len());
     for tap in 0..9 {
         let w = Mat::strided(weight[tap..].as_ptr(), in_channels * 9, 9);
@@ -645,8 +694,8 @@ impl DenseBlock {
         } else {
             (Vec::new(), Vec::new())
         };
-        let parts = Parts::new(b.batch);
-        let scratch = Scratch::<T>::for_parts(&parts, &b);
+        let parts = Parts::for_forward(b.batch);
+        let scratch = Scratch::<T>::for_parts(&parts, &b, false);
         let mut saved = Saved { bottlenecks: Vec::new(), norms: Vec::new(), variances: Vec::new() };
         let mut bottleneck = Vec::new();
         for (l, p) in params.iter().enumerate() {
@@ -659,27 +708,31 @@ impl DenseBlock {
             let (norm1, var1) = self.affine(p.norm1, p.running1, stats1);
             let (scale1, shift1) = norm1.in_type::<T>();
             let bottlenecks = Images::new(&mut bottleneck, bottleneck_len);
-            parts.run(|part, images, par| {
+            parts.run(|part, images, share, par| {
                 let normed = &mut lock(&scratch[part]).normed;
+                let rows = share.of(b.bottleneck);
                 for n in images {
                     scale_shift_relu(&out[n * image_len..][..c_in * pixels], (&scale1, &shift1), pixels, normed, par);
-                    // SAFETY: each image belongs to one part.
-                    let dst = unsafe { bottlenecks.image(n) };
-                    let (w, x) = (Mat::rows(p.conv1.as_ptr(), c_in), Mat::rows(normed.as_ptr(), pixels));
-                    matmul(dst, b.bottleneck, pixels, c_in, w, x, false, par);
+                    // SAFETY: each (image, share of channels) belongs to one part.
+                    let dst = unsafe { bottlenecks.part(n, rows.start * pixels..rows.end * pixels) };
+                    let (w, x) = (Mat::rows(p.conv1[rows.start * c_in..].as_ptr(), c_in), Mat::rows(normed.as_ptr(), pixels));
+                    matmul(dst, rows.len(), pixels, c_in, w, x, false, par);
                 }
             });
             let stats2 = self.batch_stats.then(|| channel_stats(&bottleneck, bottleneck_len, 0..b.bottleneck, pixels));
             let (norm2, var2) = self.affine(p.norm2, p.running2, stats2.as_ref().map(|(m, v)| (&m[..], &v[..])));
             let (scale2, shift2) = norm2.in_type::<T>();
             let images = Images::new(&mut out, image_len);
-            parts.run(|part, range, par| {
+            parts.run(|part, range, share, par| {
                 let Scratch { padded, wide, .. } = &mut *lock(&scratch[part]);
+                let rows = share.of(b.growth);
+                let conv2 = &p.conv2[rows.start * b.bottleneck * 9..rows.end * b.bottleneck * 9];
+                let wide = &mut wide[..rows.len() * pad.wide()];
                 for n in range {
                     scale_shift_relu_padded(&bottleneck[n * bottleneck_len..][..bottleneck_len], (&scale2, &shift2), pad, padded, par);
-                    conv3x3(p.conv2, b.growth, padded, pad, wide, par);
-                    // SAFETY: each image belongs to one part.
-                    let dst = &mut unsafe { images.image(n) }[c_in * pixels..][..b.growth * pixels];
+                    conv3x3(conv2, b.bottleneck, padded, pad, wide, par);
+                    // SAFETY: each (image, share of channels) belongs to one part.
+                    let dst = unsafe { images.part(n, (c_in + rows.start) * pixels..(c_in + rows.end) * pixels) };
                     narrow_rows(wide, b.w, dst);
                 }
             });
@@ -714,7 +767,7 @@ impl DenseBlock {
         let (pad, conv2_grad) = (b.padded(), b.conv2_input_grad());
         let count = b.count();
         let parts = Parts::new(b.batch);
-        let scratch = Scratch::<T>::for_parts(&parts, &b);
+        let scratch = Scratch::<T>::for_parts(&parts, &b, true);
         // The gradient of the whole block, completed layer by layer from the last:
         // a layer's own channels have all their gradient once the later layers are done.
         let mut d_out = grad.to_vec();
@@ -731,7 +784,7 @@ impl DenseBlock {
 
             // conv2 and norm2's ReLU: d(bottleneck after norm2), and conv2's weight gradient.
             let d_bn = Images::new(&mut d_bottleneck, bottleneck_len);
-            let results = parts.run(|part, images, par| {
+            let results = parts.run(|part, images, _, par| {
                 let Scratch { normed, cols, padded, wide, .. } = &mut *lock(&scratch[part]);
                 let normed = &mut normed[..bottleneck_len];
                 let mut d_w2 = vec![T::zero(); b.growth * b.bottleneck * 9];
@@ -759,7 +812,7 @@ impl DenseBlock {
             // norm2's input gradient, conv1, and norm1's ReLU.
             let d_n1 = Images::new(&mut d_normed1, image_len);
             let d_bn = &d_bottleneck;
-            let results = parts.run(|part, images, par| {
+            let results = parts.run(|part, images, _, par| {
                 let Scratch { normed, d_bottleneck: d_x2, .. } = &mut *lock(&scratch[part]);
                 let normed = &mut normed[..c_in * pixels];
                 let mut d_w1 = vec![T::zero(); b.bottleneck * c_in];
@@ -785,7 +838,7 @@ impl DenseBlock {
             // norm1's input gradient joins the gradient of the channels this layer read.
             let d_all = Images::new(&mut d_out, image_len);
             let d_n1 = &d_normed1;
-            parts.run(|_, images, par| {
+            parts.run(|_, images, _, par| {
                 for n in images {
                     let dy = &d_n1[n * image_len..][..c_in * pixels];
                     let x = &out[n * image_len..][..c_in * pixels];

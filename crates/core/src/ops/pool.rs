@@ -12,6 +12,8 @@
 use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
+
+use super::simd_fn;
 use rayon::prelude::*;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
@@ -226,12 +228,57 @@ fn tiles(pool: Pool, g: Geometry, plane: Plane) -> bool {
     pool.kernel == pool.stride && pool.padding == 0 && plane.col_stride == 1 && plane.row_stride == g.in_w
 }
 
+/// `a` or `b`, whichever is larger, NaN if either is: the value of the window
+/// maximum under [`window_argmax`]'s rules, which only the backward pass needs the
+/// position of.
+#[inline(always)]
+fn nan_max<T: PoolFloat>(a: T, b: T) -> T {
+    if b > a || b.is_nan() {
+        b
+    } else {
+        a
+    }
+}
+
+use PoolFloat as Float;
+
+simd_fn! {
+    /// `acc = nan_max(acc, row)`, element by element.
+    fn max_into<T: Float>(acc: &mut [T], row: &[T]) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a = nan_max(*a, v);
+        }
+    }
+}
+
+/// The forward max-pool of one contiguous plane, separably: each output row's
+/// window rows are first reduced to one row (a vectorised pass), then each
+/// window's columns of that row.
+fn max_pool_plane<T: PoolFloat>(data: &[T], pool: Pool, g: Geometry, acc: &mut [T], out: &mut [T]) {
+    for (oh, out_row) in out.chunks_exact_mut(g.out_w).enumerate() {
+        let mut rows = pool.window(oh, g.in_h);
+        let first = rows.next().expect("every window overlaps the input");
+        acc.copy_from_slice(&data[first * g.in_w..][..g.in_w]);
+        for h in rows {
+            max_into(acc, &data[h * g.in_w..][..g.in_w]);
+        }
+        for (ow, o) in out_row.iter_mut().enumerate() {
+            let cols = pool.window(ow, g.in_w);
+            *o = acc[cols.clone()].iter().skip(1).fold(acc[cols.start], |m, &v| nan_max(m, v));
+        }
+    }
+}
+
 fn max_pool_fwd<T: PoolFloat>(xs: &[T], layout: &Layout, pool: Pool, g: Geometry) -> Vec<T> {
     per_plane(g, g.out_h * g.out_w, |n, c, out| {
         let plane = Plane::new(layout, n, c);
         if tiles(pool, g, plane) {
             let data = &xs[plane.base..];
             return tile_argmax(xs, plane, pool, g, |oh, ow, at| out[oh * g.out_w + ow] = data[at]);
+        }
+        if plane.col_stride == 1 && plane.row_stride == g.in_w {
+            let mut acc = vec![T::zero(); g.in_w];
+            return max_pool_plane(&xs[plane.base..][..g.in_h * g.in_w], pool, g, &mut acc, out);
         }
         for oh in 0..g.out_h {
             let rows = pool.window(oh, g.in_h);
@@ -593,6 +640,20 @@ mod tests {
     fn max_pool_propagates_nan() {
         let x = tensor(&[1.0, f64::NAN, 3.0, 2.0], &[1, 1, 2, 2]);
         assert!(values(&max_pool2d(&x, 2, 2, 0).unwrap())[0].is_nan());
+
+        // The separable path of contiguous planes against the per-window scan of a
+        // strided view of the same values: NaN exactly where a window holds one.
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut data = uniform(&mut rng, 7 * 9);
+        (data[10], data[40]) = (f64::NAN, f64::NAN);
+        let x = tensor(&data, &[1, 1, 7, 9]);
+        let view = x.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
+        assert!(!view.is_contiguous());
+        let (fast, scanned) = (values(&max_pool2d(&x, 3, 2, 1).unwrap()), values(&max_pool2d(&view, 3, 2, 1).unwrap()));
+        assert!(fast.iter().any(|v| v.is_nan()) && fast.iter().any(|v| !v.is_nan()));
+        for (a, b) in fast.iter().zip(&scanned) {
+            assert!(a == b || (a.is_nan() && b.is_nan()), "{fast:?} vs {scanned:?}");
+        }
     }
 
     #[test]
