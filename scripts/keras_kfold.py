@@ -124,10 +124,10 @@ def main():
         loss = tf.keras.losses.BinaryCrossentropy(from_logits=True)
         metrics = [tf.keras.metrics.BinaryAccuracy(threshold=0.0)]
         base.trainable = False
-        model.compile(tf.keras.optimizers.Adam(1e-3), loss, metrics)
+        model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=loss, metrics=metrics)
         model.fit(images[train], labels[train], batch_size=args.batch, epochs=args.head_epochs, verbose=0)
         base.trainable = True
-        model.compile(tf.keras.optimizers.Adam(1e-5), loss, metrics)
+        model.compile(optimizer=tf.keras.optimizers.Adam(1e-5), loss=loss, metrics=metrics)
         model.fit(images[train], labels[train], batch_size=args.batch, epochs=args.fine_tune_epochs, verbose=0)
         fold_loss, fold_accuracy = model.evaluate(images[test], labels[test], verbose=0)
         losses.append(fold_loss)
