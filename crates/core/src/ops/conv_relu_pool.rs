@@ -343,8 +343,8 @@ impl CustomOp3 for ConvReluPoolGrad {
             |[x, grad, params]| backward(g, x, grad, &params[..weight_len], &params[weight_len..], self.want_dx),
             |[x, grad, params]| backward(g, x, grad, &params[..weight_len], &params[weight_len..], self.want_dx),
         )?;
-        let len = out.as_slice::<f32>().map(|s| s.len()).or_else(|_| out.as_slice::<f64>().map(|s| s.len()))?;
-        Ok((out, Shape::from(len)))
+        let dx_len = if self.want_dx { g.batch * g.image_len() } else { 0 };
+        Ok((out, Shape::from(dx_len + weight_len + g.out_channels)))
     }
 }
 
