@@ -506,18 +506,19 @@ impl CustomOp2 for Conv2dWeightGrad {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 
-    fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    /// Uniform values in [-1, 1) from `seed`, as `dtype`.
+    pub(crate) fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let data: Vec<f64> = (0..shape.iter().product::<usize>()).map(|_| rng.random_range(-1.0..1.0)).collect();
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
     }
 

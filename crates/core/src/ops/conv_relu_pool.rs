@@ -352,19 +352,9 @@ impl CustomOp3 for ConvReluPoolGrad {
 mod tests {
     use super::*;
     use crate::ops::conv::conv2d;
+    use crate::ops::conv::tests::{max_abs_diff, random};
     use crate::ops::pool::max_pool2d;
     use candle_core::{Device, Var};
-    use rand::{Rng, SeedableRng};
-
-    fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let data: Vec<f64> = (0..shape.iter().product::<usize>()).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-    }
 
     /// The three ops the fused one replaces: our convolution and max-pool (each
     /// tested against candle and PyTorch's rules) and candle's own bias add and ReLU.
