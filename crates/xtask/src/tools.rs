@@ -67,6 +67,11 @@ fn ensure_cargo_tool(binary: &str, package: &str, version: &str, locked: bool) -
     }
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.args(["install", package, "--version", version]);
+    // Build tools, not shipped code: their own release profiles (LTO, one
+    // codegen unit) cost minutes on two cores for speed nobody waits on here.
+    for (setting, value) in [("LTO", "off"), ("CODEGEN_UNITS", "16"), ("OPT_LEVEL", "1"), ("DEBUG", "0")] {
+        command.env(format!("CARGO_PROFILE_RELEASE_{setting}"), value);
+    }
     if locked {
         command.arg("--locked");
     }
