@@ -888,8 +888,8 @@ impl DenseBlock {
                     let mut d_w1 = vec![T::zero(); b.bottleneck * c_in];
                     let mut sums = vec![0f64; 2 * c_in];
                     for n in images.clone() {
-                        let x2 = &layer.bottleneck[n * bottleneck_len..][..bottleneck_len];
-                        apply_input_grad(&d_bn[n * bottleneck_len..][..bottleneck_len], x2, &coefficients2, pixels, d_x2, false, par);
+                        let d_bn = &d_bn[n * bottleneck_len..][..bottleneck_len];
+                        apply_input_grad(d_bn, layer.bottleneck_of(n), &coefficients2, pixels, d_x2, false, par);
                         // SAFETY: each image belongs to one part.
                         let d_y = &mut unsafe { d_n1.image(n) }[..c_in * pixels];
                         layer.conv1_backward(n, d_x2, normed, &mut d_w1, n > images.start, d_y, par);
@@ -906,10 +906,9 @@ impl DenseBlock {
                 parts.run(|_, images, _, par| {
                     for n in images {
                         let dy = &d_n1[n * image_len..][..c_in * pixels];
-                        let x = &out[n * image_len..][..c_in * pixels];
                         // SAFETY: each image belongs to one part.
                         let dst = &mut unsafe { d_all.image(n) }[..c_in * pixels];
-                        apply_input_grad(dy, x, &coefficients1, pixels, dst, true, par);
+                        apply_input_grad(dy, layer.input_of(n), &coefficients1, pixels, dst, true, par);
                     }
                 });
                 (d_w1, sums1, d_w2, sums2)
@@ -934,14 +933,9 @@ impl DenseBlock {
                     }
                     (d_w1, sums1, d_w2, sums2)
                 });
-                let (mut w1, mut s1, mut w2, mut s2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for (d_w1, sums1, d_w2, sums2) in results {
-                    w1.push(d_w1);
-                    s1.push(sums1);
-                    w2.push(d_w2);
-                    s2.push(sums2);
-                }
-                (add_up(w1), add_up(s1), add_up(w2), add_up(s2))
+                let (conv1, conv2): (Vec<_>, Vec<_>) = results.into_iter().map(|(w1, s1, w2, s2)| ((w1, s1), (w2, s2))).unzip();
+                let ((d_w1, sums1), (d_w2, sums2)) = (sum_weight_parts(conv1), sum_weight_parts(conv2));
+                (d_w1, sums1, d_w2, sums2)
             };
             let (d_gamma1, d_beta1) = norm_param_grads(&sums1);
             let (d_gamma2, d_beta2) = norm_param_grads(&sums2);
