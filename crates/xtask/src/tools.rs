@@ -60,7 +60,7 @@ pub fn locked_wasm_bindgen_version() -> Result<String, String> {
     Err("Cargo.lock has no wasm-bindgen package".into())
 }
 
-fn ensure_cargo_tool(binary: &str, package: &str, version: &str, locked: bool) -> Result<PathBuf, String> {
+fn ensure_cargo_tool(binary: &str, package: &str, version: &str, flags: &[&str]) -> Result<PathBuf, String> {
     let path = cargo_bin(binary);
     if version_of(&path).is_some_and(|v| v.split_whitespace().any(|w| w == version)) {
         return Ok(path);
@@ -72,23 +72,23 @@ fn ensure_cargo_tool(binary: &str, package: &str, version: &str, locked: bool) -
     for (setting, value) in [("LTO", "off"), ("CODEGEN_UNITS", "16"), ("OPT_LEVEL", "1"), ("DEBUG", "0")] {
         command.env(format!("CARGO_PROFILE_RELEASE_{setting}"), value);
     }
-    if locked {
-        command.arg("--locked");
-    }
+    command.args(flags);
     run(command, &format!("installing {package} {version} (once; this takes minutes)"))?;
     Ok(path)
 }
 
-/// trunk 0.21.14 (0.22 needs a newer rustc than the project's).
+/// trunk 0.21.14 (0.22 needs a newer rustc than the project's), without its default
+/// features: TLS (ring, rustls) and the update check serve downloads, and our builds
+/// are offline (Trunk.toml).
 pub fn ensure_trunk() -> Result<PathBuf, String> {
-    ensure_cargo_tool("trunk", "trunk", TRUNK_VERSION, true)
+    ensure_cargo_tool("trunk", "trunk", TRUNK_VERSION, &["--locked", "--no-default-features"])
 }
 
 /// wasm-bindgen-cli at the lock file's version; `--locked` is left out on
 /// purpose, as its own lock file does not build with this toolchain.
 pub fn ensure_wasm_bindgen() -> Result<PathBuf, String> {
     let version = locked_wasm_bindgen_version()?;
-    ensure_cargo_tool("wasm-bindgen", "wasm-bindgen-cli", &version, false)
+    ensure_cargo_tool("wasm-bindgen", "wasm-bindgen-cli", &version, &[])
 }
 
 fn npm_install(packages: &[String], what: &str) -> Result<(), String> {
