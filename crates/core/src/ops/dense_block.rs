@@ -395,16 +395,27 @@ struct Scratch<T> {
     wide: Vec<T>,
     /// The gradient of a bottleneck before its BatchNorm.
     d_bottleneck: Vec<T>,
-    /// The gradient of a layer's input after its BatchNorm (inference mode only:
-    /// batch statistics keep it for the whole batch instead).
+    /// The gradient of a layer's input after its BatchNorm ([`Pass::InferenceBackward`]
+    /// only: batch statistics keep it for the whole batch instead).
     d_input: Vec<T>,
 }
 
+/// The pass a [`Scratch`] serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    /// With batch statistics.
+    Backward,
+    /// With running statistics (BatchNorm in inference mode).
+    InferenceBackward,
+}
+
 impl<T: Float> Scratch<T> {
-    /// `backward: false` leaves out the buffers that only the backward pass uses.
-    fn for_parts(parts: &Parts, block: &Block, backward: bool) -> Vec<Mutex<Self>> {
+    /// `pass` leaves out the buffers it does not use.
+    fn for_parts(parts: &Parts, block: &Block, pass: Pass) -> Vec<Mutex<Self>> {
         let widest_input = block.layer_in(block.layers - 1).max(block.bottleneck) * block.pixels();
-        let backward_only = |len: usize| if backward { len } else { 0 };
+        let backward_only = |len: usize| if pass == Pass::Forward { 0 } else { len };
+        let inference_backward_only = |len: usize| if pass == Pass::InferenceBackward { len } else { 0 };
         (0..parts.count)
             .map(|_| {
                 Mutex::new(Self {
@@ -413,7 +424,7 @@ impl<T: Float> Scratch<T> {
                     padded: vec![T::zero(); block.padded().len(block.bottleneck)],
                     wide: vec![T::zero(); block.growth * block.padded().wide()],
                     d_bottleneck: vec![T::zero(); backward_only(block.bottleneck_len())],
-                    d_input: vec![T::zero(); backward_only(widest_input)],
+                    d_input: vec![T::zero(); inference_backward_only(widest_input)],
                 })
             })
             .collect()
@@ -764,7 +775,7 @@ impl DenseBlock {
             (Vec::new(), Vec::new())
         };
         let parts = Parts::for_forward(b.batch);
-        let scratch = Scratch::<T>::for_parts(&parts, &b, false);
+        let scratch = Scratch::<T>::for_parts(&parts, &b, Pass::Forward);
         let mut saved = Saved { bottlenecks: Vec::new(), norms: Vec::new(), variances: Vec::new() };
         let mut bottleneck = Vec::new();
         for (l, p) in params.iter().enumerate() {
@@ -834,7 +845,8 @@ impl DenseBlock {
         let b = self.block;
         let (pixels, image_len, bottleneck_len) = (b.pixels(), b.image_len(), b.bottleneck_len());
         let parts = Parts::new(b.batch);
-        let scratch = Scratch::<T>::for_parts(&parts, &b, true);
+        let pass = if self.batch_stats { Pass::Backward } else { Pass::InferenceBackward };
+        let scratch = Scratch::<T>::for_parts(&parts, &b, pass);
         // The gradient of the whole block, completed layer by layer from the last:
         // a layer's own channels have all their gradient once the later layers are done.
         let mut d_out = grad.to_vec();
