@@ -63,6 +63,26 @@ pub fn is_dicom(bytes: &[u8]) -> bool {
 /// scale, as the model's input is made from (see the module documentation
 /// for the windowing and MONOCHROME1 inversion).
 pub fn decode(bytes: &[u8]) -> Result<Rgb32FImage> {
+    let object = open(bytes)?;
+    let geometry = check_image_attributes(&object)?;
+    check_encapsulated_frame(&object, object.meta().transfer_syntax(), geometry)?;
+    let frame = object.decode_pixel_data_frame(0).map_err(|e| corrupt("DICOM pixel data", &e))?;
+    to_rgb(&frame)
+}
+
+/// The Study Instance UID (0020,000D) of a DICOM Part 10 file, which groups
+/// the views of one study; `None` when the file has none.
+pub fn study_instance_uid(bytes: &[u8]) -> Result<Option<String>> {
+    let object = open(bytes)?;
+    let Some(element) = object.get(tags::STUDY_INSTANCE_UID) else { return Ok(None) };
+    let uid = element.to_str().map_err(|e| corrupt("DICOM Study Instance UID", &e))?;
+    // UIDs are padded to an even length with NUL.
+    let uid = uid.trim_end_matches('\0').trim();
+    Ok((!uid.is_empty()).then(|| uid.to_string()))
+}
+
+/// Parses the data set (not the pixels) of a Part 10 file.
+fn open(bytes: &[u8]) -> Result<DefaultDicomObject> {
     let body = match bytes.get(MAGIC_OFFSET..) {
         Some(body) if body.starts_with(MAGIC) => body,
         _ => return Err(Error::UnsupportedImage("not a DICOM file (no DICM at byte 128)".into())),
@@ -78,14 +98,10 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb32FImage> {
     if let Some(at) = data_set_at {
         guard.check_data_set(at, meta.transfer_syntax())?;
     }
-    let object = OpenFileOptions::new()
+    OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(body)
-        .map_err(|e| corrupt("DICOM data set", &e))?;
-    let geometry = check_image_attributes(&object)?;
-    check_encapsulated_frame(&object, meta.transfer_syntax(), geometry)?;
-    let frame = object.decode_pixel_data_frame(0).map_err(|e| corrupt("DICOM pixel data", &e))?;
-    to_rgb(&frame)
+        .map_err(|e| corrupt("DICOM data set", &e))
 }
 
 /// Refuses, by name and UID, a transfer syntax whose data set or pixel data
@@ -842,6 +858,15 @@ mod tests {
     // LINEAR with c = 1500, w = 1001: 0 up to 999.5, 1 above 1999.5, and
     // (x - 1499.5) / 1000 + 0.5 in between.
     const WINDOWED: [f32; 6] = [0.0, 0.0005, 0.5005, 0.9995, 1.0, 1.0];
+
+    #[test]
+    fn study_instance_uid_is_read_without_its_padding() {
+        let mut object = image(3, 2, "MONOCHROME2", 12, words(&[0, 1000, 1500, 1999, 2000, 4000]));
+        assert_eq!(study_instance_uid(&file(object.clone(), EXPLICIT_LE)).unwrap(), None);
+        set(&mut object, tags::STUDY_INSTANCE_UID, VR::UI, "1.2.840.99.7\0");
+        assert_eq!(study_instance_uid(&file(object, EXPLICIT_LE)).unwrap().as_deref(), Some("1.2.840.99.7"));
+        assert!(study_instance_uid(b"not dicom").is_err());
+    }
 
     #[test]
     fn monochrome2_16_bit_uses_the_first_window() {

@@ -16,7 +16,7 @@ pub mod predict;
 pub mod preprocess;
 pub mod weights;
 
-pub use card::{Architecture, Classes, ModelCard, Preprocessing};
+pub use card::{Architecture, Classes, ModelCard, OperatingPoint, OperatingPoints, Preprocessing, TtaView};
 pub use error::{Error, Result};
 pub use models::{Mode, Model};
 pub use predict::{Prediction, Predictor};

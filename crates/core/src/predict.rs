@@ -7,7 +7,7 @@ use image::Rgb32FImage;
 use serde::Serialize;
 
 use crate::cam::Heatmap;
-use crate::card::ModelCard;
+use crate::card::{ModelCard, OperatingPoint, TtaView};
 use crate::models::{Mode, Model};
 use crate::preprocess;
 use crate::weights::ModelFile;
@@ -42,13 +42,26 @@ pub struct Predictor {
     model: Model,
     card: ModelCard,
     device: Device,
+    /// The label's threshold: the card's, or one of its operating points.
+    threshold: f64,
 }
 
 impl Predictor {
     pub fn from_bytes(model_bytes: &[u8], device: &Device) -> Result<Self> {
         let file = ModelFile::from_bytes(model_bytes, device)?;
         let model = file.build_model(device)?;
-        Ok(Self { model, card: file.card, device: device.clone() })
+        let threshold = file.card.threshold;
+        Ok(Self { model, card: file.card, device: device.clone(), threshold })
+    }
+
+    /// Labels from now on follow this operating point of the card.
+    pub fn set_operating_point(&mut self, point: OperatingPoint) -> Result<()> {
+        self.threshold = self.card.threshold_at(point)?;
+        Ok(())
+    }
+
+    pub fn threshold(&self) -> f64 {
+        self.threshold
     }
 
     pub fn card(&self) -> &ModelCard {
@@ -59,14 +72,15 @@ impl Predictor {
         &self.model
     }
 
-    /// Probabilities for images already at the input size.
+    /// Probabilities for images already at the input size, over the card's
+    /// TTA views and at its temperature.
     pub fn probabilities(&self, images: &[&Rgb32FImage]) -> Result<Vec<f64>> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
         let xs = preprocess::to_tensor(images, &self.card.preprocessing, &self.device)?;
-        let logits = self.model.forward(&xs, Mode::EVAL)?;
-        Ok(probabilities_from_logits(&logits)?)
+        let logits = view_logits(&self.model, &self.card.tta, &xs, None)?;
+        Ok(logits.iter().map(|row| self.card.probability_from_view_logits(row)).collect())
     }
 
     pub fn predict_bytes(&self, image_bytes: &[u8]) -> Result<Prediction> {
@@ -84,17 +98,19 @@ impl Predictor {
         }
         let input = preprocess::resize(&decoded, self.card.input_size());
         let xs = preprocess::to_tensor(&[&input], &self.card.preprocessing, &self.device)?;
-        let (logits, heatmap) = match &self.model {
+        // The heat map is the plain image's; its logit is reused as the identity view.
+        let (identity, heatmap) = match &self.model {
             Model::DenseNet(net) => {
                 let features = net.features(&xs, false)?;
                 let cam = net.class_activation_map(&features)?.squeeze(0)?;
                 let (height, width) = cam.dims2()?;
                 let values = cam.flatten_all()?.to_vec1::<f32>()?;
-                (net.head(&features, None)?, Some(Heatmap::normalised(width, height, values)))
+                (Some(net.head(&features, None)?), Some(Heatmap::normalised(width, height, values)))
             }
-            Model::Cnn(_) => (self.model.forward(&xs, Mode::EVAL)?, None),
+            Model::Cnn(_) => (None, None),
         };
-        let probability = probabilities_from_logits(&logits)?[0];
+        let logits = view_logits(&self.model, &self.card.tta, &xs, identity)?;
+        let probability = self.card.probability_from_view_logits(&logits[0]);
         Ok(Detection {
             prediction: self.prediction(probability),
             heatmap,
@@ -108,10 +124,37 @@ impl Predictor {
     pub fn prediction(&self, probability: f64) -> Prediction {
         Prediction {
             probability,
-            label: self.card.label(probability).to_string(),
-            positive: probability >= self.card.threshold,
+            label: self.card.label_at(probability, self.threshold).to_string(),
+            positive: probability >= self.threshold,
         }
     }
+}
+
+/// The input as a TTA view sees it.
+pub fn view_input(view: TtaView, xs: &Tensor) -> candle_core::Result<Tensor> {
+    match view {
+        TtaView::Identity => Ok(xs.clone()),
+        // (batch, channels, height, width): mirrored along the width.
+        TtaView::HorizontalFlip => xs.flip(&[3]),
+    }
+}
+
+/// Each image's logits under each view, `[image][view]`, in eval mode;
+/// `identity` reuses logits the caller already has for the plain input.
+pub fn view_logits(model: &Model, views: &[TtaView], xs: &Tensor, identity: Option<Tensor>) -> Result<Vec<Vec<f64>>> {
+    let batch = xs.dim(0)?;
+    let mut rows = vec![Vec::with_capacity(views.len()); batch];
+    for &view in views {
+        let logits = match (view, &identity) {
+            (TtaView::Identity, Some(logits)) => logits.clone(),
+            _ => model.forward(&view_input(view, xs)?, Mode::EVAL)?,
+        };
+        let values: Vec<f64> = logits.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        for (row, value) in rows.iter_mut().zip(values) {
+            row.push(value);
+        }
+    }
+    Ok(rows)
 }
 
 pub fn probabilities_from_logits(logits: &Tensor) -> candle_core::Result<Vec<f64>> {
@@ -158,8 +201,21 @@ mod tests {
         assert!(heatmap.values.iter().all(|v| (0.0..=1.0).contains(v)));
         assert!(detection.warnings.is_empty());
 
+        let flipped = png(DynamicImage::ImageLuma8(ImageBuffer::from_fn(70, 50, |x, y| Luma([(((69 - x) * 3 + y) % 256) as u8]))));
+        let mirrored = predictor.predict_bytes(&flipped).unwrap().probability;
+        // The same weights, now with the mirror as a second view.
+        let mut tta = predictor;
+        tta.card.tta = vec![TtaView::Identity, TtaView::HorizontalFlip];
+        let both = tta.detect(&grey).unwrap().prediction.probability;
+        let mean = (plain.probability + mirrored) / 2.0;
+        assert!((both - mean).abs() < 1e-6, "TTA {both} vs the mean of the image and its mirror {mean}");
+        assert!((tta.predict_bytes(&grey).unwrap().probability - both).abs() < 1e-6);
+        tta.card.temperature = 3.0;
+        let tempered = tta.detect(&grey).unwrap().prediction.probability;
+        assert!((tempered - 0.5).abs() < (both - 0.5).abs(), "a higher temperature moves {both} towards 0.5, got {tempered}");
+
         let colour = png(DynamicImage::ImageRgb8(ImageBuffer::from_fn(40, 40, |x, _| Rgb([250, (x * 6) as u8, 10]))));
-        assert_eq!(predictor.detect(&colour).unwrap().warnings.len(), 1);
-        assert!(predictor.detect(b"not an image").is_err());
+        assert_eq!(tta.detect(&colour).unwrap().warnings.len(), 1);
+        assert!(tta.detect(b"not an image").is_err());
     }
 }
