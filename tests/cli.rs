@@ -166,6 +166,97 @@ fn bad_command_lines_exit_2() {
     assert_exit(&fracture(&["--help"]), 0);
 }
 
+/// Calibration on a development split puts TTA, a temperature and three
+/// operating points in the card; detect labels by each and groups studies.
+#[test]
+fn calibrate_then_detect_by_operating_point_and_by_study() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mura");
+    synth(&data, "mura", 30, 64);
+    let dev = dir.path().join("dev.txt");
+    assert_exit(&fracture(&["split", "-i", data.to_str().unwrap(), "--images", "24", "--seed", "3", "-o", dev.to_str().unwrap()]), 0);
+    let (model, calibrated) = (dir.path().join("tiny.safetensors"), dir.path().join("calibrated.safetensors"));
+    let out = fracture(&[
+        "train", "-i", data.to_str().unwrap(), "--model", "densenet-tiny", "--val-patients", dev.to_str().unwrap(),
+        "--size", "48", "--epochs", "3", "--lr", "3e-3", "-o", model.to_str().unwrap(), "--quiet",
+    ]);
+    assert_exit(&out, 0);
+    let detect = |weights: &Path, extra: &[&str]| {
+        let mut args = vec!["detect", "--weights", weights.to_str().unwrap(), "-i", data.to_str().unwrap(), "--format", "csv"];
+        args.extend_from_slice(extra);
+        fracture(&args)
+    };
+    // An uncalibrated card has only its one threshold.
+    let out = detect(&model, &["--operating-point", "sensitive"]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("calibrate"), "{}", text(&out.stderr));
+
+    let out = fracture(&[
+        "calibrate", "--weights", model.to_str().unwrap(), "-i", data.to_str().unwrap(), "--patients", dev.to_str().unwrap(),
+        "-o", calibrated.to_str().unwrap(), "--quiet",
+    ]);
+    assert_exit(&out, 0);
+    assert!(text(&out.stdout).contains("temperature") && text(&out.stdout).contains("sensitive"), "{}", text(&out.stdout));
+    assert!(dir.path().join("calibrated.reliability.svg").is_file());
+    let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", calibrated.to_str().unwrap()]).stdout).unwrap();
+    assert_eq!(card["tta"], serde_json::json!(["identity", "horizontal_flip"]));
+    let points = &card["operating_points"];
+    assert_eq!(card["threshold"], points["balanced"]);
+    assert!(card["temperature"].as_f64().unwrap() > 0.0);
+    assert!(card["metrics"]["development"]["studies"]["n"].as_u64().unwrap() > 0);
+
+    // Each point labels by its own threshold, so a lower threshold never labels fewer images abnormal.
+    let mut abnormal = Vec::new();
+    for point in ["sensitive", "balanced", "specific"] {
+        let out = detect(&calibrated, &["--operating-point", point]);
+        assert_exit(&out, 0);
+        let threshold = points[point].as_f64().unwrap();
+        let rows = text(&out.stdout);
+        let mut count = 0;
+        for row in rows.lines().skip(1) {
+            let fields: Vec<&str> = row.split(',').collect();
+            let probability: f64 = fields[1].parse().unwrap();
+            // Thresholds are development scores, so an image may sit on one: CSV rounds to 1e-6.
+            if (probability - threshold).abs() > 1e-6 {
+                assert_eq!(fields[2] == "abnormal", probability >= threshold, "{point} at {threshold}: {row}");
+            }
+            count += usize::from(fields[2] == "abnormal");
+        }
+        abnormal.push((threshold, count));
+    }
+    abnormal.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(abnormal.windows(2).all(|w| w[0].1 >= w[1].1), "{abnormal:?}");
+
+    // By study: one row per MURA study folder, its probability the mean of its images'.
+    let images = text(&detect(&calibrated, &[]).stdout);
+    let out = detect(&calibrated, &["--by-study"]);
+    assert_exit(&out, 0);
+    let studies = text(&out.stdout);
+    assert_eq!(studies.lines().next(), Some("study,images,probability,label"));
+    let mut expected: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for row in images.lines().skip(1) {
+        let fields: Vec<&str> = row.split(',').collect();
+        let path = Path::new(fields[0]);
+        let study = path.parent().unwrap();
+        let key = format!("{}/{}", study.parent().unwrap().file_name().unwrap().to_str().unwrap(), study.file_name().unwrap().to_str().unwrap());
+        expected.entry(key).or_default().push(fields[1].parse().unwrap());
+    }
+    assert_eq!(studies.lines().count() - 1, expected.len());
+    let balanced = points["balanced"].as_f64().unwrap();
+    for row in studies.lines().skip(1) {
+        let fields: Vec<&str> = row.split(',').collect();
+        let members = &expected[fields[0]];
+        let mean = members.iter().sum::<f64>() / members.len() as f64;
+        assert_eq!(fields[1].parse::<usize>().unwrap(), members.len(), "{row}");
+        assert!((fields[2].parse::<f64>().unwrap() - mean).abs() < 2e-6, "{row} vs mean {mean}");
+        let probability: f64 = fields[2].parse().unwrap();
+        if (probability - balanced).abs() > 1e-6 {
+            assert_eq!(fields[3] == "abnormal", probability >= balanced, "{row}");
+        }
+    }
+    assert!(expected.values().any(|m| m.len() > 1), "the synthetic set should have multi-image studies");
+}
+
 #[test]
 fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
     let dir = tempfile::tempdir().unwrap();
@@ -182,10 +273,16 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
     assert!(stdout.contains("Average Loss: ") && stdout.contains("(+/- "), "{stdout}");
     assert!(stdout.contains("Average Accuracy: ") && stdout.contains("%)"), "{stdout}");
     assert!(stdout.contains("Pooled ROC AUC"), "{stdout}");
+    assert!(stdout.contains("Study level (") && stdout.contains("Expected calibration error: "), "{stdout}");
     let parsed: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(parsed["per_fold"].as_array().unwrap().len(), 3);
     assert!(parsed["grouped_by_patient"].as_bool().unwrap());
+    // Synthetic MURA studies hold one or two images: fewer studies than images.
+    let (images, studies) = (parsed["pooled"]["n"].as_u64().unwrap(), parsed["study_level"]["n"].as_u64().unwrap());
+    assert!(studies > 0 && studies < images, "{studies} studies of {images} images");
+    assert_eq!(parsed["calibration"]["bins"].as_array().unwrap().len(), 10);
     assert!(dir.path().join("report.roc.svg").is_file());
+    assert!(std::fs::read_to_string(dir.path().join("report.reliability.svg")).unwrap().contains("ECE"));
     // Finished folds are not left behind once the report is written.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
     assert!(leftovers.is_empty());

@@ -40,6 +40,13 @@ before(async () => {
   mkdirSync(path.join(SITE, 'models'), { recursive: true });
   fracture('train', '-i', data, '--model', 'densenet-tiny', '-o', path.join(SITE, 'models', 'test-densenet.safetensors'),
     '--epochs', '2', '--size', '64', '--batch', '8', '--quiet', '--no-augment');
+  // Calibrated (on its own training images: this is about agreement, not accuracy)
+  // so that every comparison below runs with test-time augmentation and a temperature.
+  const testModel = path.join(SITE, 'models', 'test-densenet.safetensors');
+  fracture('calibrate', '--weights', testModel, '-i', data, '-o', testModel, '--quiet');
+  const card = JSON.parse(fracture('card', testModel));
+  assert.deepEqual(card.tta, ['identity', 'horizontal_flip']);
+  assert.notEqual(card.temperature, 1);
   // The test model first (the page loads the first entry), then the shipped ones.
   shipped = JSON.parse(readFileSync(path.join(SITE, 'models', 'models.json'), 'utf8')).models;
   writeFileSync(path.join(SITE, 'models', 'models.json'), JSON.stringify({

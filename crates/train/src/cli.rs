@@ -14,13 +14,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use fracture_core::card::SourceWeights;
 use fracture_core::models::{cnn::CnnConfig, densenet::DenseNetConfig};
 use fracture_core::weights::{ModelFile, StorageDType};
-use fracture_core::{Architecture, ModelCard, Predictor};
+use fracture_core::{Architecture, ModelCard, OperatingPoint, Predictor, TtaView};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use crate::augment::Augmentation;
 use crate::dataset::{self, Dataset, ScanOptions};
-use crate::fit::{self, Checkpoint, FitConfig, FitData, TrainSpec};
+use crate::fit::{self, Checkpoint, FitConfig, FitData, Progressive, TrainSpec};
 use crate::kfold::{self, FoldResult, KfoldObserver, KfoldSpec};
 use crate::report::{self, EpochRecord};
 use crate::schedule::{self, Overrides, Recipe};
@@ -53,6 +53,9 @@ pub enum Command {
     Card(CardCommandArgs),
     /// Draw the out-of-fold ROC curves of several kfold reports in one SVG.
     Roc(RocArgs),
+    /// Fit a model's temperature, test-time augmentation and operating points
+    /// on held-out images, and record them in its card.
+    Calibrate(CalibrateArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -75,6 +78,22 @@ impl ModelName {
             ModelName::DensenetTiny => Architecture::Densenet(DenseNetConfig::tiny()),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AugmentStrength {
+    /// The study's: flip, rotation 0.1, zoom 0.2, brightness 0.4.
+    Study,
+    /// Flip, rotation 0.05, zoom 0.1, brightness 0.1.
+    Mild,
+    None,
+}
+
+fn parse_progressive(text: &str) -> std::result::Result<Progressive, String> {
+    let (size, epochs) = text.split_once(':').ok_or_else(|| format!("`{text}` is not SIZE:EPOCHS, e.g. 128:20"))?;
+    let size = size.trim().parse().map_err(|_| format!("`{size}` is not a size in pixels"))?;
+    let epochs = epochs.trim().parse().map_err(|_| format!("`{epochs}` is not a number of epochs"))?;
+    Ok(Progressive { size, epochs })
 }
 
 #[derive(Args, Debug, Clone)]
@@ -124,8 +143,29 @@ pub struct ModelArgs {
     /// Only unfreeze parameters starting with these prefixes when fine-tuning (e.g. features.denseblock4).
     #[arg(long, value_name = "PREFIX")]
     pub unfreeze: Vec<String>,
-    #[arg(long, default_value_t = 6)]
-    pub batch: usize,
+    /// Images per step [default: 6, the study's; 16 with --recipe scratch].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Warm-up epochs, then cosine decay of the first phase's rate to 0
+    /// [default: 2 for DenseNet's scratch recipe; others keep a constant rate].
+    #[arg(long, value_name = "N")]
+    pub warmup_epochs: Option<usize>,
+    /// Keep the learning rate constant (no warm-up, no decay), as the study did.
+    #[arg(long, conflicts_with = "warmup_epochs")]
+    pub constant_lr: bool,
+    /// AdamW weight decay of convolution and linear weights [default: 0.05 scratch, 0 study].
+    #[arg(long, value_name = "X")]
+    pub weight_decay: Option<f64>,
+    /// Move the targets towards 0.5 by this much [default: 0.1 scratch, 0 study].
+    #[arg(long, value_name = "X")]
+    pub label_smoothing: Option<f64>,
+    /// Progressive resizing, SIZE:EPOCHS: the first EPOCHS epochs at SIZE px, the
+    /// rest at --size (DenseNet only).
+    #[arg(long, value_name = "SIZE:EPOCHS", value_parser = parse_progressive)]
+    pub progressive: Option<Progressive>,
+    /// Augmentation strength [default: study for the study's recipe, mild for scratch].
+    #[arg(long, value_enum, conflicts_with = "no_augment")]
+    pub augment: Option<AugmentStrength>,
     /// Augmented views per image whose features DenseNet's frozen-base phase computes
     /// once and reuses (0: run the base at every step with a fresh augmentation, as
     /// the study did).
@@ -136,7 +176,7 @@ pub struct ModelArgs {
     pub size: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Train without the study's augmentation (flip, rotation, zoom, brightness).
+    /// Train without augmentation (the same as --augment none).
     #[arg(long)]
     pub no_augment: bool,
     /// Hide the per-batch progress bar (epoch lines are still printed).
@@ -156,6 +196,10 @@ pub struct TrainArgs {
     /// Fraction of patients held out for per-epoch validation.
     #[arg(long, default_value_t = 0.2)]
     pub val_split: f64,
+    /// Validate on exactly these patients (e.g. a committed development split)
+    /// instead of a random --val-split; they are not trained on.
+    #[arg(long, value_name = "FILE", conflicts_with = "val_split")]
+    pub val_patients: Option<PathBuf>,
     /// Store weights as f16 (half the size; loaded as f32).
     #[arg(long)]
     pub f16: bool,
@@ -273,6 +317,60 @@ pub struct DetectArgs {
     /// `DIR/NAME.heatmap.png` (DenseNet models).
     #[arg(long, value_name = "DIR")]
     pub heatmap: Option<PathBuf>,
+    /// Which of the card's thresholds labels the images.
+    #[arg(long, value_enum, default_value = "balanced")]
+    pub operating_point: OperatingPointArg,
+    /// One row per study (MURA study folder, or DICOM StudyInstanceUID; any
+    /// other image is a study of its own): the mean of its images' probabilities.
+    #[arg(long)]
+    pub by_study: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OperatingPointArg {
+    /// Best agreement with the labels (maximum kappa).
+    Balanced,
+    /// Sensitivity at least 0.90 on the development predictions.
+    Sensitive,
+    /// Specificity at least 0.90 on the development predictions.
+    Specific,
+}
+
+impl From<OperatingPointArg> for OperatingPoint {
+    fn from(arg: OperatingPointArg) -> Self {
+        match arg {
+            OperatingPointArg::Balanced => OperatingPoint::Balanced,
+            OperatingPointArg::Sensitive => OperatingPoint::Sensitive,
+            OperatingPointArg::Specific => OperatingPoint::Specific,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    #[arg(long, value_name = "MODEL.safetensors")]
+    pub weights: PathBuf,
+    /// The held-out images to calibrate on (a development split: use --patients).
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Test-time augmentation to record: the image and its mirror, or the image alone.
+    #[arg(long, value_enum, default_value = "flip")]
+    pub tta: TtaArg,
+    /// The calibrated model file (may be the input file).
+    #[arg(short, long, value_name = "OUT.safetensors")]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TtaArg {
+    /// The mean over the image and its horizontal mirror.
+    Flip,
+    /// The image alone.
+    None,
 }
 
 #[derive(Args, Debug)]
@@ -347,6 +445,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Split(args) => split(args),
         Command::Card(args) => card(args),
         Command::Roc(args) => roc(args),
+        Command::Calibrate(args) => calibrate(args),
     }
 }
 
@@ -509,20 +608,29 @@ fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
         }
         _ => Recipe::Study,
     });
+    if args.progressive.is_some() && !matches!(architecture, Architecture::Densenet(_)) {
+        bail!("--progressive needs a model that pools globally (densenet); the cnn's head is sized for --size");
+    }
     let overrides = Overrides {
         epochs: args.epochs,
         lr: args.lr,
         fine_tune_epochs: args.fine_tune_epochs,
         fine_tune_lr: args.fine_tune_lr,
         unfreeze: args.unfreeze.clone(),
+        warmup_epochs: args.warmup_epochs,
+        constant_lr: args.constant_lr,
+        progressive: args.progressive,
+        batch: args.batch,
+        augmentation: match (args.no_augment, args.augment) {
+            (true, _) | (_, Some(AugmentStrength::None)) => Some(Augmentation::NONE),
+            (_, Some(AugmentStrength::Study)) => Some(Augmentation::STUDY),
+            (_, Some(AugmentStrength::Mild)) => Some(Augmentation::MILD),
+            (false, None) => None,
+        },
+        weight_decay: args.weight_decay,
+        label_smoothing: args.label_smoothing,
     };
-    let config = FitConfig {
-        phases: schedule::phases(&architecture, recipe, &overrides),
-        batch_size: args.batch,
-        augmentation: if args.no_augment { Augmentation::NONE } else { Augmentation::STUDY },
-        seed: args.seed,
-        feature_bank: args.feature_bank,
-    };
+    let config = schedule::config(&architecture, recipe, &overrides, args.seed, args.feature_bank);
     config.validate()?;
     let mut card = ModelCard::new(architecture, args.size);
     card.validate().context("invalid --model/--size combination")?;
@@ -532,14 +640,18 @@ fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
 }
 
 fn print_epoch(prefix: &str, record: &EpochRecord) {
-    let validation = match (record.val_loss, record.val_accuracy) {
+    let mut validation = match (record.val_loss, record.val_accuracy) {
         (Some(loss), Some(acc)) => format!("  val_loss {loss:.4}  val_acc {:.2}%", acc * 100.0),
         _ => String::new(),
     };
+    if let Some(auc) = record.val_auc {
+        validation.push_str(&format!("  val_auc {auc:.3}"));
+    }
     eprintln!(
-        "{prefix}{} epoch {:>3}  loss {:.4}  acc {:.2}%{validation}  ({:.1} s)",
+        "{prefix}{} epoch {:>3}  lr {:.2e}  loss {:.4}  acc {:.2}%{validation}  ({:.1} s)",
         record.phase,
         record.epoch,
+        record.lr,
         record.train_loss,
         record.train_accuracy * 100.0,
         record.seconds
@@ -561,7 +673,12 @@ fn train(args: TrainArgs) -> Result<()> {
     card.classes = dataset.classes.clone();
     let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
     let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
-    let (train_idx, val_idx) = if args.val_split > 0.0 {
+    let (train_idx, val_idx) = if let Some(list) = &args.val_patients {
+        let listed = dataset::read_patient_list(list)?;
+        let validation = dataset.patient_indices(list, &listed)?;
+        let training = (0..labels.len()).filter(|i| !validation.contains(i)).collect();
+        (training, validation)
+    } else if args.val_split > 0.0 {
         crate::folds::grouped_split(&labels, &groups, args.val_split, args.model.seed)?
     } else {
         ((0..labels.len()).collect(), Vec::new())
@@ -716,7 +833,12 @@ fn kfold(args: KfoldArgs) -> Result<()> {
         let roc_path = with_suffix(path, ".roc.svg");
         report::plot_roc(&[(report.model.clone(), out_of_fold_roc(&report), report.pooled.auc)], &roc_path)
             .with_context(|| format!("cannot write {}", roc_path.display()))?;
-        eprintln!("wrote {} and {}", path.display(), roc_path.display());
+        let reliability_path = with_suffix(path, ".reliability.svg");
+        if let Some(calibration) = &report.calibration {
+            report::plot_reliability(&[(report.model.clone(), calibration.bins.clone(), calibration.ece)], &reliability_path)
+                .with_context(|| format!("cannot write {}", reliability_path.display()))?;
+        }
+        eprintln!("wrote {}, {} and {}", path.display(), roc_path.display(), reliability_path.display());
     }
     let _ = std::fs::remove_dir_all(&state_dir);
     Ok(())
@@ -756,7 +878,11 @@ fn csv_field(value: &str) -> String {
 fn detect(args: DetectArgs) -> Result<()> {
     let device = Device::Cpu;
     let bytes = std::fs::read(&args.weights).with_context(|| format!("cannot read --weights {}", args.weights.display()))?;
-    let predictor = Predictor::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
+    let mut predictor =
+        Predictor::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
+    predictor
+        .set_operating_point(args.operating_point.into())
+        .with_context(|| format!("--operating-point for {}", args.weights.display()))?;
     if let Some(dir) = &args.heatmap {
         if !matches!(predictor.model(), fracture_core::Model::DenseNet(_)) {
             bail!("--heatmap needs a DenseNet model: {} has no class activation map", predictor.card().architecture.display_name());
@@ -768,11 +894,7 @@ fn detect(args: DetectArgs) -> Result<()> {
         bail!("no image files found in {}", args.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
     }
 
-    let mut out = std::io::stdout().lock();
-    if args.format == Format::Csv {
-        writeln!(out, "path,probability,label")?;
-    }
-    let mut json_rows = Vec::new();
+    let mut rows = DetectRows::new(args.format, args.by_study);
     let (mut failed_named, mut succeeded) = (0usize, 0usize);
     for chunk in files.chunks(16) {
         let loaded: Vec<_> = {
@@ -781,63 +903,126 @@ fn detect(args: DetectArgs) -> Result<()> {
                 .par_iter()
                 .map(|(path, _)| {
                     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-                    if args.heatmap.is_some() {
+                    let study = if args.by_study { study_of(path, &bytes).map_err(|e| e.to_string())? } else { String::new() };
+                    let input = if args.heatmap.is_some() {
                         // The heat map comes from the same forward pass as the probability.
-                        predictor.detect(&bytes).map(Loaded::Detection).map_err(|e| e.to_string())
+                        predictor.detect(&bytes).map(Loaded::Detection).map_err(|e| e.to_string())?
                     } else {
                         fracture_core::preprocess::load(&bytes, &predictor.card().preprocessing)
                             .map(Loaded::Input)
-                            .map_err(|e| e.to_string())
-                    }
+                            .map_err(|e| e.to_string())?
+                    };
+                    Ok::<_, String>((input, study))
                 })
                 .collect()
         };
         let inputs: Vec<&image::Rgb32FImage> = loaded
             .iter()
             .filter_map(|r| match r {
-                Ok(Loaded::Input(image)) => Some(image),
+                Ok((Loaded::Input(image), _)) => Some(image),
                 _ => None,
             })
             .collect();
         let mut probabilities = predictor.probabilities(&inputs)?.into_iter();
         for ((path, named), result) in chunk.iter().zip(&loaded) {
-            let probability = match result {
+            let (probability, study) = match result {
                 Err(reason) => {
                     eprintln!("skipped {}: {reason}", path.display());
                     failed_named += usize::from(*named);
                     continue;
                 }
-                Ok(Loaded::Input(_)) => probabilities.next().context("internal: prediction count mismatch")?,
-                Ok(Loaded::Detection(detection)) => {
+                Ok((Loaded::Input(_), study)) => (probabilities.next().context("internal: prediction count mismatch")?, study),
+                Ok((Loaded::Detection(detection), study)) => {
                     if let Some(dir) = &args.heatmap {
                         write_heatmap(path, detection, dir)?;
                     }
-                    detection.prediction.probability
+                    (detection.prediction.probability, study)
                 }
             };
-            let prediction = predictor.prediction(probability);
             succeeded += 1;
-            let shown = path.display().to_string();
-            match args.format {
-                Format::Text => writeln!(out, "{shown}\t{:.2}%\t{}", probability * 100.0, prediction.label)?,
-                Format::Csv => writeln!(out, "{},{probability:.6},{}", csv_field(&shown), csv_field(&prediction.label))?,
-                Format::Json => json_rows.push(serde_json::json!({
-                    "path": shown, "probability": probability, "label": prediction.label,
-                })),
-            }
+            rows.image(&predictor, path.display().to_string(), probability, study.clone())?;
         }
-    }
-    if args.format == Format::Json {
-        serde_json::to_writer_pretty(&mut out, &json_rows)?;
-        writeln!(out)?;
     }
     if succeeded == 0 {
         bail!("no image could be read");
     }
+    rows.finish(&predictor)?;
     if failed_named > 0 {
         bail!("{failed_named} file(s) named on the command line could not be read");
     }
     Ok(())
+}
+
+/// The study an image belongs to: its DICOM StudyInstanceUID, its MURA study
+/// folder, or (neither) the image alone.
+fn study_of(path: &Path, bytes: &[u8]) -> fracture_core::Result<String> {
+    if fracture_core::dicom::is_dicom(bytes) {
+        if let Some(uid) = fracture_core::dicom::study_instance_uid(bytes)? {
+            return Ok(uid);
+        }
+    }
+    Ok(crate::study::mura_study(path).unwrap_or_else(|| path.display().to_string()))
+}
+
+/// Detect's output: a row per image as it comes, or with --by-study a row per
+/// study once every image is in.
+struct DetectRows {
+    format: Format,
+    by_study: bool,
+    json: Vec<serde_json::Value>,
+    /// (study, probability) of each image, for --by-study.
+    images: Vec<(String, f64)>,
+    out: std::io::StdoutLock<'static>,
+}
+
+impl DetectRows {
+    fn new(format: Format, by_study: bool) -> Self {
+        let mut out = std::io::stdout().lock();
+        if format == Format::Csv {
+            let header = if by_study { "study,images,probability,label" } else { "path,probability,label" };
+            // A closed stdout shows up at the first row's write, which reports it.
+            let _ = writeln!(out, "{header}");
+        }
+        Self { format, by_study, json: Vec::new(), images: Vec::new(), out }
+    }
+
+    fn image(&mut self, predictor: &Predictor, path: String, probability: f64, study: String) -> Result<()> {
+        if self.by_study {
+            self.images.push((study, probability));
+            return Ok(());
+        }
+        let label = predictor.prediction(probability).label;
+        match self.format {
+            Format::Text => writeln!(self.out, "{path}\t{:.2}%\t{label}", probability * 100.0)?,
+            Format::Csv => writeln!(self.out, "{},{probability:.6},{}", csv_field(&path), csv_field(&label))?,
+            Format::Json => self.json.push(serde_json::json!({ "path": path, "probability": probability, "label": label })),
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, predictor: &Predictor) -> Result<()> {
+        if self.by_study {
+            let (keys, probabilities): (Vec<String>, Vec<f64>) = std::mem::take(&mut self.images).into_iter().unzip();
+            for study in crate::study::group(&keys, &probabilities) {
+                let (images, probability) = (study.members.len(), study.probability);
+                let label = predictor.prediction(probability).label;
+                match self.format {
+                    Format::Text => writeln!(self.out, "{}\t{images} image(s)\t{:.2}%\t{label}", study.key, probability * 100.0)?,
+                    Format::Csv => {
+                        writeln!(self.out, "{},{images},{probability:.6},{}", csv_field(&study.key), csv_field(&label))?
+                    }
+                    Format::Json => self.json.push(serde_json::json!({
+                        "study": study.key, "images": images, "probability": probability, "label": label,
+                    })),
+                }
+            }
+        }
+        if self.format == Format::Json {
+            serde_json::to_writer_pretty(&mut self.out, &self.json)?;
+            writeln!(self.out)?;
+        }
+        Ok(())
+    }
 }
 
 /// A detect input: preprocessed for the batched forward pass, or, with
@@ -854,6 +1039,99 @@ fn write_heatmap(image: &Path, detection: &fracture_core::predict::Detection, di
     fracture_core::cam::overlay(&detection.input, heatmap)
         .save(&out)
         .with_context(|| format!("cannot write {}", out.display()))
+}
+
+fn calibrate(args: CalibrateArgs) -> Result<()> {
+    use crate::calibration::{self, CalibrationFigures};
+    let device = Device::Cpu;
+    let bytes = std::fs::read(&args.weights).with_context(|| format!("cannot read --weights {}", args.weights.display()))?;
+    let file = ModelFile::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
+    let model = file.build_model(&device).with_context(|| format!("--weights {}", args.weights.display()))?;
+    let mut card = file.card.clone();
+    let (dataset, images) = load_dataset(&args.data, &card, args.quiet)?;
+    let views = match args.tta {
+        TtaArg::Flip => vec![TtaView::Identity, TtaView::HorizontalFlip],
+        TtaArg::None => vec![TtaView::Identity],
+    };
+    let progress = bar(images.len() as u64, "  predicting [{bar:30}] {pos}/{len} images ({eta} left)", args.quiet);
+    let mut view_logits = Vec::with_capacity(images.len());
+    for chunk in images.chunks(32) {
+        let refs: Vec<&image::Rgb32FImage> = chunk.iter().collect();
+        let xs = fracture_core::preprocess::to_tensor(&refs, &card.preprocessing, &device)?;
+        view_logits.extend(fracture_core::predict::view_logits(&model, &views, &xs, None)?);
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+
+    let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
+    let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
+    let groups = dataset.has_patients.then_some(groups.as_slice());
+    let keys: Vec<String> = dataset
+        .samples
+        .iter()
+        .map(|s| crate::study::mura_study(&s.path).unwrap_or_else(|| s.path.display().to_string()))
+        .collect();
+    let temperature = calibration::fit_temperature(&view_logits, &labels);
+    let scores = calibration::tempered(&view_logits, temperature);
+    let untempered = calibration::tempered(&view_logits, 1.0);
+    let chosen_on = format!(
+        "{} images{} of {}",
+        labels.len(),
+        dataset.patients().map(|p| format!(" ({p} patients)")).unwrap_or_default(),
+        args.data.patients.as_ref().map_or_else(|| args.data.input.display().to_string(), |list| format!("the patients in {}", list.display())),
+    );
+    let points = calibration::operating_points(&scores, &labels, &chosen_on);
+    let image = crate::metrics::BinaryMetrics::compute(&scores, &labels, groups, points.balanced, args.seed);
+    let study = calibration::study_metrics(&keys, &scores, &labels, groups, points.balanced, args.seed);
+    let (before, after) = (CalibrationFigures::of(&untempered, &labels), CalibrationFigures::of(&scores, &labels));
+
+    card.tta = views;
+    card.temperature = temperature;
+    card.threshold = points.balanced;
+    card.metrics.insert(
+        "development".into(),
+        serde_json::json!({
+            "images": serde_json::to_value(&image)?,
+            "studies": serde_json::to_value(&study)?,
+            "operating_points": calibration::at_operating_points(&scores, &labels, &points),
+            "ece_before_temperature": before.ece,
+            "ece": after.ece,
+            "chosen_on": chosen_on,
+        }),
+    );
+    card.operating_points = Some(points.clone());
+    card.validate()?;
+    let out = ModelFile::to_bytes(&card, &file.tensors, file.storage)?;
+    crate::write_atomically(&args.output, &out).with_context(|| format!("cannot write {}", args.output.display()))?;
+    let reliability_path = with_suffix(&args.output, ".reliability.svg");
+    report::plot_reliability(
+        &[("before temperature".into(), before.bins, before.ece), (format!("temperature {temperature:.2}"), after.bins, after.ece)],
+        &reliability_path,
+    )
+    .with_context(|| format!("cannot write {}", reliability_path.display()))?;
+
+    let ci = |m: &crate::metrics::BinaryMetrics| match (m.auc, m.auc_ci) {
+        (Some(auc), Some((lo, hi))) => format!("{auc:.3} (95% CI {lo:.3}-{hi:.3})"),
+        (Some(auc), None) => format!("{auc:.3}"),
+        _ => "undefined".into(),
+    };
+    println!("calibrated on {chosen_on}, TTA {:?}", card.tta);
+    println!("temperature {temperature:.3}: expected calibration error {:.3} -> {:.3}", before.ece, after.ece);
+    println!("images: ROC AUC {}  kappa {:.3} at the balanced point", ci(&image), image.kappa);
+    println!("studies ({}): ROC AUC {}  kappa {:.3}", study.n, ci(&study), study.kappa);
+    for point in OperatingPoint::ALL {
+        let threshold = points.threshold(point);
+        let confusion = crate::metrics::Confusion::at_threshold(&scores, &labels, threshold);
+        println!(
+            "  {:<9} threshold {threshold:.3}: sensitivity {:.1}%  specificity {:.1}%  kappa {:.3}",
+            point.name(),
+            confusion.sensitivity() * 100.0,
+            confusion.specificity() * 100.0,
+            confusion.cohen_kappa()
+        );
+    }
+    eprintln!("wrote {} and {}", args.output.display(), reliability_path.display());
+    Ok(())
 }
 
 fn synth(args: SynthArgs) -> Result<()> {

@@ -340,10 +340,31 @@ fn finish_mura(
 }
 
 impl Dataset {
-    /// Keeps only the patients in `listed` (`keep`), or drops them. Every listed
-    /// patient must be in the dataset, so that a typo or the wrong directory cannot
-    /// quietly change which images a run uses.
+    /// Keeps only the patients in `listed` (`keep`), or drops them.
     pub fn filter_patients(&mut self, list: &Path, listed: &BTreeSet<String>, keep: bool) -> Result<(), DatasetError> {
+        self.check_listed(list, listed)?;
+        let names = &self.group_names;
+        self.samples.retain(|s| listed.contains(&names[s.group]) == keep);
+        if self.samples.is_empty() {
+            return Err(DatasetError::PatientList { list: list.into(), message: "no image is left after filtering".into() });
+        }
+        Ok(())
+    }
+
+    /// Indices of the samples of the listed patients (all of whom must be present).
+    pub fn patient_indices(&self, list: &Path, listed: &BTreeSet<String>) -> Result<Vec<usize>, DatasetError> {
+        self.check_listed(list, listed)?;
+        let indices: Vec<usize> =
+            (0..self.samples.len()).filter(|&i| listed.contains(&self.group_names[self.samples[i].group])).collect();
+        if indices.len() == self.samples.len() {
+            return Err(DatasetError::PatientList { list: list.into(), message: "lists every patient: nothing is left to train on".into() });
+        }
+        Ok(indices)
+    }
+
+    /// Every listed patient must be in the dataset, so that a typo or the wrong
+    /// directory cannot quietly change which images a run uses.
+    fn check_listed(&self, list: &Path, listed: &BTreeSet<String>) -> Result<(), DatasetError> {
         let error = |message: String| DatasetError::PatientList { list: list.into(), message };
         if !self.has_patients {
             return Err(error(format!("{} has no patient ids (MURA layout needed)", self.root.display())));
@@ -353,11 +374,6 @@ impl Dataset {
         if !missing.is_empty() {
             let shown = missing.iter().take(5).copied().collect::<Vec<_>>().join(", ");
             return Err(error(format!("{} listed patient(s) not in {}: {shown}", missing.len(), self.root.display())));
-        }
-        let names = &self.group_names;
-        self.samples.retain(|s| listed.contains(&names[s.group]) == keep);
-        if self.samples.is_empty() {
-            return Err(error("no image is left after filtering".into()));
         }
         Ok(())
     }

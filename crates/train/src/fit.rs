@@ -58,6 +58,73 @@ pub struct Phase {
     /// BatchNorm normalises with batch statistics (and updates its running
     /// ones); false keeps it in inference mode, as the study's fine-tuning.
     pub batch_norm_stats: bool,
+    /// How the learning rate moves within the phase; `lr` is its peak.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Progressive resizing: the phase's first epochs at a smaller input size.
+    #[serde(default)]
+    pub progressive: Option<Progressive>,
+}
+
+impl Phase {
+    /// A phase at a constant rate and the model's input size.
+    pub fn constant(name: &str, epochs: usize, lr: f64, scope: Scope, batch_norm_stats: bool) -> Self {
+        Self {
+            name: name.into(),
+            epochs,
+            lr,
+            scope,
+            batch_norm_stats,
+            lr_schedule: LrSchedule::Constant,
+            progressive: None,
+        }
+    }
+
+    /// The learning rate of step `step` (of `steps`) in epoch `epoch`.
+    pub fn lr_at(&self, epoch: usize, step: usize, steps: usize) -> f64 {
+        match self.lr_schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::WarmupCosine { warmup_epochs } => {
+                let steps = steps.max(1);
+                let now = (epoch * steps + step) as f64;
+                let warmup = (warmup_epochs.min(self.epochs) * steps) as f64;
+                let total = (self.epochs * steps) as f64;
+                if now < warmup {
+                    self.lr * (now + 1.0) / warmup
+                } else {
+                    let progress = (now - warmup) / (total - warmup).max(1.0);
+                    self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+                }
+            }
+        }
+    }
+
+    /// The input size of epoch `epoch` (0-based) for a model whose card says `full`.
+    pub fn size_at(&self, epoch: usize, full: usize) -> usize {
+        match &self.progressive {
+            Some(p) if epoch < p.epochs => p.size,
+            _ => full,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    /// Linear warm-up from 0 over the first epochs, then cosine decay to 0 at the
+    /// phase's last step: a scratch model's early steps cannot take the peak rate.
+    WarmupCosine { warmup_epochs: usize },
+}
+
+/// The first `epochs` epochs of a phase at `size` pixels, the rest at the model's
+/// input size: most of the compute at a quarter of the pixels, the last epochs
+/// where the fine detail is. Only for models that pool globally (DenseNet).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progressive {
+    pub size: usize,
+    pub epochs: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,6 +138,12 @@ pub struct FitConfig {
     /// 0 runs the backbone at every step with a fresh augmentation.
     #[serde(default)]
     pub feature_bank: usize,
+    /// Decoupled (AdamW) weight decay of convolution and linear weights, per unit of learning rate.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Targets move this far towards 0.5 (0 and 1 become ε/2 and 1 - ε/2).
+    #[serde(default)]
+    pub label_smoothing: f64,
 }
 
 impl FitConfig {
@@ -83,6 +156,22 @@ impl FitConfig {
         }
         if let Some(p) = self.phases.iter().find(|p| !(p.lr > 0.0 && p.lr.is_finite())) {
             return Err(FitError::Config(format!("phase `{}`: learning rate {} must be positive", p.name, p.lr)));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(FitError::Config(format!("--weight-decay {} must be zero or positive", self.weight_decay)));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(FitError::Config(format!("--label-smoothing {} must be in [0, 0.5)", self.label_smoothing)));
+        }
+        for phase in &self.phases {
+            if let Some(p) = &phase.progressive {
+                if p.size < 32 || p.epochs > phase.epochs {
+                    return Err(FitError::Config(format!(
+                        "phase `{}`: progressive resizing at {} px for {} of its {} epochs (needs at least 32 px, and no more epochs than the phase)",
+                        phase.name, p.size, p.epochs, phase.epochs
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -102,8 +191,9 @@ pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> candle_core::Result
     ((logits.relu()? - (logits * targets)?)? + softplus_tail)?.mean_all()
 }
 
-fn labels_tensor(labels: &[bool], indices: &[usize], device: &Device) -> candle_core::Result<Tensor> {
-    let values: Vec<f32> = indices.iter().map(|&i| if labels[i] { 1.0 } else { 0.0 }).collect();
+fn labels_tensor(labels: &[bool], indices: &[usize], smoothing: f64, device: &Device) -> candle_core::Result<Tensor> {
+    let (low, high) = ((smoothing / 2.0) as f32, (1.0 - smoothing / 2.0) as f32);
+    let values: Vec<f32> = indices.iter().map(|&i| if labels[i] { high } else { low }).collect();
     Tensor::from_vec(values, indices.len(), device)
 }
 
@@ -261,6 +351,7 @@ impl Fit<'_> {
             let mut first_epoch = 0;
             let prefixes = self.scope_prefixes(&phase.scope);
             let mut adam = Adam::new(self.params.trainable(prefixes.as_deref()), phase.lr)?;
+            adam.weight_decay = config.weight_decay;
             if let Some(saved) = &resume {
                 if phase_index < saved.state.phase {
                     continue;
@@ -338,6 +429,7 @@ impl Fit<'_> {
         let phase = &config.phases[phase_index];
         let started = Instant::now();
         let order = epoch_order(data, config, phase_index, epoch);
+        let batches = order.len().div_ceil(config.batch_size);
         let mut tally = Tally::default();
         for (batch_index, batch) in order.chunks(config.batch_size).enumerate() {
             let rows: Vec<u32> = batch
@@ -348,8 +440,9 @@ impl Fit<'_> {
                 })
                 .collect();
             let pooled = bank.train.index_select(&Tensor::new(rows, self.device)?, 0)?;
-            let targets = labels_tensor(data.labels, batch, self.device)?;
+            let targets = labels_tensor(data.labels, batch, config.label_smoothing, self.device)?;
             let step_seed = derive_seed(config.seed, ("dropout", phase_index, epoch, batch_index));
+            adam.lr = phase.lr_at(epoch, batch_index, batches);
             let logits = net.classify(&pooled, Some(step_seed))?;
             let loss = bce_with_logits(&logits, &targets)?;
             adam.backward_step(&loss)?;
@@ -383,19 +476,23 @@ impl Fit<'_> {
         );
         bar.set_prefix(format!("{} {}/{}", phase.name, epoch + 1, phase.epochs));
 
+        let size = phase.size_at(epoch, self.card.input_size());
+        let preprocessing = Preprocessing { input_size: size, ..self.card.preprocessing.clone() };
         let mut tally = Tally::default();
         for (batch_index, batch) in order.chunks(config.batch_size).enumerate() {
             let images: Vec<Rgb32FImage> = batch
                 .par_iter()
                 .map(|&i| {
                     let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("augment", phase_index, epoch, i)));
-                    config.augmentation.apply(&data.images[i], &mut rng)
+                    // Augmented at full size, then shrunk: the small epochs see what the large ones would, coarser.
+                    preprocess::resize(&config.augmentation.apply(&data.images[i], &mut rng), size)
                 })
                 .collect();
             let refs: Vec<&Rgb32FImage> = images.iter().collect();
-            let xs = preprocess::to_tensor(&refs, &self.card.preprocessing, self.device)?;
-            let targets = labels_tensor(data.labels, batch, self.device)?;
+            let xs = preprocess::to_tensor(&refs, &preprocessing, self.device)?;
+            let targets = labels_tensor(data.labels, batch, config.label_smoothing, self.device)?;
             let step_seed = derive_seed(config.seed, ("dropout", phase_index, epoch, batch_index));
+            adam.lr = phase.lr_at(epoch, batch_index, batches);
             let logits = match (self.model, &phase.scope) {
                 // Frozen base: its output is a constant, so no graph is built through it.
                 (Model::DenseNet(net), Scope::Head) => {
@@ -418,8 +515,13 @@ impl Fit<'_> {
 
         let validation = if data.validation.is_empty() {
             None
-        } else {
+        } else if size == self.card.input_size() {
             Some(predict(self.model, data.images, &data.validation, &self.card.preprocessing, 32, self.device)?)
+        } else {
+            let resized: Vec<Rgb32FImage> =
+                data.validation.par_iter().map(|&i| preprocess::resize(&data.images[i], size)).collect();
+            let indices: Vec<usize> = (0..resized.len()).collect();
+            Some(predict(self.model, &resized, &indices, &preprocessing, 32, self.device)?)
         };
         Ok(tally.record(phase, epoch, validation, data, started))
     }
@@ -456,21 +558,23 @@ impl Tally {
     /// The epoch's record, with validation loss and accuracy from P(positive)
     /// of the validation images, when there are any.
     fn record(&self, phase: &Phase, epoch: usize, validation: Option<Vec<f64>>, data: &FitData, started: Instant) -> EpochRecord {
-        let (val_loss, val_accuracy) = match validation {
+        let (val_loss, val_accuracy, val_auc) = match validation {
             Some(probabilities) => {
                 let (loss, accuracy) = loss_and_accuracy(&probabilities, data.labels, &data.validation);
-                (Some(loss), Some(accuracy))
+                let truth: Vec<bool> = data.validation.iter().map(|&i| data.labels[i]).collect();
+                (Some(loss), Some(accuracy), crate::metrics::roc_auc(&probabilities, &truth))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         EpochRecord {
             phase: phase.name.clone(),
             epoch: epoch + 1,
-            lr: phase.lr,
+            lr: phase.lr_at(epoch, 0, 1),
             train_loss: self.mean_loss(),
             train_accuracy: self.correct as f64 / self.seen.max(1) as f64,
             val_loss,
             val_accuracy,
+            val_auc,
             seconds: started.elapsed().as_secs_f64(),
         }
     }

@@ -70,6 +70,12 @@ pub struct KfoldReport {
     pub std_accuracy: f64,
     /// Metrics over all out-of-fold predictions together.
     pub pooled: BinaryMetrics,
+    /// Pooled out-of-fold, one prediction per study (the mean of its images).
+    #[serde(default)]
+    pub study_level: Option<BinaryMetrics>,
+    /// Calibration of the pooled out-of-fold probabilities.
+    #[serde(default)]
+    pub calibration: Option<crate::calibration::CalibrationFigures>,
     pub per_fold: Vec<FoldResult>,
     pub predictions: Vec<OutOfFold>,
     pub seconds: f64,
@@ -101,6 +107,20 @@ impl KfoldReport {
             p.kappa,
             p.brier
         );
+        if let Some(study) = &self.study_level {
+            let auc = match (study.auc, study.auc_ci) {
+                (Some(auc), Some((lo, hi))) => format!("{auc:.3} (95% CI {lo:.3}-{hi:.3})"),
+                (Some(auc), None) => format!("{auc:.3}"),
+                _ => "undefined".into(),
+            };
+            out += &format!(
+                "Study level ({} studies, mean of their images): ROC AUC {auc}  kappa {:.3}\n",
+                study.n, study.kappa
+            );
+        }
+        if let Some(calibration) = &self.calibration {
+            out += &format!("Expected calibration error: {:.3} ({} bins)\n", calibration.ece, calibration.bins.len());
+        }
         out += &format!("{} folds, {} images, {:.0} s\n", self.folds, p.n, self.seconds);
         out
     }
@@ -195,6 +215,19 @@ pub fn run(
         spec.card.threshold,
         spec.config.seed,
     );
+    let study_keys: Vec<String> = predictions
+        .iter()
+        .map(|p| crate::study::mura_study(std::path::Path::new(&p.path)).unwrap_or_else(|| p.path.clone()))
+        .collect();
+    let study_level = crate::calibration::study_metrics(
+        &study_keys,
+        &scores,
+        &truth,
+        dataset.has_patients.then_some(group_ids.as_slice()),
+        spec.card.threshold,
+        spec.config.seed,
+    );
+    let calibration = crate::calibration::CalibrationFigures::of(&scores, &truth);
     let (mean_loss, std_loss) = mean_std(&results.iter().map(|r| r.loss).collect::<Vec<_>>());
     let (mean_accuracy, std_accuracy) = mean_std(&results.iter().map(|r| r.accuracy).collect::<Vec<_>>());
     Ok(KfoldReport {
@@ -210,6 +243,8 @@ pub fn run(
         mean_accuracy,
         std_accuracy,
         pooled,
+        study_level: Some(study_level),
+        calibration: Some(calibration),
         per_fold: results,
         predictions,
         seconds: started.elapsed().as_secs_f64(),

@@ -4,6 +4,7 @@
 
 pub mod augment;
 pub mod bench;
+pub mod calibration;
 pub mod cli;
 pub mod dataset;
 pub mod fit;
@@ -15,6 +16,7 @@ pub mod optim;
 pub mod params;
 pub mod report;
 pub mod schedule;
+pub mod study;
 pub mod synthetic;
 
 use std::io::Write;

@@ -1,5 +1,6 @@
 //! Adam as Keras implements it (epsilon 1e-7 added outside the square root),
-//! with its moments exposed so a checkpoint can save and restore them.
+//! with its moments exposed so a checkpoint can save and restore them, and
+//! optionally AdamW's decoupled weight decay.
 
 use std::collections::HashMap;
 
@@ -13,6 +14,9 @@ pub struct Adam {
     second: Vec<Tensor>,
     pub step: usize,
     pub lr: f64,
+    /// Decoupled weight decay (AdamW): each step multiplies convolution and linear
+    /// weights by `1 - lr·weight_decay`; biases and BatchNorm parameters are left alone.
+    pub weight_decay: f64,
     beta1: f64,
     beta2: f64,
     epsilon: f64,
@@ -23,7 +27,7 @@ impl Adam {
         let zeros = |(_, v): &(String, Var)| v.as_tensor().zeros_like();
         let first = params.iter().map(zeros).collect::<Result<_>>()?;
         let second = params.iter().map(zeros).collect::<Result<_>>()?;
-        Ok(Self { params, first, second, step: 0, lr, beta1: 0.9, beta2: 0.999, epsilon: 1e-7 })
+        Ok(Self { params, first, second, step: 0, lr, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, epsilon: 1e-7 })
     }
 
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
@@ -42,7 +46,8 @@ impl Adam {
             // parameter, each into a new tensor (a fifth of the naive CNN's step).
             self.first[i].inplace_op2(&grad, &Moment { beta: self.beta1, squared: false })?;
             self.second[i].inplace_op2(&grad, &Moment { beta: self.beta2, squared: true })?;
-            var.as_tensor().inplace_op3(&self.first[i], &self.second[i], &Update { step_size, epsilon: self.epsilon })?;
+            let decay = if var.rank() >= 2 { self.lr * self.weight_decay } else { 0.0 };
+            var.as_tensor().inplace_op3(&self.first[i], &self.second[i], &Update { step_size, epsilon: self.epsilon, decay })?;
         }
         Ok(())
     }
@@ -126,10 +131,11 @@ impl InplaceOp2 for Moment {
     }
 }
 
-/// `w = w - step_size·m / (√v + ε)`, in place.
+/// `w = w·(1 - decay) - step_size·m / (√v + ε)`, in place.
 struct Update {
     step_size: f64,
     epsilon: f64,
+    decay: f64,
 }
 
 impl InplaceOp3 for Update {
@@ -143,7 +149,11 @@ impl InplaceOp3 for Update {
                 candle_core::bail!("adam-update: {} weights, {} and {} moments", weight.len(), m.len(), v.len());
             }
             let (step_size, epsilon) = (T::from_f64(op.step_size), T::from_f64(op.epsilon));
+            let keep = T::from_f64(1.0 - op.decay);
             for ((w, &m), &v) in weight.iter_mut().zip(m).zip(v) {
+                if op.decay != 0.0 {
+                    *w = *w * keep;
+                }
                 *w -= m / (v.sqrt() + epsilon) * step_size;
             }
             Ok(())
@@ -219,6 +229,27 @@ mod tests {
         restored.load_state(&state, 1).unwrap();
         restored.backward_step(&loss()).unwrap();
         assert_eq!(state["adam.m.w"].to_vec1::<f32>().unwrap(), saved, "a restored optimiser wrote into its checkpoint");
+    }
+
+    /// AdamW: the same step with and without decay differs by lr·wd·w for a
+    /// matrix and not at all for a bias.
+    #[test]
+    fn weight_decay_shrinks_matrices_only() {
+        let dev = Device::Cpu;
+        let step = |weight_decay: f64| {
+            let matrix = Var::new(&[[2f32, -4.0]], &dev).unwrap();
+            let bias = Var::new(&[3f32], &dev).unwrap();
+            let mut adam = Adam::new(vec![("m".into(), matrix.clone()), ("b".into(), bias.clone())], 0.1).unwrap();
+            adam.weight_decay = weight_decay;
+            let loss = (matrix.as_tensor().sum_all().unwrap() + bias.as_tensor().sum_all().unwrap()).unwrap();
+            adam.backward_step(&loss).unwrap();
+            (matrix.as_tensor().to_vec2::<f32>().unwrap()[0].clone(), bias.as_tensor().to_vec1::<f32>().unwrap())
+        };
+        let ((plain_matrix, plain_bias), (decayed_matrix, decayed_bias)) = (step(0.0), step(0.5));
+        assert_eq!(plain_bias, decayed_bias);
+        for ((plain, decayed), start) in plain_matrix.iter().zip(&decayed_matrix).zip([2f32, -4.0]) {
+            assert!((plain - decayed - 0.05 * start).abs() < 1e-6, "{plain_matrix:?} vs {decayed_matrix:?}");
+        }
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct EpochRecord {
     pub train_accuracy: f64,
     pub val_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
+    /// ROC AUC of the validation images, where both classes are present.
+    #[serde(default)]
+    pub val_auc: Option<f64>,
     #[serde(with = "nan_as_null")]
     pub seconds: f64,
 }
@@ -329,6 +332,61 @@ pub fn plot_roc(
     Ok(())
 }
 
+/// A reliability diagram: for each named series, the observed positive rate
+/// of each probability bin against the bin's mean probability (dot size by
+/// share of the images), with the diagonal a calibrated model lies on.
+pub fn plot_reliability(
+    series: &[(String, Vec<crate::calibration::ReliabilityBin>, f64)],
+    path: &Path,
+) -> Result<(), ReportError> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (640, 640)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Reliability, P(abnormal)", (FONT, 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("predicted P(abnormal), bin mean")
+            .y_desc("observed fraction abnormal")
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], PHASE_COLOUR.stroke_width(1)))?
+            .label("perfectly calibrated")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], PHASE_COLOUR));
+        for (index, (name, bins, ece)) in series.iter().enumerate() {
+            let colour = Palette99::pick(index).to_rgba();
+            let total = bins.iter().map(|b| b.count).sum::<usize>().max(1) as f64;
+            let filled: Vec<_> = bins.iter().filter(|b| b.count > 0).collect();
+            chart
+                .draw_series(LineSeries::new(
+                    filled.iter().map(|b| (b.mean_probability, b.observed)),
+                    colour.stroke_width(2),
+                ))?
+                .label(format!("{name} (ECE {ece:.3})"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+            chart.draw_series(filled.iter().map(|b| {
+                let radius = (3.0 + 12.0 * (b.count as f64 / total).sqrt()) as i32;
+                Circle::new((b.mean_probability, b.observed), radius, colour.mix(0.5).filled())
+            }))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font((FONT, 14))
+            .draw()?;
+        root.present()?;
+    }
+    crate::write_atomically(path, svg.as_bytes())?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +400,7 @@ mod tests {
             train_accuracy: 1.0 - loss / 2.0,
             val_loss: val.map(|v| v.0),
             val_accuracy: val.map(|v| v.1),
+            val_auc: None,
             seconds: 12.5,
         }
     }
