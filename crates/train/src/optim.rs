@@ -144,7 +144,7 @@ impl InplaceOp3 for Update {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
-        fn run<T: candle_core::WithDType + num_traits::Float + std::ops::SubAssign>(op: &Update, weight: &mut [T], m: &[T], v: &[T]) -> Result<()> {
+        fn run<T: candle_core::WithDType + num_traits::Float + std::ops::SubAssign + std::ops::MulAssign>(op: &Update, weight: &mut [T], m: &[T], v: &[T]) -> Result<()> {
             if weight.len() != m.len() || weight.len() != v.len() {
                 candle_core::bail!("adam-update: {} weights, {} and {} moments", weight.len(), m.len(), v.len());
             }
@@ -152,7 +152,7 @@ impl InplaceOp3 for Update {
             let keep = T::from_f64(1.0 - op.decay);
             for ((w, &m), &v) in weight.iter_mut().zip(m).zip(v) {
                 if op.decay != 0.0 {
-                    *w = *w * keep;
+                    *w *= keep;
                 }
                 *w -= m / (v.sqrt() + epsilon) * step_size;
             }
