@@ -8,6 +8,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -275,53 +276,37 @@ fn draw_line(
     Ok(())
 }
 
-/// Several ROC curves in one SVG with the chance diagonal, each named
-/// "name (AUC 0.83)" in the legend ("AUC n/a" when undefined).
-pub fn plot_roc(
-    curves: &[(String, Vec<RocPoint>, Option<f64>)],
+type UnitSquare<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A square chart over [0, 1]² with a grey diagonal named `diagonal`, the
+/// series that `draw` adds, and their legend at `legend`, written as SVG.
+fn unit_square_plot(
     path: &Path,
+    caption: &str,
+    (x_desc, y_desc): (&str, &str),
+    diagonal: &str,
+    legend: SeriesLabelPosition,
+    draw: impl FnOnce(&mut UnitSquare) -> Result<(), ReportError>,
 ) -> Result<(), ReportError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (640, 640)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
-            .caption("ROC, abnormal vs normal", (FONT, 22))
+            .caption(caption, (FONT, 22))
             .margin(15)
             .x_label_area_size(45)
             .y_label_area_size(55)
             .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
+        chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).draw()?;
         chart
-            .configure_mesh()
-            .x_desc("false positive rate (1 - specificity)")
-            .y_desc("true positive rate (sensitivity)")
-            .draw()?;
-        chart
-            .draw_series(LineSeries::new(
-                [(0.0, 0.0), (1.0, 1.0)],
-                PHASE_COLOUR.stroke_width(1),
-            ))?
-            .label("chance")
+            .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], PHASE_COLOUR.stroke_width(1)))?
+            .label(diagonal)
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], PHASE_COLOUR));
-        for (index, (name, points, auc)) in curves.iter().enumerate() {
-            let colour = Palette99::pick(index).to_rgba();
-            let label = match auc {
-                Some(auc) => format!("{name} (AUC {auc:.2})"),
-                None => format!("{name} (AUC n/a)"),
-            };
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().map(|p| (p.fpr, p.tpr)),
-                    colour.stroke_width(2),
-                ))?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
-        }
+        draw(&mut chart)?;
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(legend)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font((FONT, 14))
@@ -332,6 +317,26 @@ pub fn plot_roc(
     Ok(())
 }
 
+/// Several ROC curves in one SVG with the chance diagonal, each named
+/// "name (AUC 0.83)" in the legend ("AUC n/a" when undefined).
+pub fn plot_roc(curves: &[(String, Vec<RocPoint>, Option<f64>)], path: &Path) -> Result<(), ReportError> {
+    let axes = ("false positive rate (1 - specificity)", "true positive rate (sensitivity)");
+    unit_square_plot(path, "ROC, abnormal vs normal", axes, "chance", SeriesLabelPosition::LowerRight, |chart| {
+        for (index, (name, points, auc)) in curves.iter().enumerate() {
+            let colour = Palette99::pick(index).to_rgba();
+            let label = match auc {
+                Some(auc) => format!("{name} (AUC {auc:.2})"),
+                None => format!("{name} (AUC n/a)"),
+            };
+            chart
+                .draw_series(LineSeries::new(points.iter().map(|p| (p.fpr, p.tpr)), colour.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+        }
+        Ok(())
+    })
+}
+
 /// A reliability diagram: for each named series, the observed positive rate
 /// of each probability bin against the bin's mean probability (dot size by
 /// share of the images), with the diagonal a calibrated model lies on.
@@ -339,34 +344,14 @@ pub fn plot_reliability(
     series: &[(String, Vec<crate::calibration::ReliabilityBin>, f64)],
     path: &Path,
 ) -> Result<(), ReportError> {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (640, 640)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Reliability, P(abnormal)", (FONT, 22))
-            .margin(15)
-            .x_label_area_size(45)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
-        chart
-            .configure_mesh()
-            .x_desc("predicted P(abnormal), bin mean")
-            .y_desc("observed fraction abnormal")
-            .draw()?;
-        chart
-            .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], PHASE_COLOUR.stroke_width(1)))?
-            .label("perfectly calibrated")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], PHASE_COLOUR));
+    let axes = ("predicted P(abnormal), bin mean", "observed fraction abnormal");
+    unit_square_plot(path, "Reliability, P(abnormal)", axes, "perfectly calibrated", SeriesLabelPosition::UpperLeft, |chart| {
         for (index, (name, bins, ece)) in series.iter().enumerate() {
             let colour = Palette99::pick(index).to_rgba();
             let total = bins.iter().map(|b| b.count).sum::<usize>().max(1) as f64;
             let filled: Vec<_> = bins.iter().filter(|b| b.count > 0).collect();
             chart
-                .draw_series(LineSeries::new(
-                    filled.iter().map(|b| (b.mean_probability, b.observed)),
-                    colour.stroke_width(2),
-                ))?
+                .draw_series(LineSeries::new(filled.iter().map(|b| (b.mean_probability, b.observed)), colour.stroke_width(2)))?
                 .label(format!("{name} (ECE {ece:.3})"))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
             chart.draw_series(filled.iter().map(|b| {
@@ -374,17 +359,8 @@ pub fn plot_reliability(
                 Circle::new((b.mean_probability, b.observed), radius, colour.mix(0.5).filled())
             }))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font((FONT, 14))
-            .draw()?;
-        root.present()?;
-    }
-    crate::write_atomically(path, svg.as_bytes())?;
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]
