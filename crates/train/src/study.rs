@@ -16,7 +16,11 @@ pub fn mura_study(path: &Path) -> Option<String> {
     if !number.starts_with(|c: char| c.is_ascii_digit()) {
         return None;
     }
-    match study.parent().and_then(Path::file_name).and_then(|p| p.to_str()) {
+    match study
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|p| p.to_str())
+    {
         Some(patient) if patient.starts_with("patient") => Some(format!("{patient}/{name}")),
         _ => Some(study.display().to_string()),
     }
@@ -45,8 +49,13 @@ pub fn group(keys: &[String], probabilities: &[f64]) -> Vec<Study> {
         .into_iter()
         .map(|key| {
             let members = members.remove(key.as_str()).unwrap_or_default();
-            let probability = members.iter().map(|&i| probabilities[i]).sum::<f64>() / members.len().max(1) as f64;
-            Study { key, members, probability }
+            let probability = members.iter().map(|&i| probabilities[i]).sum::<f64>()
+                / members.len().max(1) as f64;
+            Study {
+                key,
+                members,
+                probability,
+            }
         })
         .collect()
 }
@@ -57,7 +66,9 @@ mod tests {
 
     #[test]
     fn mura_study_folders_name_the_study() {
-        let key = mura_study(Path::new("data/train/patient00012/study2_positive/image3.png"));
+        let key = mura_study(Path::new(
+            "data/train/patient00012/study2_positive/image3.png",
+        ));
         assert_eq!(key.as_deref(), Some("patient00012/study2_positive"));
         assert_eq!(mura_study(Path::new("data/Fracture/a.png")), None);
         assert_eq!(mura_study(Path::new("study_notes/a.png")), None);
@@ -68,7 +79,10 @@ mod tests {
     fn a_study_is_the_mean_of_its_images() {
         let keys: Vec<String> = ["b", "a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let studies = group(&keys, &[0.2, 0.9, 0.6, 0.1]);
-        assert_eq!(studies.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(), ["b", "a", "c"]);
+        assert_eq!(
+            studies.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(),
+            ["b", "a", "c"]
+        );
         assert_eq!(studies[0].members, [0, 2]);
         assert!((studies[0].probability - 0.4).abs() < 1e-12);
         assert_eq!(studies[2].probability, 0.1);
