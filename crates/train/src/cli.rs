@@ -159,6 +159,10 @@ pub struct ModelArgs {
     /// Move the targets towards 0.5 by this much [default: 0.1 scratch, 0 study].
     #[arg(long, value_name = "X")]
     pub label_smoothing: Option<f64>,
+    /// Mixup with Beta(ALPHA, ALPHA) blending of each batch with a shuffled copy
+    /// (0.2 is usual) [default: off].
+    #[arg(long, value_name = "ALPHA")]
+    pub mixup: Option<f64>,
     /// Progressive resizing, SIZE:EPOCHS: the first EPOCHS epochs at SIZE px, the
     /// rest at --size (DenseNet only).
     #[arg(long, value_name = "SIZE:EPOCHS", value_parser = parse_progressive)]
@@ -629,6 +633,7 @@ fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
         },
         weight_decay: args.weight_decay,
         label_smoothing: args.label_smoothing,
+        mixup: args.mixup,
     };
     let config = schedule::config(&architecture, recipe, &overrides, args.seed, args.feature_bank);
     config.validate()?;

@@ -144,6 +144,10 @@ pub struct FitConfig {
     /// Targets move this far towards 0.5 (0 and 1 become ε/2 and 1 - ε/2).
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Mixup's Beta(α, α) parameter: each batch is blended with a shuffled copy
+    /// of itself, images and targets alike. 0 turns it off.
+    #[serde(default)]
+    pub mixup: f64,
 }
 
 impl FitConfig {
@@ -162,6 +166,9 @@ impl FitConfig {
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
             return Err(FitError::Config(format!("--label-smoothing {} must be in [0, 0.5)", self.label_smoothing)));
+        }
+        if !(self.mixup >= 0.0 && self.mixup.is_finite()) {
+            return Err(FitError::Config(format!("--mixup {} must be zero or positive", self.mixup)));
         }
         for phase in &self.phases {
             if let Some(p) = &phase.progressive {
@@ -408,7 +415,9 @@ impl Fit<'_> {
     /// A head-only phase with the base in inference mode sees each image only
     /// through its pooled features, which the bank can hold.
     fn can_cache(&self, config: &FitConfig, phase: &Phase) -> bool {
+        // Mixup blends input images, which banked features no longer are.
         config.feature_bank > 0
+            && config.mixup == 0.0
             && phase.scope == Scope::Head
             && !phase.batch_norm_stats
             && matches!(self.model, Model::DenseNet(_))
@@ -491,6 +500,12 @@ impl Fit<'_> {
             let refs: Vec<&Rgb32FImage> = images.iter().collect();
             let xs = preprocess::to_tensor(&refs, &preprocessing, self.device)?;
             let targets = labels_tensor(data.labels, batch, config.label_smoothing, self.device)?;
+            let (xs, targets) = if config.mixup > 0.0 {
+                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("mixup", phase_index, epoch, batch_index)));
+                mixup(&xs, &targets, config.mixup, &mut rng)?
+            } else {
+                (xs, targets)
+            };
             let step_seed = derive_seed(config.seed, ("dropout", phase_index, epoch, batch_index));
             adam.lr = phase.lr_at(epoch, batch_index, batches);
             let logits = match (self.model, &phase.scope) {
@@ -525,6 +540,20 @@ impl Fit<'_> {
         };
         Ok(tally.record(phase, epoch, validation, data, started))
     }
+}
+
+/// Mixup (Zhang et al. 2018): λ·x + (1-λ)·x[π] and the same for the targets,
+/// with one λ ~ Beta(α, α) per batch, folded to λ ≥ 0.5 so that each row stays
+/// mostly its own image (the tally's accuracy reads the row's own label).
+fn mixup(xs: &Tensor, targets: &Tensor, alpha: f64, rng: &mut ChaCha8Rng) -> Result<(Tensor, Tensor), FitError> {
+    let beta = rand_distr::Beta::new(alpha, alpha).map_err(|e| FitError::Config(format!("--mixup {alpha}: {e}")))?;
+    let lambda: f64 = rand_distr::Distribution::sample(&beta, rng);
+    let lambda = lambda.max(1.0 - lambda);
+    let mut partner: Vec<u32> = (0..xs.dim(0)? as u32).collect();
+    partner.shuffle(rng);
+    let partner = Tensor::new(partner, xs.device())?;
+    let blend = |t: &Tensor| -> candle_core::Result<Tensor> { (t * lambda)? + (t.index_select(&partner, 0)? * (1.0 - lambda))? };
+    Ok((blend(xs)?, blend(targets)?))
 }
 
 /// The training images in an epoch's seeded order.

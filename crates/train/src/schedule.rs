@@ -73,6 +73,7 @@ pub struct Overrides {
     pub augmentation: Option<Augmentation>,
     pub weight_decay: Option<f64>,
     pub label_smoothing: Option<f64>,
+    pub mixup: Option<f64>,
 }
 
 /// The whole training configuration of a recipe, with the command line's overrides.
@@ -85,6 +86,7 @@ pub fn config(architecture: &Architecture, recipe: Recipe, overrides: &Overrides
         feature_bank,
         weight_decay: overrides.weight_decay.unwrap_or(recipe.default_weight_decay()),
         label_smoothing: overrides.label_smoothing.unwrap_or(recipe.default_label_smoothing()),
+        mixup: overrides.mixup.unwrap_or(0.0),
     }
 }
 

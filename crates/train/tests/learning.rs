@@ -36,6 +36,7 @@ fn one_phase(epochs: usize, lr: f64, batch_size: usize) -> FitConfig {
         feature_bank: 0,
         weight_decay: 0.0,
         label_smoothing: 0.0,
+        mixup: 0.0,
     }
 }
 
@@ -110,6 +111,7 @@ fn interrupted_training_resumes_to_identical_weights() {
         feature_bank: 2,
         weight_decay: 0.05,
         label_smoothing: 0.1,
+        mixup: 0.0,
     };
     let spec = TrainSpec { card: &card, init: None, config: &config, device: &device, show_progress: false };
     let data = || FitData { images: &images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
@@ -235,6 +237,7 @@ fn banked_head_phase_trains_like_running_the_frozen_base() {
         feature_bank,
         weight_decay: 0.0,
         label_smoothing: 0.0,
+        mixup: 0.0,
     };
     let data = || FitData { images: &images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
     let run = |feature_bank| {
