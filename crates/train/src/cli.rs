@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 use crate::augment::Augmentation;
 use crate::dataset::{self, Dataset, ScanOptions};
 use crate::fit::{self, Checkpoint, FitConfig, FitData, Progressive, TrainSpec};
-use crate::kfold::{self, FoldResult, KfoldObserver, KfoldSpec};
+use crate::kfold::{self, FoldResult, KfoldObserver, KfoldSpec, RunIdentity, ShardReport};
+use crate::merge;
 use crate::report::{self, EpochRecord};
 use crate::schedule::{self, Overrides, Recipe};
 
@@ -30,6 +31,11 @@ use crate::schedule::{self, Overrides, Recipe};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Worker threads for every parallel part (kernels, decoding) [default: the
+    /// scheduler's allocation (SLURM_CPUS_PER_TASK) where set, else the cores
+    /// this process may use].
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -285,13 +291,21 @@ pub struct RocArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct KfoldArgs {
+    #[command(subcommand)]
+    pub action: Option<KfoldAction>,
+    /// None only with `merge`, which reads no data set.
     #[command(flatten)]
-    pub data: DataArgs,
+    pub data: Option<DataArgs>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[arg(long, default_value_t = 10)]
     pub folds: usize,
+    /// Run fold I (1-based) alone and write its shard report to --report, for
+    /// `kfold merge`: one job of a Slurm array or Kubernetes Indexed Job.
+    #[arg(long, value_name = "I", requires = "report")]
+    pub fold: Option<usize>,
     /// Write every figure, per fold, and the out-of-fold predictions as JSON
     /// (plus an ROC curve as SVG beside it).
     #[arg(long, value_name = "OUT.json")]
@@ -299,6 +313,22 @@ pub struct KfoldArgs {
     /// Fraction of each fold's training patients held out to log validation curves.
     #[arg(long, default_value_t = 0.0)]
     pub val_split: f64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KfoldAction {
+    /// Merge the shard reports of one run (`kfold --fold I`) into the report and
+    /// summary the unsharded run writes.
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Shard reports, one per fold, in any order.
+    #[arg(value_name = "SHARD.json", required = true, num_args = 1..)]
+    pub shards: Vec<PathBuf>,
+    #[arg(long, value_name = "OUT.json")]
+    pub report: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -439,6 +469,9 @@ pub struct ImportArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    if let Some(threads) = thread_budget(cli.threads)? {
+        use_threads(threads)?;
+    }
     match cli.command {
         Command::Train(args) => train(args),
         Command::Kfold(args) => kfold(args),
@@ -451,6 +484,48 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Roc(args) => roc(args),
         Command::Calibrate(args) => calibrate(args),
     }
+}
+
+/// `--threads`, else what a scheduler allotted (SLURM_CPUS_PER_TASK, or a CPU
+/// limit or mask narrower than the machine, as a container or `taskset` sets);
+/// None leaves the defaults, which then agree: every core.
+fn thread_budget(flag: Option<usize>) -> Result<Option<usize>> {
+    if let Some(threads) = flag {
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        return Ok(Some(threads));
+    }
+    let slurm = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0);
+    // An explicit RAYON_NUM_THREADS already reaches both rayon and the kernels.
+    let user_set = std::env::var_os("RAYON_NUM_THREADS").is_some();
+    Ok(slurm.or_else(|| if user_set { None } else { narrower_than_the_machine() }))
+}
+
+/// rayon sizes its pool by the cores this process may use (affinity, cgroup
+/// quota), but candle's kernels count the machine's physical cores: inside a
+/// container limited to 8 of 64 cores they would start 32 threads each.
+#[cfg(unix)]
+fn narrower_than_the_machine() -> Option<usize> {
+    let usable = std::thread::available_parallelism().ok()?.get();
+    // SAFETY: sysconf reads a constant of the running system.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    (online > 0 && (usable as i64) < online as i64).then_some(usable)
+}
+
+#[cfg(not(unix))]
+fn narrower_than_the_machine() -> Option<usize> {
+    None
+}
+
+/// One budget for rayon's pool and for the kernels (candle and gemm size their
+/// splits from RAYON_NUM_THREADS). Runs before any thread exists.
+fn use_threads(threads: usize) -> Result<()> {
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .with_context(|| format!("cannot start {threads} worker threads"))
 }
 
 fn scan_dataset(data: &DataArgs) -> Result<Dataset> {
@@ -785,15 +860,22 @@ impl KfoldObserver for PrintFolds {
 }
 
 fn kfold(args: KfoldArgs) -> Result<()> {
+    if let Some(KfoldAction::Merge(merge)) = &args.action {
+        return kfold_merge(merge);
+    }
     let device = Device::Cpu;
     if args.folds < 2 {
         bail!("--folds must be at least 2");
+    }
+    if let Some(fold) = args.fold.filter(|&f| f == 0 || f > args.folds) {
+        bail!("--fold {fold} must be between 1 and --folds {}", args.folds);
     }
     if !(0.0..0.9).contains(&args.val_split) {
         bail!("--val-split {} must be in [0, 0.9)", args.val_split);
     }
     let Prepared { mut card, init, config } = prepare(&args.model, &device)?;
-    let (dataset, images) = load_dataset(&args.data, &card, args.model.quiet)?;
+    let data = args.data.as_ref().context("kfold needs a data set: -i DIR")?;
+    let (dataset, images) = load_dataset(data, &card, args.model.quiet)?;
     card.classes = dataset.classes.clone();
 
     // Finished folds are kept here until the report is written, so a rerun resumes.
@@ -829,23 +911,54 @@ fn kfold(args: KfoldArgs) -> Result<()> {
         show_progress: !args.model.quiet,
         state_dir: &state_dir,
     };
-    let report = kfold::run(&spec, &dataset, &images, &mut PrintFolds)?;
-    print!("{}", report.summary());
-    std::io::stdout().flush()?;
-    if let Some(path) = &args.report {
-        let json = serde_json::to_vec_pretty(&report)?;
-        crate::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
-        let roc_path = with_suffix(path, ".roc.svg");
-        report::plot_roc(&[(report.model.clone(), out_of_fold_roc(&report), report.pooled.auc)], &roc_path)
-            .with_context(|| format!("cannot write {}", roc_path.display()))?;
-        let reliability_path = with_suffix(path, ".reliability.svg");
-        if let Some(calibration) = &report.calibration {
-            report::plot_reliability(&[(report.model.clone(), calibration.bins.clone(), calibration.ece)], &reliability_path)
-                .with_context(|| format!("cannot write {}", reliability_path.display()))?;
+    match (args.fold, &args.report) {
+        (Some(fold), Some(path)) => {
+            let shard = kfold::run_folds(&spec, &dataset, &images, Some(fold), &mut PrintFolds)?
+                .pop()
+                .context("the fold produced no result")?;
+            let report = ShardReport { format: ShardReport::FORMAT.into(), run: RunIdentity::of(&spec, &dataset), shard };
+            let json = serde_json::to_vec_pretty(&report)?;
+            crate::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {} (fold {fold} of {}; `fracture kfold merge` joins the shards)", path.display(), args.folds);
         }
-        eprintln!("wrote {}, {} and {}", path.display(), roc_path.display(), reliability_path.display());
+        _ => {
+            let report = kfold::run(&spec, &dataset, &images, &mut PrintFolds)?;
+            print!("{}", report.summary());
+            std::io::stdout().flush()?;
+            if let Some(path) = &args.report {
+                write_kfold_report(&report, path)?;
+            }
+        }
     }
     let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(())
+}
+
+fn kfold_merge(args: &MergeArgs) -> Result<()> {
+    let shards = args
+        .shards
+        .iter()
+        .map(|path| Ok((path.clone(), merge::read_shard(path)?)))
+        .collect::<std::result::Result<Vec<_>, merge::MergeError>>()?;
+    let report = merge::merge(shards)?;
+    print!("{}", report.summary());
+    std::io::stdout().flush()?;
+    write_kfold_report(&report, &args.report)
+}
+
+/// The report as JSON, with its ROC curve and reliability diagram beside it.
+fn write_kfold_report(report: &kfold::KfoldReport, path: &Path) -> Result<()> {
+    let json = serde_json::to_vec_pretty(report)?;
+    crate::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+    let roc_path = with_suffix(path, ".roc.svg");
+    report::plot_roc(&[(report.model.clone(), out_of_fold_roc(report), report.pooled.auc)], &roc_path)
+        .with_context(|| format!("cannot write {}", roc_path.display()))?;
+    let reliability_path = with_suffix(path, ".reliability.svg");
+    if let Some(calibration) = &report.calibration {
+        report::plot_reliability(&[(report.model.clone(), calibration.bins.clone(), calibration.ece)], &reliability_path)
+            .with_context(|| format!("cannot write {}", reliability_path.display()))?;
+    }
+    eprintln!("wrote {}, {} and {}", path.display(), roc_path.display(), reliability_path.display());
     Ok(())
 }
 

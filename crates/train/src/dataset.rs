@@ -406,6 +406,25 @@ impl Dataset {
         out
     }
 
+    /// Identifies the images a run used, wherever the data set is mounted: each
+    /// sample's path below the root, its size in bytes, label and group. Two
+    /// copies of one data set agree; a different or edited set does not.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for sample in &self.samples {
+            let relative = sample.path.strip_prefix(&self.root).unwrap_or(&sample.path);
+            let size = std::fs::metadata(&sample.path).map_or(u64::MAX, |m| m.len());
+            hasher.update(relative.to_string_lossy().as_bytes());
+            hasher.update([0]);
+            hasher.update(size.to_le_bytes());
+            hasher.update([sample.positive as u8]);
+            hasher.update(self.group_names[sample.group].as_bytes());
+            hasher.update([0]);
+        }
+        hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn training_summary(&self, schedule: serde_json::Value) -> TrainingSummary {
         TrainingSummary {
             source: self.root.display().to_string(),

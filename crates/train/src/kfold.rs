@@ -29,6 +29,8 @@ pub enum KfoldError {
     Folds(String),
     #[error("{path}: {message}")]
     State { path: PathBuf, message: String },
+    #[error("fold {fold} is outside 1..={folds}")]
+    NoSuchFold { fold: usize, folds: usize },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -134,6 +136,80 @@ impl KfoldReport {
     }
 }
 
+/// What makes fold results parts of one run: shards merge only when all of
+/// this agrees.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunIdentity {
+    pub model: String,
+    pub input_size: usize,
+    pub folds: usize,
+    pub seed: u64,
+    pub validation_fraction: f64,
+    pub grouped_by_patient: bool,
+    pub threshold: f64,
+    /// [`Dataset::fingerprint`]: relative paths, sizes, labels and groups.
+    pub data_fingerprint: String,
+    /// SHA-256 of the `--init` weights, if any.
+    pub init_sha256: Option<String>,
+    pub config: FitConfig,
+    pub dataset: fracture_core::card::TrainingSummary,
+}
+
+impl RunIdentity {
+    pub fn of(spec: &KfoldSpec, dataset: &Dataset) -> Self {
+        RunIdentity {
+            model: spec.card.architecture.display_name(),
+            input_size: spec.card.input_size(),
+            folds: spec.folds,
+            seed: spec.config.seed,
+            validation_fraction: spec.validation_fraction,
+            grouped_by_patient: dataset.has_patients,
+            threshold: spec.card.threshold,
+            data_fingerprint: dataset.fingerprint(),
+            init_sha256: spec.card.init.as_ref().map(|s| s.sha256.clone()),
+            config: spec.config.clone(),
+            dataset: dataset.training_summary(serde_json::to_value(spec.config).unwrap_or_default()),
+        }
+    }
+
+    /// The first thing that differs from `other`, in words, or None when both
+    /// describe the same run. Where the data set was mounted does not count.
+    pub fn difference(&self, other: &RunIdentity) -> Option<String> {
+        let differs = |what: &str, a: String, b: String| (a != b).then(|| format!("{what} {a} against {b}"));
+        let config = |c: &FitConfig| serde_json::to_string(c).unwrap_or_default();
+        differs("data set", self.data_fingerprint.clone(), other.data_fingerprint.clone())
+            .or_else(|| differs("model", self.model.clone(), other.model.clone()))
+            .or_else(|| differs("input size", self.input_size.to_string(), other.input_size.to_string()))
+            .or_else(|| differs("folds", self.folds.to_string(), other.folds.to_string()))
+            .or_else(|| differs("seed", self.seed.to_string(), other.seed.to_string()))
+            .or_else(|| differs("validation split", self.validation_fraction.to_string(), other.validation_fraction.to_string()))
+            .or_else(|| differs("threshold", self.threshold.to_string(), other.threshold.to_string()))
+            .or_else(|| differs("grouping by patient", self.grouped_by_patient.to_string(), other.grouped_by_patient.to_string()))
+            .or_else(|| differs("initial weights", format!("{:?}", self.init_sha256), format!("{:?}", other.init_sha256)))
+            .or_else(|| differs("recipe", config(&self.config), config(&other.config)))
+    }
+}
+
+/// One fold's figures and its out-of-fold predictions.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FoldShard {
+    pub result: FoldResult,
+    pub predictions: Vec<OutOfFold>,
+}
+
+/// What `kfold --fold I` writes: one fold of a run, and the run it belongs to.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShardReport {
+    /// Always [`ShardReport::FORMAT`]; tells a shard from any other JSON file.
+    pub format: String,
+    pub run: RunIdentity,
+    pub shard: FoldShard,
+}
+
+impl ShardReport {
+    pub const FORMAT: &'static str = "fracture-kfold-shard/1";
+}
+
 pub struct KfoldSpec<'a> {
     pub card: &'a ModelCard,
     pub init: Option<&'a HashMap<String, Tensor>>,
@@ -155,6 +231,7 @@ pub trait KfoldObserver {
     fn fold_finished(&mut self, result: &FoldResult);
 }
 
+/// Every fold, then the pooled report.
 pub fn run(
     spec: &KfoldSpec,
     dataset: &Dataset,
@@ -162,6 +239,23 @@ pub fn run(
     observer: &mut dyn KfoldObserver,
 ) -> Result<KfoldReport, KfoldError> {
     let started = Instant::now();
+    let shards = run_folds(spec, dataset, images, None, observer)?;
+    Ok(assemble(&RunIdentity::of(spec, dataset), shards, started.elapsed().as_secs_f64()))
+}
+
+/// Trains and evaluates the folds (all, or the 1-based `only` one), each on
+/// exactly the split the whole run gives it: the folds are drawn from the seed
+/// and the data alone, so fold I in its own process is fold I of the run.
+pub fn run_folds(
+    spec: &KfoldSpec,
+    dataset: &Dataset,
+    images: &[Rgb32FImage],
+    only: Option<usize>,
+    observer: &mut dyn KfoldObserver,
+) -> Result<Vec<FoldShard>, KfoldError> {
+    if let Some(fold) = only.filter(|&f| f == 0 || f > spec.folds) {
+        return Err(KfoldError::NoSuchFold { fold, folds: spec.folds });
+    }
     let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
     let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
     let test_folds = stratified_group_kfold(&labels, &groups, spec.folds, spec.config.seed)
@@ -169,9 +263,11 @@ pub fn run(
     std::fs::create_dir_all(spec.state_dir)
         .map_err(|e| KfoldError::State { path: spec.state_dir.to_path_buf(), message: e.to_string() })?;
 
-    let mut results = Vec::new();
-    let mut predictions = Vec::new();
+    let mut shards = Vec::new();
     for (fold, test) in test_folds.iter().enumerate() {
+        if only.is_some_and(|only| only != fold + 1) {
+            continue;
+        }
         let fold_file = spec.state_dir.join(format!("fold{:02}.json", fold + 1));
         let in_test: std::collections::HashSet<usize> = test.iter().copied().collect();
         let rest: Vec<usize> = (0..labels.len()).filter(|i| !in_test.contains(i)).collect();
@@ -192,52 +288,51 @@ pub fn run(
             }
         };
         observer.fold_finished(&result);
-        for (&i, &probability) in test.iter().zip(&probabilities) {
-            let sample = &dataset.samples[i];
-            predictions.push(OutOfFold {
-                path: sample.path.display().to_string(),
-                positive: sample.positive,
-                probability,
-                fold: fold + 1,
-                group: dataset.group_names[sample.group].clone(),
-            });
-        }
-        results.push(result);
+        let predictions = test
+            .iter()
+            .zip(&probabilities)
+            .map(|(&i, &probability)| {
+                let sample = &dataset.samples[i];
+                OutOfFold {
+                    path: sample.path.display().to_string(),
+                    positive: sample.positive,
+                    probability,
+                    fold: fold + 1,
+                    group: dataset.group_names[sample.group].clone(),
+                }
+            })
+            .collect();
+        shards.push(FoldShard { result, predictions });
     }
+    Ok(shards)
+}
 
+/// The report of a run from its folds' shards, in fold order.
+pub fn assemble(run: &RunIdentity, shards: Vec<FoldShard>, seconds: f64) -> KfoldReport {
+    let (results, predictions): (Vec<FoldResult>, Vec<Vec<OutOfFold>>) =
+        shards.into_iter().map(|shard| (shard.result, shard.predictions)).unzip();
+    let predictions: Vec<OutOfFold> = predictions.into_iter().flatten().collect();
     let scores: Vec<f64> = predictions.iter().map(|p| p.probability).collect();
     let truth: Vec<bool> = predictions.iter().map(|p| p.positive).collect();
     let group_ids = group_indices(&predictions);
-    let pooled = BinaryMetrics::compute(
-        &scores,
-        &truth,
-        dataset.has_patients.then_some(group_ids.as_slice()),
-        spec.card.threshold,
-        spec.config.seed,
-    );
+    let groups = run.grouped_by_patient.then_some(group_ids.as_slice());
+    let pooled = BinaryMetrics::compute(&scores, &truth, groups, run.threshold, run.seed);
     let study_keys: Vec<String> = predictions
         .iter()
         .map(|p| crate::study::mura_study(std::path::Path::new(&p.path)).unwrap_or_else(|| p.path.clone()))
         .collect();
-    let study_level = crate::calibration::study_metrics(
-        &study_keys,
-        &scores,
-        &truth,
-        dataset.has_patients.then_some(group_ids.as_slice()),
-        spec.card.threshold,
-        spec.config.seed,
-    );
+    let study_level = crate::calibration::study_metrics(&study_keys, &scores, &truth, groups, run.threshold, run.seed);
     let calibration = crate::calibration::CalibrationFigures::of(&scores, &truth);
     let (mean_loss, std_loss) = mean_std(&results.iter().map(|r| r.loss).collect::<Vec<_>>());
     let (mean_accuracy, std_accuracy) = mean_std(&results.iter().map(|r| r.accuracy).collect::<Vec<_>>());
-    Ok(KfoldReport {
-        model: spec.card.architecture.display_name(),
-        folds: spec.folds,
-        seed: spec.config.seed,
-        grouped_by_patient: dataset.has_patients,
-        threshold: spec.card.threshold,
-        dataset: dataset.training_summary(serde_json::to_value(spec.config).unwrap_or_default()),
-        config: spec.config.clone(),
+    KfoldReport {
+        model: run.model.clone(),
+        folds: run.folds,
+        seed: run.seed,
+        grouped_by_patient: run.grouped_by_patient,
+        threshold: run.threshold,
+        dataset: run.dataset.clone(),
+        config: run.config.clone(),
         mean_loss,
         std_loss,
         mean_accuracy,
@@ -247,8 +342,8 @@ pub fn run(
         calibration: Some(calibration),
         per_fold: results,
         predictions,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+        seconds,
+    }
 }
 
 fn group_indices(predictions: &[OutOfFold]) -> Vec<usize> {

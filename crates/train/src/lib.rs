@@ -11,6 +11,7 @@ pub mod fit;
 pub mod folds;
 pub mod import;
 pub mod kfold;
+pub mod merge;
 pub mod metrics;
 pub mod optim;
 pub mod params;
