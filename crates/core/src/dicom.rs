@@ -47,11 +47,14 @@ use crate::{Error, Result};
 const MAGIC_OFFSET: usize = 128;
 const MAGIC: &[u8; 4] = b"DICM";
 
-/// Largest frame accepted: the RGB f32 output stays under 512 MiB, the
-/// `image` crate's default allocation limit for the other formats. It also
+/// Largest frame accepted: the same budget as the other formats. It also
 /// keeps the frame size arithmetic far from overflowing a 32-bit `usize`
 /// (wasm32) inside the pixel data crate.
-const MAX_PIXELS: u64 = 512 * 1024 * 1024 / 12;
+const MAX_PIXELS: u64 = crate::preprocess::MAX_PIXELS;
+
+/// Most bytes a deflated data set may inflate to: a frame at the pixel
+/// budget in 16 bits, plus room for the rest of the data set.
+const MAX_INFLATED: usize = (MAX_PIXELS as usize) * 2 + (16 << 20);
 
 /// Whether `bytes` is a DICOM Part 10 file (`DICM` at byte 128). Detection is
 /// by content, as for the other formats: `.dcm` names are not reliable.
@@ -205,10 +208,20 @@ impl LengthGuard<'_> {
 
     fn check_data_set(&self, at: usize, transfer_syntax: &str) -> Result<()> {
         let Some(ts) = TransferSyntaxRegistry.get(transfer_syntax) else { return Ok(()) };
-        // A deflated data set's lengths count inflated bytes: nothing to
-        // compare them with here.
+        // A deflated data set's lengths count inflated bytes: inflate it
+        // (within a budget) and check them against that.
         if matches!(ts.codec(), dicom_encoding::Codec::Dataset(_)) {
-            return Ok(());
+            let inflated = miniz_oxide::inflate::decompress_to_vec_with_limit(&self.data[at..], MAX_INFLATED).map_err(|e| {
+                match e.status {
+                    miniz_oxide::inflate::TINFLStatus::HasMoreOutput => Error::UnsupportedImage(format!(
+                        "deflated DICOM data set inflates to more than {} MiB",
+                        MAX_INFLATED >> 20
+                    )),
+                    _ => Error::Decode(format!("corrupt deflated DICOM data set ({e})")),
+                }
+            })?;
+            let explicit_little = Encoding { explicit_vr: true, big_endian: false };
+            return LengthGuard { data: &inflated }.data_set(0, None, explicit_little, 0).map(|_| ());
         }
         let encoding = Encoding {
             explicit_vr: transfer_syntax != uids::IMPLICIT_VR_LITTLE_ENDIAN,
@@ -1088,6 +1101,26 @@ mod tests {
         bytes[pixel_data + 8..pixel_data + 12].copy_from_slice(&1_500_000_000u32.to_le_bytes());
         let error = preprocess::decode(&bytes).unwrap_err().to_string();
         assert!(error.contains("(7FE0,0010) claims 1500000000 bytes"), "{error}");
+    }
+
+    #[test]
+    fn a_deflated_data_set_claiming_4_gib_is_refused_before_allocating() {
+        let bytes = file(image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500])), uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN);
+        let data_set_at = MAGIC_OFFSET + LengthGuard { data: &bytes[MAGIC_OFFSET..] }.check_meta().unwrap().unwrap();
+        // (0008,0016) as UN with a 4-byte length of 4 GiB - 16, then a few bytes.
+        let mut inflated = vec![0x08, 0x00, 0x16, 0x00, b'U', b'N', 0, 0];
+        inflated.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        inflated.extend_from_slice(&[0; 16]);
+        let mut bomb = bytes[..data_set_at].to_vec();
+        bomb.extend_from_slice(&miniz_oxide::deflate::compress_to_vec(&inflated, 6));
+        let error = preprocess::decode(&bomb).unwrap_err().to_string();
+        assert!(error.contains("(0008,0016) claims 4294967280 bytes"), "{error}");
+
+        // A data set that inflates past the budget is refused while inflating.
+        let mut huge = bytes[..data_set_at].to_vec();
+        huge.extend_from_slice(&miniz_oxide::deflate::compress_to_vec(&vec![0u8; MAX_INFLATED + 1], 1));
+        let error = preprocess::decode(&huge).unwrap_err().to_string();
+        assert!(error.contains("inflates to more than"), "{error}");
     }
 
     #[test]

@@ -74,13 +74,15 @@ impl Predictor {
 
     /// Probabilities for images already at the input size, over the card's
     /// TTA views and at its temperature.
+    /// The images go through the model in batches that fit [`BATCH_BYTES`].
     pub fn probabilities(&self, images: &[&Rgb32FImage]) -> Result<Vec<f64>> {
-        if images.is_empty() {
-            return Ok(Vec::new());
+        let mut probabilities = Vec::with_capacity(images.len());
+        for batch in images.chunks(images_per_batch(self.card.input_size())) {
+            let xs = preprocess::to_tensor(batch, &self.card.preprocessing, &self.device)?;
+            let logits = view_logits(&self.model, &self.card.tta, &xs, None)?;
+            probabilities.extend(logits.iter().map(|row| self.card.probability_from_view_logits(row)));
         }
-        let xs = preprocess::to_tensor(images, &self.card.preprocessing, &self.device)?;
-        let logits = view_logits(&self.model, &self.card.tta, &xs, None)?;
-        Ok(logits.iter().map(|row| self.card.probability_from_view_logits(row)).collect())
+        Ok(probabilities)
     }
 
     pub fn predict_bytes(&self, image_bytes: &[u8]) -> Result<Prediction> {
@@ -131,6 +133,19 @@ impl Predictor {
 }
 
 /// The input as a TTA view sees it.
+/// Memory one forward pass may take, whatever the input size a card names.
+pub const BATCH_BYTES: usize = 1 << 30;
+
+/// Peak activation memory of an inference forward pass per input pixel,
+/// from DenseNet121 (the largest shipped architecture): a batch of 16 at
+/// 2048 px was seen to take 15 GB, 223 bytes a pixel; rounded up.
+const BYTES_PER_INPUT_PIXEL: usize = 230;
+
+/// How many images of `input_size` pixels a side fit one batch (at least one).
+pub fn images_per_batch(input_size: usize) -> usize {
+    (BATCH_BYTES / (BYTES_PER_INPUT_PIXEL * input_size * input_size).max(1)).max(1)
+}
+
 pub fn view_input(view: TtaView, xs: &Tensor) -> candle_core::Result<Tensor> {
     match view {
         TtaView::Identity => Ok(xs.clone()),
@@ -166,6 +181,16 @@ pub fn probabilities_from_logits(logits: &Tensor) -> candle_core::Result<Vec<f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_shrink_with_the_input_size_to_stay_within_the_memory_budget() {
+        assert!(images_per_batch(150) >= 16, "{}", images_per_batch(150));
+        assert_eq!(images_per_batch(2048), 1);
+        assert_eq!(images_per_batch(4096), 1);
+        for size in [8, 150, 224, 512, 1024, 2048] {
+            assert!(images_per_batch(size) * BYTES_PER_INPUT_PIXEL * size * size <= BATCH_BYTES.max(BYTES_PER_INPUT_PIXEL * size * size));
+        }
+    }
     use crate::card::Architecture;
     use crate::models::densenet::DenseNetConfig;
     use crate::weights::StorageDType;

@@ -3,7 +3,7 @@
 //! [`decode`] → [`resize`] → (augmentation, in training only) → [`to_tensor`].
 
 use candle_core::{Device, Tensor};
-use image::{imageops::FilterType, ImageReader, Rgb32FImage};
+use image::{imageops::FilterType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Rgb32FImage};
 
 use crate::card::Preprocessing;
 use crate::{Error, Result};
@@ -21,17 +21,52 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb32FImage> {
     let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::Decode(e.to_string()))?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(Error::UnsupportedImage(
             "unrecognised format (expected PNG, JPEG, BMP, TIFF or DICOM)".into(),
         ));
+    };
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(Error::Decode("truncated JPEG (the data ends before the end-of-image marker)".into()));
     }
-    let image = reader.decode().map_err(|e| Error::Decode(e.to_string()))?;
+    let decoder = reader.into_decoder().map_err(|e| Error::Decode(e.to_string()))?;
+    let (width, height) = decoder.dimensions();
+    check_pixel_budget(width, height)?;
+    let image = DynamicImage::from_decoder(decoder).map_err(|e| Error::Decode(e.to_string()))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(Error::Decode("image has no pixels".into()));
     }
     // to_rgb32f scales 8- and 16-bit samples alike to 0..=1.
     Ok(image.to_rgb32f())
+}
+
+/// The most pixels an image may have: its RGB f32 form stays under 512 MiB.
+/// Checked from the header, before anything of that size is allocated, here
+/// and in the browser alike (they share this function). 44 megapixels is
+/// well above any radiograph (a 43×43 cm detector at 100 µm is 18.5).
+pub const MAX_PIXELS: u64 = 512 * 1024 * 1024 / 12;
+
+pub(crate) fn check_pixel_budget(width: u32, height: u32) -> Result<()> {
+    if u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(Error::UnsupportedImage(format!(
+            "{width}x{height} pixels is more than the {} megapixels an X-ray needs",
+            MAX_PIXELS / 1_000_000
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a JPEG's last scan is followed by its end-of-image marker. The
+/// decoder fills a cut-off file's missing rows with grey and says nothing,
+/// which a model would score like any other image. Inside entropy-coded
+/// data a 0xFF byte is always followed by 0x00 or a restart marker, so an
+/// FF D9 after the last start-of-scan is the real end.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_scan {
+        Some(at) => bytes[at..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => false,
+    }
 }
 
 /// Bilinear resize to `size`×`size` without keeping the aspect ratio, as
@@ -78,6 +113,42 @@ pub fn to_tensor(images: &[&Rgb32FImage], preprocessing: &Preprocessing, device:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encoded(image: image::DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image.write_to(&mut std::io::Cursor::new(&mut bytes), format).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn an_image_over_the_pixel_budget_is_refused_from_its_header() {
+        // 64 megapixels of zeros: a 64 KB file that would take 768 MB as RGB f32.
+        let side = 8000;
+        let bytes = encoded(image::DynamicImage::ImageLuma8(image::GrayImage::new(side, side)), ImageFormat::Png);
+        assert!(bytes.len() < 1 << 20, "{} bytes", bytes.len());
+        let error = decode(&bytes).unwrap_err().to_string();
+        assert!(error.contains("8000x8000 pixels is more than the 44 megapixels"), "{error}");
+        let within = encoded(image::DynamicImage::ImageLuma8(image::GrayImage::new(600, 400)), ImageFormat::Png);
+        assert_eq!(decode(&within).unwrap().dimensions(), (600, 400));
+    }
+
+    #[test]
+    fn a_truncated_jpeg_or_png_is_refused_not_filled_in() {
+        let gradient = image::GrayImage::from_fn(96, 64, |x, y| image::Luma([(x * 2 + y) as u8]));
+        for format in [ImageFormat::Jpeg, ImageFormat::Png] {
+            let bytes = encoded(image::DynamicImage::ImageLuma8(gradient.clone()), format);
+            assert!(decode(&bytes).is_ok(), "{format:?}: the whole file decodes");
+            // Cut inside the pixel data; a JPEG also without its last two bytes (the end marker).
+            let jpeg_end = if format == ImageFormat::Jpeg { vec![bytes.len() - 2] } else { vec![] };
+            for keep in [bytes.len() / 2, 600.min(bytes.len() - 3)].into_iter().chain(jpeg_end) {
+                let error = decode(&bytes[..keep]).map(|_| ()).unwrap_err().to_string();
+                assert!(!error.is_empty(), "{format:?} cut at {keep} of {} bytes decoded", bytes.len());
+            }
+        }
+        let jpeg = encoded(image::DynamicImage::ImageLuma8(gradient), ImageFormat::Jpeg);
+        let error = decode(&jpeg[..jpeg.len() / 2]).unwrap_err().to_string();
+        assert!(error.contains("truncated JPEG"), "{error}");
+    }
     use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb, Rgba};
 
     fn encode(image: DynamicImage, format: ImageFormat) -> Vec<u8> {

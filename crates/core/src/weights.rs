@@ -53,12 +53,19 @@ impl ModelFile {
         let mut tensors = HashMap::new();
         let mut storage = StorageDType::F32;
         for (name, view) in safetensors.tensors() {
-            if view.dtype() == safetensors::Dtype::F16 {
-                storage = StorageDType::F16;
+            match view.dtype() {
+                safetensors::Dtype::F16 => storage = StorageDType::F16,
+                safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F64 => {}
+                other => {
+                    return Err(Error::NotAModelFile(format!(
+                        "tensor `{name}` is {other:?}; every weight of these architectures is a float"
+                    )))
+                }
             }
             let tensor = candle_core::safetensors::Load::load(&view, device)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .map_err(|e| Error::NotAModelFile(format!("tensor `{name}` cannot be read: {e}")))?;
+            check_values(&name, &tensor)?;
             tensors.insert(name, tensor);
         }
         Ok(Self { card, tensors, storage })
@@ -85,6 +92,21 @@ impl ModelFile {
     pub fn build_model(&self, device: &Device) -> Result<Model> {
         build_checked(&self.card, &self.tensors, device)
     }
+}
+
+/// A NaN or infinite weight, or a negative variance, would give every image a
+/// meaningless probability; refuse the file instead, naming the tensor.
+fn check_values(name: &str, tensor: &Tensor) -> Result<()> {
+    let values = tensor.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+        return Err(Error::NotAModelFile(format!("tensor `{name}` holds a non-finite value ({bad})")));
+    }
+    if name.ends_with("running_var") {
+        if let Some(bad) = values.iter().find(|v| **v < 0.0) {
+            return Err(Error::NotAModelFile(format!("tensor `{name}` holds a negative variance ({bad})")));
+        }
+    }
+    Ok(())
 }
 
 /// Builds a model over exactly `tensors`: each one must be used, with the right shape.
@@ -200,6 +222,37 @@ mod tests {
         let cnn_card = ModelCard::new(Architecture::Cnn(CnnConfig::study()), 40);
         let err = build_checked(&cnn_card, &tensors, &dev).err().unwrap().to_string();
         assert!(err.contains("cnn") && err.contains("missing tensor `conv1.weight`"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_weights_integer_tensors_and_negative_variances_are_refused_by_name() {
+        let (card, tensors) = fresh(Architecture::Densenet(DenseNetConfig::tiny()), 40);
+        let dev = Device::Cpu;
+        let load = |name: &str, replacement: Tensor| {
+            let mut changed = tensors.clone();
+            changed.insert(name.to_string(), replacement);
+            let bytes = ModelFile::to_bytes(&card, &changed, StorageDType::F32).unwrap();
+            ModelFile::from_bytes(&bytes, &dev).err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let shape = tensors["classifier.weight"].dims().to_vec();
+        let mut values = vec![0.1f32; shape.iter().product()];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            values[3] = bad;
+            let err = load("classifier.weight", Tensor::from_vec(values.clone(), shape.as_slice(), &dev).unwrap());
+            assert!(err.contains("`classifier.weight` holds a non-finite value"), "{bad}: {err}");
+        }
+        let variances = tensors["features.norm5.running_var"].dims().to_vec();
+        let negative = (Tensor::ones(variances.as_slice(), DType::F32, &dev).unwrap() * -1.0).unwrap();
+        let err = load("features.norm5.running_var", negative);
+        assert!(err.contains("`features.norm5.running_var` holds a negative variance"), "{err}");
+
+        // to_bytes keeps the dtype it is given apart from floats, so write the integers by hand.
+        let mut integers: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        integers.push(("features.norm5.num_batches_tracked".into(), Tensor::new(&[3i64], &dev).unwrap()));
+        let metadata = HashMap::from([(CARD_KEY.to_string(), card.to_json().unwrap())]);
+        let bytes = safetensors::serialize(integers, Some(metadata)).unwrap();
+        let err = ModelFile::from_bytes(&bytes, &dev).err().unwrap().to_string();
+        assert!(err.contains("`features.norm5.num_batches_tracked` is I64"), "{err}");
     }
 
     #[test]
