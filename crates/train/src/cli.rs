@@ -23,6 +23,7 @@ use crate::dataset::{self, Dataset, ScanOptions};
 use crate::fit::{self, Checkpoint, FitConfig, FitData, Progressive, TrainSpec};
 use crate::kfold::{self, FoldResult, KfoldObserver, KfoldSpec, RunIdentity, ShardReport};
 use crate::merge;
+use crate::files;
 use crate::report::{self, EpochRecord};
 use crate::schedule::{self, Overrides, Recipe};
 
@@ -165,6 +166,10 @@ pub struct ModelArgs {
     /// Move the targets towards 0.5 by this much [default: 0.1 scratch, 0 study].
     #[arg(long, value_name = "X")]
     pub label_smoothing: Option<f64>,
+    /// Keep an exponential moving average of the weights with this decay per
+    /// step (e.g. 0.998) and write it as the model [default: off].
+    #[arg(long, value_name = "DECAY")]
+    pub weight_average: Option<f64>,
     /// Mixup with Beta(ALPHA, ALPHA) blending of each batch with a shuffled copy
     /// (0.2 is usual) [default: off].
     #[arg(long, value_name = "ALPHA")]
@@ -541,6 +546,7 @@ fn scan_dataset(data: &DataArgs) -> Result<Dataset> {
 }
 
 fn split(args: SplitArgs) -> Result<()> {
+    files::check_output_path(&args.output)?;
     let dataset = scan_dataset(&args.data)?;
     eprint!("{}", dataset.summary());
     if !dataset.has_patients {
@@ -581,7 +587,7 @@ fn split(args: SplitArgs) -> Result<()> {
 }
 
 fn card(args: CardCommandArgs) -> Result<()> {
-    let bytes = std::fs::read(&args.model).with_context(|| format!("cannot read {}", args.model.display()))?;
+    let bytes = files::read_regular_file(&args.model, files::MAX_INPUT_BYTES)?;
     let file = ModelFile::from_bytes(&bytes, &Device::Cpu).with_context(|| format!("{} is not a model file", args.model.display()))?;
     let mut card = file.card;
     if args.card.is_empty() && !args.f16 {
@@ -599,6 +605,7 @@ fn card(args: CardCommandArgs) -> Result<()> {
 }
 
 fn roc(args: RocArgs) -> Result<()> {
+    files::check_output_path(&args.output)?;
     let mut curves = Vec::new();
     for entry in &args.reports {
         let (name, path) = match entry.split_once('=') {
@@ -609,7 +616,7 @@ fn roc(args: RocArgs) -> Result<()> {
                 (stem, path)
             }
         };
-        let json = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let json = files::read_regular_file(&path, files::MAX_INPUT_BYTES)?;
         let report: kfold::KfoldReport =
             serde_json::from_slice(&json).with_context(|| format!("{} is not a kfold report (fracture kfold --report)", path.display()))?;
         curves.push((name, out_of_fold_roc(&report), report.pooled.auc));
@@ -660,7 +667,7 @@ fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
     let mut init_source = None;
     let init = match &args.init {
         Some(path) => {
-            let bytes = std::fs::read(path).with_context(|| format!("cannot read --init {}", path.display()))?;
+            let bytes = files::read_regular_file(path, files::MAX_INPUT_BYTES).context("--init")?;
             let file = ModelFile::from_bytes(&bytes, device).with_context(|| format!("--init {}", path.display()))?;
             if std::mem::discriminant(&file.card.architecture) != std::mem::discriminant(&architecture) {
                 bail!(
@@ -709,6 +716,7 @@ fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
         weight_decay: args.weight_decay,
         label_smoothing: args.label_smoothing,
         mixup: args.mixup,
+        weight_average: args.weight_average,
     };
     let config = schedule::config(&architecture, recipe, &overrides, args.seed, args.feature_bank);
     config.validate()?;
@@ -727,6 +735,9 @@ fn print_epoch(prefix: &str, record: &EpochRecord) {
     if let Some(auc) = record.val_auc {
         validation.push_str(&format!("  val_auc {auc:.3}"));
     }
+    if let Some(auc) = record.averaged_val_auc {
+        validation.push_str(&format!("  averaged {auc:.3}"));
+    }
     eprintln!(
         "{prefix}{} epoch {:>3}  lr {:.2e}  loss {:.4}  acc {:.2}%{validation}  ({:.1} s)",
         record.phase,
@@ -744,6 +755,7 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
+    files::check_output_path(&args.output)?;
     let device = Device::Cpu;
     if !(0.0..0.9).contains(&args.val_split) {
         bail!("--val-split {} must be in [0, 0.9)", args.val_split);
@@ -870,6 +882,9 @@ fn kfold(args: KfoldArgs) -> Result<()> {
     if let Some(fold) = args.fold.filter(|&f| f == 0 || f > args.folds) {
         bail!("--fold {fold} must be between 1 and --folds {}", args.folds);
     }
+    if let Some(report) = &args.report {
+        files::check_output_path(report)?;
+    }
     if !(0.0..0.9).contains(&args.val_split) {
         bail!("--val-split {} must be in [0, 0.9)", args.val_split);
     }
@@ -935,6 +950,7 @@ fn kfold(args: KfoldArgs) -> Result<()> {
 }
 
 fn kfold_merge(args: &MergeArgs) -> Result<()> {
+    files::check_output_path(&args.report)?;
     let shards = args
         .shards
         .iter()
@@ -962,31 +978,53 @@ fn write_kfold_report(report: &kfold::KfoldReport, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Image files named on the command line, and those found in directories.
-fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<(PathBuf, bool)>> {
-    let mut files = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            for entry in walkdir::WalkDir::new(input).sort_by_file_name() {
-                let entry = entry.with_context(|| format!("cannot list {}", input.display()))?;
-                let path = entry.path();
-                let is_image = path
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| dataset::IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-                if entry.file_type().is_file() && is_image {
-                    files.push((entry.into_path(), false));
-                }
-            }
-        } else {
-            files.push((input.clone(), true));
-        }
-    }
-    Ok(files)
+/// An image to detect: named on the command line, or found below a directory
+/// that was (then `relative` is its path below that directory).
+struct InputFile {
+    path: PathBuf,
+    named: bool,
+    relative: PathBuf,
 }
 
+/// Image files named on the command line, and those found in directories.
+/// A directory entry that cannot be listed is skipped and named; symbolic
+/// links to files count as files, links to directories are not followed.
+fn expand_inputs(inputs: &[PathBuf]) -> Vec<InputFile> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if !input.is_dir() {
+            let relative = input.file_name().map_or_else(|| input.clone(), PathBuf::from);
+            files.push(InputFile { path: input.clone(), named: true, relative });
+            continue;
+        }
+        for entry in walkdir::WalkDir::new(input).sort_by_file_name() {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(err) => {
+                    let at = err.path().unwrap_or(input);
+                    eprintln!("skipped {}: cannot be listed ({})", files::printable_path(at), err.io_error().map_or_else(|| err.to_string(), |e| e.to_string()));
+                    continue;
+                }
+            };
+            let path = entry.path();
+            let is_image = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| dataset::IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+            let is_file = entry.file_type().is_file()
+                || (entry.path_is_symlink() && std::fs::metadata(path).is_ok_and(|m| m.is_file()));
+            if is_file && is_image {
+                let relative = path.strip_prefix(input).map_or_else(|_| path.to_path_buf(), Path::to_path_buf);
+                files.push(InputFile { path: entry.into_path(), named: false, relative });
+            }
+        }
+    }
+    files
+}
+
+/// A CSV field, quoted where it holds a separator, a quote or a line break.
 fn csv_field(value: &str) -> String {
-    if value.contains([',', '"', '\n']) {
+    if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
         value.to_string()
@@ -995,7 +1033,7 @@ fn csv_field(value: &str) -> String {
 
 fn detect(args: DetectArgs) -> Result<()> {
     let device = Device::Cpu;
-    let bytes = std::fs::read(&args.weights).with_context(|| format!("cannot read --weights {}", args.weights.display()))?;
+    let bytes = files::read_regular_file(&args.weights, files::MAX_INPUT_BYTES).context("--weights")?;
     let mut predictor =
         Predictor::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
     predictor
@@ -1007,7 +1045,8 @@ fn detect(args: DetectArgs) -> Result<()> {
         }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create --heatmap {}", dir.display()))?;
     }
-    let files = expand_inputs(&args.inputs)?;
+    let files = expand_inputs(&args.inputs);
+    let mut heatmap_names = HeatmapNames::default();
     if files.is_empty() {
         bail!("no image files found in {}", args.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
     }
@@ -1019,8 +1058,10 @@ fn detect(args: DetectArgs) -> Result<()> {
             use rayon::prelude::*;
             chunk
                 .par_iter()
-                .map(|(path, _)| {
-                    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+                .map(|file| {
+                    let path = &file.path;
+                    // The skip line names the path already.
+                    let bytes = files::read_regular_file(path, files::MAX_INPUT_BYTES).map_err(|e| e.problem.to_string())?;
                     let study = if args.by_study { study_of(path, &bytes).map_err(|e| e.to_string())? } else { String::new() };
                     let input = if args.heatmap.is_some() {
                         // The heat map comes from the same forward pass as the probability.
@@ -1042,23 +1083,24 @@ fn detect(args: DetectArgs) -> Result<()> {
             })
             .collect();
         let mut probabilities = predictor.probabilities(&inputs)?.into_iter();
-        for ((path, named), result) in chunk.iter().zip(&loaded) {
+        for (file, result) in chunk.iter().zip(&loaded) {
+            let path = &file.path;
             let (probability, study) = match result {
                 Err(reason) => {
-                    eprintln!("skipped {}: {reason}", path.display());
-                    failed_named += usize::from(*named);
+                    eprintln!("skipped {}: {reason}", files::printable_path(path));
+                    failed_named += usize::from(file.named);
                     continue;
                 }
                 Ok((Loaded::Input(_), study)) => (probabilities.next().context("internal: prediction count mismatch")?, study),
                 Ok((Loaded::Detection(detection), study)) => {
                     if let Some(dir) = &args.heatmap {
-                        write_heatmap(path, detection, dir)?;
+                        write_heatmap(detection, &dir.join(heatmap_names.name_for(&file.relative)))?;
                     }
                     (detection.prediction.probability, study)
                 }
             };
             succeeded += 1;
-            rows.image(&predictor, path.display().to_string(), probability, study.clone())?;
+            rows.image(&predictor, files::printable_path(path), probability, study.clone())?;
         }
     }
     if succeeded == 0 {
@@ -1150,19 +1192,43 @@ enum Loaded {
     Detection(fracture_core::predict::Detection),
 }
 
-fn write_heatmap(image: &Path, detection: &fracture_core::predict::Detection, dir: &Path) -> Result<()> {
+/// Heat-map file names: the image's path below the directory it was found
+/// in (so MURA's many `image1.png` do not overwrite one another), made
+/// unique with `-2`, `-3`… where two named files share a name.
+#[derive(Default)]
+struct HeatmapNames {
+    used: std::collections::HashSet<PathBuf>,
+}
+
+impl HeatmapNames {
+    fn name_for(&mut self, relative: &Path) -> PathBuf {
+        let stem = relative.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        let folder = relative.parent().unwrap_or(Path::new(""));
+        let mut name = folder.join(format!("{stem}.heatmap.png"));
+        let mut copy = 1;
+        while !self.used.insert(name.clone()) {
+            copy += 1;
+            name = folder.join(format!("{stem}-{copy}.heatmap.png"));
+        }
+        name
+    }
+}
+
+fn write_heatmap(detection: &fracture_core::predict::Detection, out: &Path) -> Result<()> {
     let Some(heatmap) = &detection.heatmap else { return Ok(()) };
-    let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-    let out = dir.join(format!("{stem}.heatmap.png"));
+    if let Some(folder) = out.parent() {
+        std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
+    }
     fracture_core::cam::overlay(&detection.input, heatmap)
-        .save(&out)
+        .save(out)
         .with_context(|| format!("cannot write {}", out.display()))
 }
 
 fn calibrate(args: CalibrateArgs) -> Result<()> {
+    files::check_output_path(&args.output)?;
     use crate::calibration::{self, CalibrationFigures};
     let device = Device::Cpu;
-    let bytes = std::fs::read(&args.weights).with_context(|| format!("cannot read --weights {}", args.weights.display()))?;
+    let bytes = files::read_regular_file(&args.weights, files::MAX_INPUT_BYTES).context("--weights")?;
     let file = ModelFile::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
     let model = file.build_model(&device).with_context(|| format!("--weights {}", args.weights.display()))?;
     let mut card = file.card.clone();
@@ -1271,8 +1337,9 @@ fn synth(args: SynthArgs) -> Result<()> {
 }
 
 fn import(args: ImportArgs) -> Result<()> {
+    files::check_output_path(&args.output)?;
     let source = args.from.display().to_string();
-    let bytes = std::fs::read(&args.from).with_context(|| format!("cannot read --from {source}"))?;
+    let bytes = files::read_regular_file(&args.from, 4 * files::MAX_INPUT_BYTES).context("--from")?;
     let imported = crate::import::import_torchvision(&bytes, &source).with_context(|| format!("--from {source}"))?;
     let out = imported.to_bytes().with_context(|| format!("cannot serialise the weights of {source}"))?;
     crate::write_atomically(&args.output, &out).with_context(|| format!("cannot write {}", args.output.display()))?;

@@ -447,8 +447,8 @@ impl Dataset {
             .samples
             .par_iter()
             .map(|sample| {
-                let result = std::fs::read(&sample.path)
-                    .map_err(|e| e.to_string())
+                let result = crate::files::read_regular_file(&sample.path, crate::files::MAX_INPUT_BYTES)
+                    .map_err(|e| e.problem.to_string())
                     .and_then(|bytes| preprocess::load(&bytes, preprocessing).map_err(|e| e.to_string()));
                 progress.inc(1);
                 result

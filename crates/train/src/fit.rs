@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::augment::Augmentation;
+use crate::average::WeightAverage;
 use crate::optim::Adam;
 use crate::params::{derive_seed, Params};
 use crate::report::{EpochRecord, History};
@@ -36,7 +37,17 @@ pub enum FitError {
     Checkpoint { path: PathBuf, message: String },
     #[error("{0}")]
     Config(String),
+    #[error(
+        "training diverged in phase `{phase}`, epoch {epoch} ({what}); the checkpoint keeps the last good epoch. \
+         Lower the learning rate (--lr) and rerun"
+    )]
+    Diverged { phase: String, epoch: usize, what: String },
 }
+
+/// A mean BCE this far above chance (0.69) only comes from logits in the
+/// hundreds on the wrong side: the weights have blown up, even where the
+/// loss is still a finite number.
+const DIVERGED_LOSS: f64 = 1e3;
 
 /// Which parameters a phase trains.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -148,6 +159,10 @@ pub struct FitConfig {
     /// of itself, images and targets alike. 0 turns it off.
     #[serde(default)]
     pub mixup: f64,
+    /// Decay of the weight average (Polyak/EMA) kept through training and
+    /// written as the model; 0 writes the last weights.
+    #[serde(default)]
+    pub weight_average: f64,
 }
 
 impl FitConfig {
@@ -166,6 +181,9 @@ impl FitConfig {
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
             return Err(FitError::Config(format!("--label-smoothing {} must be in [0, 0.5)", self.label_smoothing)));
+        }
+        if !(0.0..1.0).contains(&self.weight_average) {
+            return Err(FitError::Config(format!("--weight-average {} must be in [0, 1)", self.weight_average)));
         }
         if !(self.mixup >= 0.0 && self.mixup.is_finite()) {
             return Err(FitError::Config(format!("--mixup {} must be zero or positive", self.mixup)));
@@ -239,6 +257,9 @@ struct CheckpointState {
     /// Epochs of `phase` already done.
     epochs_done: usize,
     adam_step: usize,
+    /// Updates of the weight average so far.
+    #[serde(default)]
+    average_updates: usize,
     history: History,
 }
 
@@ -266,9 +287,19 @@ impl Checkpoint {
         FitError::Checkpoint { path: self.path.clone(), message: message.to_string() }
     }
 
-    fn save(&self, card: &ModelCard, params: &Params, adam: &Adam, state: &CheckpointState) -> Result<(), FitError> {
+    fn save(
+        &self,
+        card: &ModelCard,
+        params: &Params,
+        adam: &Adam,
+        average: Option<&WeightAverage>,
+        state: &CheckpointState,
+    ) -> Result<(), FitError> {
         let mut tensors = params.tensors();
         tensors.extend(adam.state()?);
+        if let Some(average) = average {
+            tensors.extend(average.tensors());
+        }
         let mut card = card.clone();
         card.notes.push("Training checkpoint: not a finished model.".into());
         let mut bytes = ModelFile::to_bytes(&card, &tensors, StorageDType::F32)?;
@@ -312,6 +343,16 @@ fn fingerprint(card: &ModelCard, config: &FitConfig, data: &FitData) -> String {
     data.train.hash(&mut hasher);
     data.validation.hash(&mut hasher);
     data.labels.hash(&mut hasher);
+    // The pixels themselves: another data set with the same count and labels
+    // (or the same images edited) is another run.
+    for image in data.images {
+        (image.width(), image.height()).hash(&mut hasher);
+        for value in image.as_raw() {
+            value.to_bits().hash(&mut hasher);
+        }
+    }
+    serde_json::to_string(&card.preprocessing).unwrap_or_default().hash(&mut hasher);
+    card.init.as_ref().map(|init| init.sha256.clone()).hash(&mut hasher);
     format!("{:016x}", hasher.finish())
 }
 
@@ -352,6 +393,13 @@ impl Fit<'_> {
                 resume = Some(saved);
             }
         }
+        let mut average = match config.weight_average {
+            0.0 => None,
+            decay => Some(WeightAverage::new(self.params, decay)?),
+        };
+        if let (Some(average), Some(saved)) = (&mut average, &resume) {
+            average.load(&saved.tensors, saved.state.average_updates)?;
+        }
 
         let mut bank: Option<FeatureBank> = None;
         for (phase_index, phase) in config.phases.iter().enumerate() {
@@ -373,10 +421,29 @@ impl Fit<'_> {
                 bank = Some(FeatureBank::build(self, data, config)?);
             }
             for epoch in first_epoch..phase.epochs {
-                let record = match (&bank, cached) {
-                    (Some(bank), true) => self.cached_epoch(bank, data, config, phase_index, epoch, &mut adam)?,
-                    _ => self.epoch(data, config, phase_index, epoch, &mut adam)?,
+                let mut steps = Steps { adam: &mut adam, average: &mut average };
+                let mut record = match (&bank, cached) {
+                    (Some(bank), true) => self.cached_epoch(bank, data, config, phase_index, epoch, &mut steps)?,
+                    _ => self.epoch(data, config, phase_index, epoch, &mut steps)?,
                 };
+                if let Some(average) = &mut average {
+                    // The average's own validation, at the size this epoch trained at.
+                    average.swap()?;
+                    let probabilities = self.validate(data, phase.size_at(epoch, self.card.input_size()));
+                    average.swap()?;
+                    if let Some(probabilities) = probabilities? {
+                        let truth: Vec<bool> = data.validation.iter().map(|&i| data.labels[i]).collect();
+                        record.averaged_val_auc = crate::metrics::roc_auc(&probabilities, &truth);
+                    }
+                }
+                // The last step may have blown the weights up after a finite loss.
+                if let Some(name) = self.params.first_non_finite()? {
+                    return Err(FitError::Diverged {
+                        phase: phase.name.clone(),
+                        epoch: epoch + 1,
+                        what: format!("`{name}` holds a non-finite value"),
+                    });
+                }
                 on_epoch(&record);
                 history.epochs.push(record);
                 if let Some(checkpoint) = &self.checkpoint {
@@ -385,11 +452,15 @@ impl Fit<'_> {
                         phase: phase_index,
                         epochs_done: epoch + 1,
                         adam_step: adam.step,
+                        average_updates: average.as_ref().map_or(0, |a| a.updates),
                         history: history.clone(),
                     };
-                    checkpoint.save(self.card, self.params, &adam, &state)?;
+                    checkpoint.save(self.card, self.params, &adam, average.as_ref(), &state)?;
                 }
             }
+        }
+        if let Some(average) = &mut average {
+            average.swap()?;
         }
         Ok(history)
     }
@@ -432,7 +503,7 @@ impl Fit<'_> {
         config: &FitConfig,
         phase_index: usize,
         epoch: usize,
-        adam: &mut Adam,
+        steps: &mut Steps,
     ) -> Result<EpochRecord, FitError> {
         let Model::DenseNet(net) = self.model else { unreachable!("only DenseNet phases are cached") };
         let phase = &config.phases[phase_index];
@@ -451,10 +522,11 @@ impl Fit<'_> {
             let pooled = bank.train.index_select(&Tensor::new(rows, self.device)?, 0)?;
             let targets = labels_tensor(data.labels, batch, config.label_smoothing, self.device)?;
             let step_seed = derive_seed(config.seed, ("dropout", phase_index, epoch, batch_index));
-            adam.lr = phase.lr_at(epoch, batch_index, batches);
+            steps.adam.lr = phase.lr_at(epoch, batch_index, batches);
             let logits = net.classify(&pooled, Some(step_seed))?;
             let loss = bce_with_logits(&logits, &targets)?;
-            adam.backward_step(&loss)?;
+            check_loss(&loss, phase, epoch)?;
+            steps.step(&loss)?;
             tally.add(&loss, &logits, batch, data.labels)?;
         }
         let validation = match &bank.validation {
@@ -470,7 +542,7 @@ impl Fit<'_> {
         config: &FitConfig,
         phase_index: usize,
         epoch: usize,
-        adam: &mut Adam,
+        steps: &mut Steps,
     ) -> Result<EpochRecord, FitError> {
         let phase = &config.phases[phase_index];
         let started = Instant::now();
@@ -507,7 +579,7 @@ impl Fit<'_> {
                 (xs, targets)
             };
             let step_seed = derive_seed(config.seed, ("dropout", phase_index, epoch, batch_index));
-            adam.lr = phase.lr_at(epoch, batch_index, batches);
+            steps.adam.lr = phase.lr_at(epoch, batch_index, batches);
             let logits = match (self.model, &phase.scope) {
                 // Frozen base: its output is a constant, so no graph is built through it.
                 (Model::DenseNet(net), Scope::Head) => {
@@ -521,25 +593,56 @@ impl Fit<'_> {
                 _ => self.model.forward(&xs, Mode { dropout_seed: Some(step_seed), batch_stats: phase.batch_norm_stats })?,
             };
             let loss = bce_with_logits(&logits, &targets)?;
-            adam.backward_step(&loss)?;
+            check_loss(&loss, phase, epoch)?;
+            steps.step(&loss)?;
             tally.add(&loss, &logits, batch, data.labels)?;
             bar.set_message(format!("loss {:.4}", tally.mean_loss()));
             bar.inc(1);
         }
         bar.finish_and_clear();
 
-        let validation = if data.validation.is_empty() {
-            None
-        } else if size == self.card.input_size() {
-            Some(predict(self.model, data.images, &data.validation, &self.card.preprocessing, 32, self.device)?)
-        } else {
-            let resized: Vec<Rgb32FImage> =
-                data.validation.par_iter().map(|&i| preprocess::resize(&data.images[i], size)).collect();
-            let indices: Vec<usize> = (0..resized.len()).collect();
-            Some(predict(self.model, &resized, &indices, &preprocessing, 32, self.device)?)
-        };
+        let validation = self.validate(data, size)?;
         Ok(tally.record(phase, epoch, validation, data, started))
     }
+
+    /// P(positive) of the validation images at `size` pixels, if there are any.
+    fn validate(&self, data: &FitData, size: usize) -> Result<Option<Vec<f64>>, FitError> {
+        if data.validation.is_empty() {
+            return Ok(None);
+        }
+        if size == self.card.input_size() {
+            return Ok(Some(predict(self.model, data.images, &data.validation, &self.card.preprocessing, 32, self.device)?));
+        }
+        let preprocessing = Preprocessing { input_size: size, ..self.card.preprocessing.clone() };
+        let resized: Vec<Rgb32FImage> = data.validation.par_iter().map(|&i| preprocess::resize(&data.images[i], size)).collect();
+        let indices: Vec<usize> = (0..resized.len()).collect();
+        Ok(Some(predict(self.model, &resized, &indices, &preprocessing, 32, self.device)?))
+    }
+}
+
+/// What each optimiser step moves: the weights (through Adam) and their average.
+struct Steps<'a> {
+    adam: &'a mut Adam,
+    average: &'a mut Option<WeightAverage>,
+}
+
+impl Steps<'_> {
+    fn step(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        self.adam.backward_step(loss)?;
+        if let Some(average) = self.average.as_mut() {
+            average.update()?;
+        }
+        Ok(())
+    }
+}
+
+/// Stops before a step on a loss that shows the run has diverged.
+fn check_loss(loss: &Tensor, phase: &Phase, epoch: usize) -> Result<(), FitError> {
+    let value = loss.to_scalar::<f32>()? as f64;
+    if value.is_finite() && value < DIVERGED_LOSS {
+        return Ok(());
+    }
+    Err(FitError::Diverged { phase: phase.name.clone(), epoch: epoch + 1, what: format!("batch loss {value:e}") })
 }
 
 /// Mixup (Zhang et al. 2018): λ·x + (1-λ)·x[π] and the same for the targets,
@@ -604,6 +707,7 @@ impl Tally {
             val_loss,
             val_accuracy,
             val_auc,
+            averaged_val_auc: None,
             seconds: started.elapsed().as_secs_f64(),
         }
     }

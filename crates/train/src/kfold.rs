@@ -418,3 +418,26 @@ fn train_fold(
     let _ = std::fs::remove_file(checkpoint_path);
     Ok((result, probabilities))
 }
+
+#[cfg(test)]
+mod tests {
+    /// A resumed run reads finished folds back from JSON: their floats must
+    /// come back bit for bit, or its report differs from an uninterrupted one.
+    #[test]
+    fn fold_results_round_trip_through_json_exactly() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(14);
+        let values: Vec<f64> = (0..20_000)
+            .map(|i| match i % 3 {
+                0 => rng.random::<f64>(),
+                1 => rng.random::<f64>() * 1e-7,
+                _ => f64::from_bits(rng.random::<u64>() >> 2),
+            })
+            .filter(|v| v.is_finite())
+            .collect();
+        let json = serde_json::to_string(&values).unwrap();
+        let back: Vec<f64> = serde_json::from_str(&json).unwrap();
+        let differing = values.iter().zip(&back).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differing, 0, "{differing} of {} floats changed on the way through JSON", values.len());
+    }
+}

@@ -50,10 +50,8 @@ fn list(folds: &[usize]) -> String {
 
 /// Reads a file written by `kfold --fold I --report`.
 pub fn read_shard(path: &Path) -> Result<ShardReport, MergeError> {
-    let bytes = std::fs::read(path).map_err(|e| MergeError::Unreadable {
-        path: path.into(),
-        message: e.to_string(),
-    })?;
+    let bytes = crate::files::read_regular_file(path, crate::files::MAX_INPUT_BYTES)
+        .map_err(|e| MergeError::Unreadable { path: path.into(), message: e.problem.to_string() })?;
     let not_a_shard = |message: String| MergeError::NotAShard {
         path: path.into(),
         message,

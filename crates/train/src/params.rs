@@ -76,6 +76,19 @@ impl Params {
         vars
     }
 
+    /// The name of a parameter holding NaN or ±inf, if any (in name order).
+    pub fn first_non_finite(&self) -> candle_core::Result<Option<String>> {
+        let mut tensors: Vec<(String, Tensor)> = self.tensors().into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, tensor) in tensors {
+            let finite = tensor.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
+            if !finite {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     /// A snapshot of every tensor, as written to the model file.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
         let data = self.varmap.data().lock().unwrap_or_else(|p| p.into_inner());

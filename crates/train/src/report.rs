@@ -36,6 +36,9 @@ pub struct EpochRecord {
     /// ROC AUC of the validation images, where both classes are present.
     #[serde(default)]
     pub val_auc: Option<f64>,
+    /// ROC AUC of the validation images under the weight average, when one is kept.
+    #[serde(default)]
+    pub averaged_val_auc: Option<f64>,
     #[serde(with = "nan_as_null")]
     pub seconds: f64,
 }
@@ -377,6 +380,7 @@ mod tests {
             val_loss: val.map(|v| v.0),
             val_accuracy: val.map(|v| v.1),
             val_auc: None,
+            averaged_val_auc: None,
             seconds: 12.5,
         }
     }

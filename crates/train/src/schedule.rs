@@ -74,6 +74,7 @@ pub struct Overrides {
     pub weight_decay: Option<f64>,
     pub label_smoothing: Option<f64>,
     pub mixup: Option<f64>,
+    pub weight_average: Option<f64>,
 }
 
 /// The whole training configuration of a recipe, with the command line's overrides.
@@ -87,6 +88,7 @@ pub fn config(architecture: &Architecture, recipe: Recipe, overrides: &Overrides
         weight_decay: overrides.weight_decay.unwrap_or(recipe.default_weight_decay()),
         label_smoothing: overrides.label_smoothing.unwrap_or(recipe.default_label_smoothing()),
         mixup: overrides.mixup.unwrap_or(0.0),
+        weight_average: overrides.weight_average.unwrap_or(0.0),
     }
 }
 

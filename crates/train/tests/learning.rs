@@ -37,6 +37,7 @@ fn one_phase(epochs: usize, lr: f64, batch_size: usize) -> FitConfig {
         weight_decay: 0.0,
         label_smoothing: 0.0,
         mixup: 0.0,
+        weight_average: 0.0,
     }
 }
 
@@ -112,6 +113,8 @@ fn interrupted_training_resumes_to_identical_weights() {
         weight_decay: 0.05,
         label_smoothing: 0.1,
         mixup: 0.0,
+        // The weight average is state of its own that a resume must restore.
+        weight_average: 0.9,
     };
     let spec = TrainSpec { card: &card, init: None, config: &config, device: &device, show_progress: false };
     let data = || FitData { images: &images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
@@ -134,6 +137,14 @@ fn interrupted_training_resumes_to_identical_weights() {
     }));
     assert!(interrupted.is_err());
     assert!(checkpoint_path.exists());
+
+    // Other images with the same count and labels are another run's data: the
+    // checkpoint is refused, not resumed (and left as it was).
+    let other_images: Vec<Rgb32FImage> = images.iter().map(image::imageops::flip_horizontal).collect();
+    let other = FitData { images: &other_images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
+    let refused = fit::train(&spec, &other, Some(Checkpoint { path: checkpoint_path.clone() }), &mut |_| {});
+    let error = refused.err().expect("another data set must not resume this checkpoint").to_string();
+    assert!(error.contains("belongs to a different run"), "{error}");
 
     let mut replayed = Vec::new();
     let resumed = fit::train(&spec, &data(), Some(Checkpoint { path: checkpoint_path }), &mut |r| {
@@ -238,6 +249,7 @@ fn banked_head_phase_trains_like_running_the_frozen_base() {
         weight_decay: 0.0,
         label_smoothing: 0.0,
         mixup: 0.0,
+        weight_average: 0.0,
     };
     let data = || FitData { images: &images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
     let run = |feature_bank| {
