@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Some("test-browser") => browser_tests(),
         Some("site") => site().map(|_| ()),
         Some("serve") => serve_site(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             println!("{}", usage());
             Ok(())
@@ -38,7 +39,8 @@ fn usage() -> &'static str {
      test            every test: cargo test --workspace, then the site's wasm32 build and the browser suite in headless Chromium\n  \
      test-browser    the browser suite alone\n  \
      site            build the static site into dist/ (trunk build --release)\n  \
-     serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)"
+     serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)\n  \
+     fuzz [TARGET] [--seconds N]  run the cargo-fuzz targets (all, or one of decode_image, model_file, card, pth_import) for N seconds each (default 60)"
 }
 
 pub(crate) fn workspace_root() -> PathBuf {
@@ -124,6 +126,50 @@ fn serve_site(args: &[String]) -> Result<(), String> {
     let listener = TcpListener::bind(("127.0.0.1", port)).map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
     println!("serving {} on http://127.0.0.1:{port}/ (Ctrl-C to stop)", dist.display());
     serve::serve(listener, dist);
+    Ok(())
+}
+
+const FUZZ_TARGETS: [&str; 4] = ["decode_image", "model_file", "card", "pth_import"];
+
+/// Runs the fuzz targets under libFuzzer, each from the committed seeds plus
+/// its working corpus (`fuzz/corpus/`, not committed). A crash stops the run
+/// and leaves its input in `fuzz/artifacts/TARGET/`; once fixed, copy it to
+/// `fuzz/regressions/TARGET/`, which the tests replay.
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let mut targets: Vec<&str> = Vec::new();
+    let mut seconds = 60u64;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let value = rest.next().ok_or("--seconds needs a number")?;
+                seconds = value.parse().map_err(|_| format!("--seconds {value}: not a number of seconds"))?;
+            }
+            target if FUZZ_TARGETS.contains(&target) => targets.push(FUZZ_TARGETS.iter().find(|t| **t == target).unwrap()),
+            other => return Err(format!("unknown fuzz target or flag `{other}` (targets: {})", FUZZ_TARGETS.join(", "))),
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.to_vec();
+    }
+    let toolchain = tools::ensure_fuzz_toolchain()?;
+    let cargo_fuzz = tools::ensure_cargo_fuzz()?;
+    let fuzz_dir = workspace_root().join("fuzz");
+    for target in targets {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+        let mut command = Command::new("rustup");
+        command
+            .current_dir(workspace_root())
+            .args(["run", toolchain])
+            .arg(&cargo_fuzz)
+            .args(["fuzz", "run", "--release", "--debug-assertions", target])
+            .arg(&corpus)
+            .arg(fuzz_dir.join("seeds").join(target))
+            // Out of memory at 2 GiB, a hang at 10 s an input: both count as crashes.
+            .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-timeout=10", "-print_final_stats=1"]);
+        run(command, &format!("fuzzing {target} for {seconds} s"))?;
+    }
     Ok(())
 }
 

@@ -12,6 +12,9 @@ pub const TRUNK_VERSION: &str = "0.21.14";
 pub const BINARYEN_VERSION: &str = "132.0.0";
 pub const PLAYWRIGHT_VERSION: &str = "1.65.1";
 pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// A dated nightly, so that a fuzz run today and one next year build alike.
+pub const FUZZ_NIGHTLY: &str = "nightly-2026-05-20";
 
 /// First line of `program --version`, if it runs.
 fn version_of(program: &Path) -> Option<String> {
@@ -75,6 +78,26 @@ fn ensure_cargo_tool(binary: &str, package: &str, version: &str, flags: &[&str])
     command.args(flags);
     run(command, &format!("installing {package} {version} (once; this takes minutes)"))?;
     Ok(path)
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz`.
+pub fn ensure_cargo_fuzz() -> Result<PathBuf, String> {
+    ensure_cargo_tool("cargo-fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION, &["--locked"])
+}
+
+/// The pinned nightly that libFuzzer's instrumentation (`-Zsanitizer`) needs;
+/// everything else builds on stable.
+pub fn ensure_fuzz_toolchain() -> Result<&'static str, String> {
+    let installed = Command::new("rustup")
+        .args(["run", FUZZ_NIGHTLY, "rustc", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !installed {
+        let mut command = Command::new("rustup");
+        command.args(["toolchain", "install", FUZZ_NIGHTLY, "--profile", "minimal"]);
+        run(command, &format!("installing the {FUZZ_NIGHTLY} toolchain for fuzzing (once)"))?;
+    }
+    Ok(FUZZ_NIGHTLY)
 }
 
 /// trunk 0.21.14 (0.22 needs a newer rustc than the project's), without its default
