@@ -1239,7 +1239,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     };
     let progress = bar(images.len() as u64, "  predicting [{bar:30}] {pos}/{len} images ({eta} left)", args.quiet);
     let mut view_logits = Vec::with_capacity(images.len());
-    for chunk in images.chunks(32) {
+    for chunk in images.chunks(fracture_core::predict::images_per_batch(card.input_size()).min(32)) {
         let refs: Vec<&image::Rgb32FImage> = chunk.iter().collect();
         let xs = fracture_core::preprocess::to_tensor(&refs, &card.preprocessing, &device)?;
         view_logits.extend(fracture_core::predict::view_logits(&model, &views, &xs, None)?);

@@ -232,7 +232,9 @@ pub fn predict(
     device: &Device,
 ) -> Result<Vec<f64>, FitError> {
     let mut probabilities = Vec::with_capacity(indices.len());
-    for chunk in indices.chunks(batch_size.max(1)) {
+    // Never more at once than the predictor's memory budget allows at this size.
+    let batch_size = batch_size.min(fracture_core::predict::images_per_batch(preprocessing.input_size)).max(1);
+    for chunk in indices.chunks(batch_size) {
         let batch: Vec<&Rgb32FImage> = chunk.iter().map(|&i| &images[i]).collect();
         let xs = preprocess::to_tensor(&batch, preprocessing, device)?;
         let logits = model.forward(&xs, Mode::EVAL)?.detach();
