@@ -199,6 +199,9 @@ fn read_safetensors(file: &SafeTensors) -> Result<Vec<(String, Tensor)>, ImportE
 
 /// Current `torch.save` files, through candle's reader (which wants a path).
 fn read_zip_pth(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, ImportError> {
+    if let Some(pickle) = crate::pickle_guard::zip_pickle(bytes).map_err(ImportError::Pth)? {
+        crate::pickle_guard::check_lengths(&pickle).map_err(|e| ImportError::Pth(e.to_string()))?;
+    }
     let mut staged = tempfile::NamedTempFile::new()?;
     staged.write_all(bytes)?;
     staged.flush()?;
@@ -237,6 +240,8 @@ fn legacy_error(message: impl fmt::Display) -> ImportError {
 }
 
 fn next_pickle(cursor: &mut Cursor<&[u8]>) -> Result<Object, ImportError> {
+    let rest = cursor.get_ref().get(cursor.position() as usize..).unwrap_or_default();
+    crate::pickle_guard::check_lengths(rest).map_err(legacy_error)?;
     let mut stack = Stack::empty();
     stack.read_loop(cursor).map_err(legacy_error)?;
     stack.finalize().map_err(legacy_error)

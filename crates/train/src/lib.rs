@@ -17,6 +17,7 @@ pub mod merge;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod pickle_guard;
 pub mod report;
 pub mod schedule;
 pub mod study;
