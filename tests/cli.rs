@@ -1,26 +1,13 @@
 //! End-to-end tests of the `fracture` binary on synthetic data made here:
 //! every command, its exit codes, its outputs, and its errors on bad input.
 
+#[path = "../crates/train/tests/common/mod.rs"]
+mod common;
+
+use common::{assert_exit, fracture, text};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn fracture(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fracture")).args(args).output().expect("the fracture binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_exit(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "expected exit {code}\nstdout:\n{}\nstderr:\n{}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-}
 
 fn synth(dir: &Path, layout: &str, count: usize, size: u32) {
     let out = fracture(&[

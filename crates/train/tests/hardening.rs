@@ -2,15 +2,19 @@
 //! paths that cannot work, names that break formats, runs that diverge.
 //! Each test here failed before its fix.
 
+mod common;
+
+use common::{assert_exit, fracture, fracture_line, s, text};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn fracture(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fracture"))
-        .args(args)
-        .output()
-        .expect("the fracture binary runs")
+/// `fracture detect --weights MODEL ARGS...`
+fn detect(model: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["detect", "--weights", s(model)];
+    all.extend_from_slice(args);
+    fracture(&all)
 }
 
 /// Runs fracture and kills it if it has not finished within `limit`: a hang
@@ -31,24 +35,6 @@ fn fracture_within(args: &[&str], limit: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_exit(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "expected exit {code}\nstdout:\n{}\nstderr:\n{}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 fn synth(dir: &Path, layout: &str, count: usize) {
@@ -182,15 +168,7 @@ fn symlinked_images_count_and_an_unlistable_folder_is_skipped_by_name() {
     )
     .unwrap();
 
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        s(&model),
-        "-i",
-        s(&scans),
-        "--format",
-        "csv",
-    ]);
+    let out = detect(&model, &["-i", s(&scans), "--format", "csv"]);
     assert_exit(&out, 0);
     let stdout = text(&out.stdout);
     assert!(
@@ -201,15 +179,7 @@ fn symlinked_images_count_and_an_unlistable_folder_is_skipped_by_name() {
     std::fs::set_permissions(scans.join("locked"), std::fs::Permissions::from_mode(0o000)).unwrap();
     // root reads any folder: there the lock cannot be tested.
     let locked_for_us = std::fs::read_dir(scans.join("locked")).is_err();
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        s(&model),
-        "-i",
-        s(&scans),
-        "--format",
-        "csv",
-    ]);
+    let out = detect(&model, &["-i", s(&scans), "--format", "csv"]);
     std::fs::set_permissions(scans.join("locked"), std::fs::Permissions::from_mode(0o755)).unwrap();
     if locked_for_us {
         assert_exit(&out, 0);
@@ -244,15 +214,7 @@ fn heat_maps_mirror_the_input_folders_so_mura_names_do_not_collide() {
         .count();
     assert!(same_name > 1, "the synthetic set needs several image1.png");
     let maps = dir.path().join("maps");
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        s(&model),
-        "-i",
-        s(&mura),
-        "--heatmap",
-        s(&maps),
-    ]);
+    let out = detect(&model, &["-i", s(&mura), "--heatmap", s(&maps)]);
     assert_exit(&out, 0);
     let written = walk(&maps);
     assert_eq!(
@@ -286,17 +248,7 @@ fn heat_maps_mirror_the_input_folders_so_mura_names_do_not_collide() {
         .unwrap();
     let named = dir.path().join("named");
     assert_exit(
-        &fracture(&[
-            "detect",
-            "--weights",
-            s(&model),
-            "-i",
-            s(a),
-            "-i",
-            s(b),
-            "--heatmap",
-            s(&named),
-        ]),
+        &detect(&model, &["-i", s(a), "-i", s(b), "--heatmap", s(&named)]),
         0,
     );
     assert!(
@@ -334,15 +286,7 @@ fn odd_file_names_stay_in_their_column_and_map_back() {
     ] {
         std::fs::copy(&source, scans.join(std::ffi::OsStr::from_bytes(name))).unwrap();
     }
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        s(&model),
-        "-i",
-        s(&scans),
-        "--format",
-        "csv",
-    ]);
+    let out = detect(&model, &["-i", s(&scans), "--format", "csv"]);
     assert_exit(&out, 0);
     let csv = text(&out.stdout);
     // Every row is one line with three fields: header + 3.
@@ -352,15 +296,7 @@ fn odd_file_names_stay_in_their_column_and_map_back() {
         "{csv:?}"
     );
 
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        s(&model),
-        "-i",
-        s(&scans),
-        "--format",
-        "text",
-    ]);
+    let out = detect(&model, &["-i", s(&scans), "--format", "text"]);
     assert_exit(&out, 0);
     for line in text(&out.stdout).lines() {
         assert_eq!(
@@ -414,21 +350,11 @@ fn output_paths_are_checked_before_any_training() {
 
     // kfold --report no longer creates folders that train would not.
     let report = dir.path().join("reports/kfold.json");
-    let out = fracture(&[
-        "kfold",
-        "-i",
+    let out = fracture_line(&format!(
+        "kfold -i {} --model cnn --size 40 --folds 2 --epochs 1 --report {}",
         s(&data),
-        "--model",
-        "cnn",
-        "--size",
-        "40",
-        "--folds",
-        "2",
-        "--epochs",
-        "1",
-        "--report",
-        s(&report),
-    ]);
+        s(&report)
+    ));
     assert_exit(&out, 1);
     assert!(!dir.path().join("reports").exists(), "a folder was created");
 }
@@ -439,22 +365,11 @@ fn a_diverging_run_stops_with_an_error_and_writes_no_model() {
     let data = dir.path().join("data");
     synth(&data, "classes", 10);
     let model = dir.path().join("model.safetensors");
-    let out = fracture(&[
-        "train",
-        "-i",
+    let out = fracture_line(&format!(
+        "train -i {} --model cnn --size 40 --epochs 3 --lr 1e30 -o {} --quiet",
         s(&data),
-        "--model",
-        "cnn",
-        "--size",
-        "40",
-        "--epochs",
-        "3",
-        "--lr",
-        "1e30",
-        "-o",
-        s(&model),
-        "--quiet",
-    ]);
+        s(&model)
+    ));
     assert_exit(&out, 1);
     assert!(
         text(&out.stderr).contains("training diverged"),

@@ -1,29 +1,12 @@
 //! `kfold --fold I` as separate processes, `kfold merge`, and the scheduler
 //! files in deploy/: the contract of issue "k-fold as scheduler jobs".
 
+mod common;
+
+use common::{assert_exit, fracture, text};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fracture(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fracture"))
-        .args(args)
-        .output()
-        .expect("the fracture binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_exit(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "expected exit {code}\nstdout:\n{}\nstderr:\n{}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-}
+use std::process::Command;
 
 fn synth_mura(dir: &Path, patients: usize) {
     let out = fracture(&[
@@ -280,13 +263,20 @@ fn threads_come_from_the_flag_or_the_schedulers_allocation() {
     if cores > 1 && Command::new("taskset").arg("--version").output().is_ok() {
         let out = Command::new("taskset")
             .args(["-c", "0", env!("CARGO_BIN_EXE_fracture")])
-            .args(["bench", "--model", "cnn", "--batch", "2", "--size", "32", "--reps", "1", "--warmup", "0"])
+            .args([
+                "bench", "--model", "cnn", "--batch", "2", "--size", "32", "--reps", "1",
+                "--warmup", "0",
+            ])
             .env_remove("SLURM_CPUS_PER_TASK")
             .env_remove("RAYON_NUM_THREADS")
             .output()
             .unwrap();
         assert_exit(&out, 0);
-        assert!(text(&out.stdout).contains(", 1 threads)"), "{}", text(&out.stdout));
+        assert!(
+            text(&out.stdout).contains(", 1 threads)"),
+            "{}",
+            text(&out.stdout)
+        );
     }
 }
 
