@@ -5,6 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { crc32, deflateSync } from 'node:zlib';
 import { mkdirSync, readdirSync, writeFileSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
@@ -160,6 +161,61 @@ test('a bad file gives an error card and the next good file still works', async 
   await upload(page, [images[1]]);
   await waitForCards(page, 2);
   assert.equal(await page.locator('[data-testid="result"]').count(), 1);
+  assert.deepEqual(consoleErrors, []);
+  await context.close();
+});
+
+/// A PNG whose header claims side×side grey pixels, all zero: a few hundred
+/// KB that would take side²×12 bytes as RGB f32 (a decompression bomb).
+function pngBomb(side) {
+  const chunk = (type, data) => {
+    const length = Buffer.alloc(4);
+    length.writeUInt32BE(data.length);
+    const body = Buffer.concat([Buffer.from(type, 'latin1'), data]);
+    const crc = Buffer.alloc(4);
+    crc.writeUInt32BE(crc32(body));
+    return Buffer.concat([length, body, crc]);
+  };
+  const header = Buffer.alloc(13);
+  header.writeUInt32BE(side, 0);
+  header.writeUInt32BE(side, 4);
+  header[8] = 8; // bit depth; colour type 0 (grey), default compression, filter, no interlace
+  const rows = Buffer.alloc(side * (side + 1)); // a filter byte of 0, then the row, all zero
+  return Buffer.concat([
+    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+    chunk('IHDR', header), chunk('IDAT', deflateSync(rows, { level: 9 })), chunk('IEND', Buffer.alloc(0)),
+  ]);
+}
+
+test('an image over the pixel budget gets an error card, and the page goes on', async () => {
+  const bomb = path.join(WORK, 'bomb.png');
+  writeFileSync(bomb, pngBomb(8000));
+  const { context, page, consoleErrors } = await openApp();
+  await upload(page, [bomb]);
+  await page.waitForSelector('[data-testid="error"]', { timeout: 60_000 });
+  assert.match(await page.locator('[data-testid="error"]').textContent(), /Cannot read this file/);
+  await upload(page, [images[0]]);
+  await waitForCards(page, 2);
+  assert.equal(await page.locator('[data-testid="result"]').count(), 1);
+  assert.deepEqual(consoleErrors, []);
+  await context.close();
+});
+
+test('a 200-image drop gives 200 results within a bounded page heap', async () => {
+  const many = path.join(WORK, 'many');
+  fracture('synth', '-o', many, '--count', '100', '--size', '96', '--seed', '11');
+  const files = ['Fracture', 'Normal'].flatMap((c) => readdirSync(path.join(many, c)).map((f) => path.join(many, c, f)));
+  assert.equal(files.length, 200);
+  const { context, page, consoleErrors } = await openApp();
+  await upload(page, files);
+  await page.waitForFunction(
+    () => document.querySelectorAll('[data-testid="result"]:not(.pending), [data-testid="error"]').length >= 200,
+    null, { timeout: 300_000 });
+  assert.equal(await page.locator('[data-testid="result"]').count(), 200);
+  // Chromium's heap of the page (cards, their 150 px previews, results); the
+  // files themselves are read one at a time and handed over to the worker.
+  const heap = await page.evaluate(() => performance.memory.usedJSHeapSize);
+  assert.ok(heap < 100 * 1024 * 1024, `the page holds ${(heap / 1048576).toFixed(0)} MiB after 200 images`);
   assert.deepEqual(consoleErrors, []);
   await context.close();
 });
