@@ -527,9 +527,9 @@ impl Fit<'_> {
             steps.adam.lr = phase.lr_at(epoch, batch_index, batches);
             let logits = net.classify(&pooled, Some(step_seed))?;
             let loss = bce_with_logits(&logits, &targets)?;
-            check_loss(&loss, phase, epoch)?;
+            let loss_value = check_loss(&loss, phase, epoch)?;
             steps.step(&loss)?;
-            tally.add(&loss, &logits, batch, data.labels)?;
+            tally.add(loss_value, &logits, batch, data.labels)?;
         }
         let validation = match &bank.validation {
             Some(features) => Some(probabilities_from_logits(&net.classify(features, None)?.detach())?),
@@ -595,9 +595,9 @@ impl Fit<'_> {
                 _ => self.model.forward(&xs, Mode { dropout_seed: Some(step_seed), batch_stats: phase.batch_norm_stats })?,
             };
             let loss = bce_with_logits(&logits, &targets)?;
-            check_loss(&loss, phase, epoch)?;
+            let loss_value = check_loss(&loss, phase, epoch)?;
             steps.step(&loss)?;
-            tally.add(&loss, &logits, batch, data.labels)?;
+            tally.add(loss_value, &logits, batch, data.labels)?;
             bar.set_message(format!("loss {:.4}", tally.mean_loss()));
             bar.inc(1);
         }
@@ -638,11 +638,11 @@ impl Steps<'_> {
     }
 }
 
-/// Stops before a step on a loss that shows the run has diverged.
-fn check_loss(loss: &Tensor, phase: &Phase, epoch: usize) -> Result<(), FitError> {
+/// The batch loss, read once; an error before the step when it shows the run has diverged.
+fn check_loss(loss: &Tensor, phase: &Phase, epoch: usize) -> Result<f64, FitError> {
     let value = loss.to_scalar::<f32>()? as f64;
     if value.is_finite() && value < DIVERGED_LOSS {
-        return Ok(());
+        return Ok(value);
     }
     Err(FitError::Diverged { phase: phase.name.clone(), epoch: epoch + 1, what: format!("batch loss {value:e}") })
 }
@@ -677,8 +677,8 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, loss: &Tensor, logits: &Tensor, batch: &[usize], labels: &[bool]) -> candle_core::Result<()> {
-        self.loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+    fn add(&mut self, loss: f64, logits: &Tensor, batch: &[usize], labels: &[bool]) -> candle_core::Result<()> {
+        self.loss_sum += loss * batch.len() as f64;
         let predictions: Vec<f32> = logits.detach().to_vec1()?;
         self.correct += predictions.iter().zip(batch).filter(|(logit, &i)| (**logit >= 0.0) == labels[i]).count();
         self.seen += batch.len();

@@ -24,6 +24,8 @@ pub enum MergeError {
         fold: usize,
         folds: usize,
     },
+    #[error("{path}: a shard of fold {fold} holds predictions of other folds; it was edited or is damaged")]
+    MixedFolds { path: PathBuf, fold: usize },
     #[error("fold {fold} is given twice: {first} and {second}")]
     Duplicate {
         fold: usize,
@@ -50,8 +52,13 @@ fn list(folds: &[usize]) -> String {
 
 /// Reads a file written by `kfold --fold I --report`.
 pub fn read_shard(path: &Path) -> Result<ShardReport, MergeError> {
-    let bytes = crate::files::read_regular_file(path, crate::files::MAX_INPUT_BYTES)
-        .map_err(|e| MergeError::Unreadable { path: path.into(), message: e.problem.to_string() })?;
+    let bytes =
+        crate::files::read_regular_file(path, crate::files::MAX_INPUT_BYTES).map_err(|e| {
+            MergeError::Unreadable {
+                path: path.into(),
+                message: e.problem.to_string(),
+            }
+        })?;
     let not_a_shard = |message: String| MergeError::NotAShard {
         path: path.into(),
         message,
@@ -90,8 +97,11 @@ pub fn merge(shards: Vec<(PathBuf, ShardReport)>) -> Result<KfoldReport, MergeEr
             });
         }
         let fold = shard.shard.result.fold;
-        if fold == 0 || fold > folds || shard.shard.predictions.iter().any(|p| p.fold != fold) {
+        if fold == 0 || fold > folds {
             return Err(MergeError::FoldOutOfRange { path, fold, folds });
+        }
+        if shard.shard.predictions.iter().any(|p| p.fold != fold) {
+            return Err(MergeError::MixedFolds { path, fold });
         }
         if let Some((first, _)) = &by_fold[fold - 1] {
             return Err(MergeError::Duplicate {
