@@ -11,7 +11,15 @@ use std::process::{Command, Output};
 
 fn synth(dir: &Path, layout: &str, count: usize, size: u32) {
     let out = fracture(&[
-        "synth", "-o", dir.to_str().unwrap(), "--layout", layout, "--count", &count.to_string(), "--size", &size.to_string(),
+        "synth",
+        "-o",
+        dir.to_str().unwrap(),
+        "--layout",
+        layout,
+        "--count",
+        &count.to_string(),
+        "--size",
+        &size.to_string(),
     ]);
     assert_exit(&out, 0);
 }
@@ -22,8 +30,20 @@ fn trained_model(dir: &Path) -> PathBuf {
     synth(&data, "classes", 30, 48);
     let model = dir.join("cnn.safetensors");
     let out = fracture(&[
-        "train", "-i", data.to_str().unwrap(), "--model", "cnn", "-o", model.to_str().unwrap(),
-        "--epochs", "2", "--size", "48", "--batch", "8", "--quiet",
+        "train",
+        "-i",
+        data.to_str().unwrap(),
+        "--model",
+        "cnn",
+        "-o",
+        model.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--size",
+        "48",
+        "--batch",
+        "8",
+        "--quiet",
     ]);
     assert_exit(&out, 0);
     model
@@ -36,11 +56,22 @@ fn train_writes_model_card_history_and_curves_then_detect_reads_them() {
     assert!(dir.path().join("cnn.history.json").is_file());
     let svg = std::fs::read_to_string(dir.path().join("cnn.curves.svg")).unwrap();
     assert!(svg.contains("<svg"));
-    assert!(!dir.path().join("cnn.safetensors.checkpoint").exists(), "checkpoint is removed after success");
+    assert!(
+        !dir.path().join("cnn.safetensors.checkpoint").exists(),
+        "checkpoint is removed after success"
+    );
 
     // CSV: header and one row per image, probability in [0, 1], label from the class folders.
     let data = dir.path().join("data");
-    let out = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", data.to_str().unwrap(), "--format", "csv"]);
+    let out = fracture(&[
+        "detect",
+        "--weights",
+        model.to_str().unwrap(),
+        "-i",
+        data.to_str().unwrap(),
+        "--format",
+        "csv",
+    ]);
     assert_exit(&out, 0);
     let stdout = text(&out.stdout);
     let mut lines = stdout.lines();
@@ -56,7 +87,15 @@ fn train_writes_model_card_history_and_curves_then_detect_reads_them() {
 
     // JSON and text agree with CSV on the same file.
     let one = rows[0][0];
-    let json = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", one, "--format", "json"]);
+    let json = fracture(&[
+        "detect",
+        "--weights",
+        model.to_str().unwrap(),
+        "-i",
+        one,
+        "--format",
+        "json",
+    ]);
     assert_exit(&json, 0);
     let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let p_json = parsed[0]["probability"].as_f64().unwrap();
@@ -72,16 +111,41 @@ fn detect_skips_a_bad_file_in_a_directory_and_fails_on_a_named_one() {
     let model = trained_model(dir.path());
     let mixed = dir.path().join("mixed");
     std::fs::create_dir(&mixed).unwrap();
-    std::fs::copy(dir.path().join("data/Fracture").read_dir().unwrap().next().unwrap().unwrap().path(), mixed.join("good.png")).unwrap();
+    std::fs::copy(
+        dir.path()
+            .join("data/Fracture")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+        mixed.join("good.png"),
+    )
+    .unwrap();
     std::fs::write(mixed.join("broken.png"), b"\x89PNG but not really").unwrap();
 
-    let out = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", mixed.to_str().unwrap(), "--format", "csv"]);
+    let out = fracture(&[
+        "detect",
+        "--weights",
+        model.to_str().unwrap(),
+        "-i",
+        mixed.to_str().unwrap(),
+        "--format",
+        "csv",
+    ]);
     assert_exit(&out, 0);
     assert!(text(&out.stderr).contains("broken.png"), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).lines().count(), 2, "header and the good image");
 
     let named = mixed.join("broken.png");
-    let out = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", named.to_str().unwrap()]);
+    let out = fracture(&[
+        "detect",
+        "--weights",
+        model.to_str().unwrap(),
+        "-i",
+        named.to_str().unwrap(),
+    ]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("broken.png"));
 }
@@ -91,18 +155,44 @@ fn wrong_weights_files_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("x.png");
     synth(&dir.path().join("d"), "classes", 1, 40);
-    std::fs::copy(dir.path().join("d/Normal").read_dir().unwrap().next().unwrap().unwrap().path(), &image).unwrap();
+    std::fs::copy(
+        dir.path()
+            .join("d/Normal")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+        &image,
+    )
+    .unwrap();
 
     let not_model = dir.path().join("notes.safetensors");
     std::fs::write(&not_model, b"this is text").unwrap();
-    let out = fracture(&["detect", "--weights", not_model.to_str().unwrap(), "-i", image.to_str().unwrap()]);
+    let out = fracture(&[
+        "detect",
+        "--weights",
+        not_model.to_str().unwrap(),
+        "-i",
+        image.to_str().unwrap(),
+    ]);
     assert_exit(&out, 1);
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("notes.safetensors") && stderr.contains("not a safetensors file"), "{stderr}");
+    assert!(
+        stderr.contains("notes.safetensors") && stderr.contains("not a safetensors file"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"));
 
     let missing = dir.path().join("nope.safetensors");
-    let out = fracture(&["detect", "--weights", missing.to_str().unwrap(), "-i", image.to_str().unwrap()]);
+    let out = fracture(&[
+        "detect",
+        "--weights",
+        missing.to_str().unwrap(),
+        "-i",
+        image.to_str().unwrap(),
+    ]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("nope.safetensors"));
 }
@@ -112,7 +202,18 @@ fn dataset_errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let out_model = dir.path().join("m.safetensors");
     let train = |input: &Path| {
-        fracture(&["train", "-i", input.to_str().unwrap(), "-o", out_model.to_str().unwrap(), "--epochs", "1", "--size", "40", "--quiet"])
+        fracture(&[
+            "train",
+            "-i",
+            input.to_str().unwrap(),
+            "-o",
+            out_model.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--size",
+            "40",
+            "--quiet",
+        ])
     };
 
     let empty = dir.path().join("empty");
@@ -136,7 +237,10 @@ fn dataset_errors_name_the_problem() {
     let out = train(&corrupt);
     assert_exit(&out, 0);
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("corrupt.png") && stderr.contains("readme.txt"), "{stderr}");
+    assert!(
+        stderr.contains("corrupt.png") && stderr.contains("readme.txt"),
+        "{stderr}"
+    );
     assert!(stderr.contains("skipped         2"), "{stderr}");
 
     let out = train(&dir.path().join("does-not-exist"));
@@ -161,15 +265,53 @@ fn calibrate_then_detect_by_operating_point_and_by_study() {
     let data = dir.path().join("mura");
     synth(&data, "mura", 30, 64);
     let dev = dir.path().join("dev.txt");
-    assert_exit(&fracture(&["split", "-i", data.to_str().unwrap(), "--images", "24", "--seed", "3", "-o", dev.to_str().unwrap()]), 0);
-    let (model, calibrated) = (dir.path().join("tiny.safetensors"), dir.path().join("calibrated.safetensors"));
+    assert_exit(
+        &fracture(&[
+            "split",
+            "-i",
+            data.to_str().unwrap(),
+            "--images",
+            "24",
+            "--seed",
+            "3",
+            "-o",
+            dev.to_str().unwrap(),
+        ]),
+        0,
+    );
+    let (model, calibrated) = (
+        dir.path().join("tiny.safetensors"),
+        dir.path().join("calibrated.safetensors"),
+    );
     let out = fracture(&[
-        "train", "-i", data.to_str().unwrap(), "--model", "densenet-tiny", "--val-patients", dev.to_str().unwrap(),
-        "--size", "48", "--epochs", "3", "--lr", "3e-3", "-o", model.to_str().unwrap(), "--quiet",
+        "train",
+        "-i",
+        data.to_str().unwrap(),
+        "--model",
+        "densenet-tiny",
+        "--val-patients",
+        dev.to_str().unwrap(),
+        "--size",
+        "48",
+        "--epochs",
+        "3",
+        "--lr",
+        "3e-3",
+        "-o",
+        model.to_str().unwrap(),
+        "--quiet",
     ]);
     assert_exit(&out, 0);
     let detect = |weights: &Path, extra: &[&str]| {
-        let mut args = vec!["detect", "--weights", weights.to_str().unwrap(), "-i", data.to_str().unwrap(), "--format", "csv"];
+        let mut args = vec![
+            "detect",
+            "--weights",
+            weights.to_str().unwrap(),
+            "-i",
+            data.to_str().unwrap(),
+            "--format",
+            "csv",
+        ];
         args.extend_from_slice(extra);
         fracture(&args)
     };
@@ -179,13 +321,26 @@ fn calibrate_then_detect_by_operating_point_and_by_study() {
     assert!(text(&out.stderr).contains("calibrate"), "{}", text(&out.stderr));
 
     let out = fracture(&[
-        "calibrate", "--weights", model.to_str().unwrap(), "-i", data.to_str().unwrap(), "--patients", dev.to_str().unwrap(),
-        "-o", calibrated.to_str().unwrap(), "--quiet",
+        "calibrate",
+        "--weights",
+        model.to_str().unwrap(),
+        "-i",
+        data.to_str().unwrap(),
+        "--patients",
+        dev.to_str().unwrap(),
+        "-o",
+        calibrated.to_str().unwrap(),
+        "--quiet",
     ]);
     assert_exit(&out, 0);
-    assert!(text(&out.stdout).contains("temperature") && text(&out.stdout).contains("sensitive"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("temperature") && text(&out.stdout).contains("sensitive"),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(dir.path().join("calibrated.reliability.svg").is_file());
-    let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", calibrated.to_str().unwrap()]).stdout).unwrap();
+    let card: serde_json::Value =
+        serde_json::from_slice(&fracture(&["card", calibrated.to_str().unwrap()]).stdout).unwrap();
     assert_eq!(card["tta"], serde_json::json!(["identity", "horizontal_flip"]));
     let points = &card["operating_points"];
     assert_eq!(card["threshold"], points["balanced"]);
@@ -205,7 +360,11 @@ fn calibrate_then_detect_by_operating_point_and_by_study() {
             let probability: f64 = fields[1].parse().unwrap();
             // Thresholds are development scores, so an image may sit on one: CSV rounds to 1e-6.
             if (probability - threshold).abs() > 1e-6 {
-                assert_eq!(fields[2] == "abnormal", probability >= threshold, "{point} at {threshold}: {row}");
+                assert_eq!(
+                    fields[2] == "abnormal",
+                    probability >= threshold,
+                    "{point} at {threshold}: {row}"
+                );
             }
             count += usize::from(fields[2] == "abnormal");
         }
@@ -225,7 +384,11 @@ fn calibrate_then_detect_by_operating_point_and_by_study() {
         let fields: Vec<&str> = row.split(',').collect();
         let path = Path::new(fields[0]);
         let study = path.parent().unwrap();
-        let key = format!("{}/{}", study.parent().unwrap().file_name().unwrap().to_str().unwrap(), study.file_name().unwrap().to_str().unwrap());
+        let key = format!(
+            "{}/{}",
+            study.parent().unwrap().file_name().unwrap().to_str().unwrap(),
+            study.file_name().unwrap().to_str().unwrap()
+        );
         expected.entry(key).or_default().push(fields[1].parse().unwrap());
     }
     assert_eq!(studies.lines().count() - 1, expected.len());
@@ -235,13 +398,19 @@ fn calibrate_then_detect_by_operating_point_and_by_study() {
         let members = &expected[fields[0]];
         let mean = members.iter().sum::<f64>() / members.len() as f64;
         assert_eq!(fields[1].parse::<usize>().unwrap(), members.len(), "{row}");
-        assert!((fields[2].parse::<f64>().unwrap() - mean).abs() < 2e-6, "{row} vs mean {mean}");
+        assert!(
+            (fields[2].parse::<f64>().unwrap() - mean).abs() < 2e-6,
+            "{row} vs mean {mean}"
+        );
         let probability: f64 = fields[2].parse().unwrap();
         if (probability - balanced).abs() > 1e-6 {
             assert_eq!(fields[3] == "abnormal", probability >= balanced, "{row}");
         }
     }
-    assert!(expected.values().any(|m| m.len() > 1), "the synthetic set should have multi-image studies");
+    assert!(
+        expected.values().any(|m| m.len() > 1),
+        "the synthetic set should have multi-image studies"
+    );
 }
 
 #[test]
@@ -252,26 +421,56 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
     let report = dir.path().join("report.json");
     // `eval-w-kfold` is the study's name for the command.
     let out = fracture(&[
-        "eval-w-kfold", "-i", data.to_str().unwrap(), "--model", "cnn", "--folds", "3", "--epochs", "1",
-        "--size", "40", "--report", report.to_str().unwrap(), "--quiet",
+        "eval-w-kfold",
+        "-i",
+        data.to_str().unwrap(),
+        "--model",
+        "cnn",
+        "--folds",
+        "3",
+        "--epochs",
+        "1",
+        "--size",
+        "40",
+        "--report",
+        report.to_str().unwrap(),
+        "--quiet",
     ]);
     assert_exit(&out, 0);
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("Average Loss: ") && stdout.contains("(+/- "), "{stdout}");
-    assert!(stdout.contains("Average Accuracy: ") && stdout.contains("%)"), "{stdout}");
+    assert!(
+        stdout.contains("Average Loss: ") && stdout.contains("(+/- "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Average Accuracy: ") && stdout.contains("%)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("Pooled ROC AUC"), "{stdout}");
-    assert!(stdout.contains("Study level (") && stdout.contains("Expected calibration error: "), "{stdout}");
+    assert!(
+        stdout.contains("Study level (") && stdout.contains("Expected calibration error: "),
+        "{stdout}"
+    );
     let parsed: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(parsed["per_fold"].as_array().unwrap().len(), 3);
     assert!(parsed["grouped_by_patient"].as_bool().unwrap());
     // Synthetic MURA studies hold one or two images: fewer studies than images.
-    let (images, studies) = (parsed["pooled"]["n"].as_u64().unwrap(), parsed["study_level"]["n"].as_u64().unwrap());
+    let (images, studies) = (
+        parsed["pooled"]["n"].as_u64().unwrap(),
+        parsed["study_level"]["n"].as_u64().unwrap(),
+    );
     assert!(studies > 0 && studies < images, "{studies} studies of {images} images");
     assert_eq!(parsed["calibration"]["bins"].as_array().unwrap().len(), 10);
     assert!(dir.path().join("report.roc.svg").is_file());
-    assert!(std::fs::read_to_string(dir.path().join("report.reliability.svg")).unwrap().contains("ECE"));
+    assert!(std::fs::read_to_string(dir.path().join("report.reliability.svg"))
+        .unwrap()
+        .contains("ECE"));
     // Finished folds are not left behind once the report is written.
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
     assert!(leftovers.is_empty());
 
     // `roc` overlays reports, each named in the legend.
@@ -280,16 +479,36 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
     let out = fracture(&["roc", &named, report.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
     assert_exit(&out, 0);
     let drawn = std::fs::read_to_string(&svg).unwrap();
-    assert!(drawn.contains("first run (AUC") && drawn.contains("report (AUC"), "legend lacks a curve");
+    assert!(
+        drawn.contains("first run (AUC") && drawn.contains("report (AUC"),
+        "legend lacks a curve"
+    );
     let not_a_report = dir.path().join("report.roc.svg");
     let out = fracture(&["roc", not_a_report.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
     assert_exit(&out, 1);
-    assert!(text(&out.stderr).contains("report.roc.svg is not a kfold report"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("report.roc.svg is not a kfold report"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn bench_prints_throughput_and_memory() {
-    let out = fracture(&["bench", "--model", "densenet-tiny", "--mode", "train", "--batch", "2", "--size", "48", "--reps", "2", "--json"]);
+    let out = fracture(&[
+        "bench",
+        "--model",
+        "densenet-tiny",
+        "--mode",
+        "train",
+        "--batch",
+        "2",
+        "--size",
+        "48",
+        "--reps",
+        "2",
+        "--json",
+    ]);
     assert_exit(&out, 0);
     let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(parsed["images_per_second"].as_f64().unwrap() > 0.0);
@@ -308,22 +527,51 @@ fn detect_writes_heat_map_overlays_for_densenet_and_refuses_them_for_cnn() {
     synth(&data, "classes", 4, 48);
     let model = dir.path().join("tiny.safetensors");
     let out = fracture(&[
-        "train", "-i", data.to_str().unwrap(), "--model", "densenet-tiny", "-o", model.to_str().unwrap(),
-        "--epochs", "1", "--size", "48", "--quiet",
+        "train",
+        "-i",
+        data.to_str().unwrap(),
+        "--model",
+        "densenet-tiny",
+        "-o",
+        model.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--size",
+        "48",
+        "--quiet",
     ]);
     assert_exit(&out, 0);
     let heat = dir.path().join("heat");
     let fractures = data.join("Fracture");
-    let out = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", fractures.to_str().unwrap(), "--heatmap", heat.to_str().unwrap()]);
+    let out = fracture(&[
+        "detect",
+        "--weights",
+        model.to_str().unwrap(),
+        "-i",
+        fractures.to_str().unwrap(),
+        "--heatmap",
+        heat.to_str().unwrap(),
+    ]);
     assert_exit(&out, 0);
-    let written: Vec<_> = std::fs::read_dir(&heat).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let written: Vec<_> = std::fs::read_dir(&heat)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(written.len(), 4, "{written:?}");
     assert!(written.iter().all(|n| n.ends_with(".heatmap.png")));
     let overlay = image::open(heat.join(&written[0])).unwrap();
     assert_eq!((overlay.width(), overlay.height()), (48, 48));
     // The heat map's single-image pass must give the batched pass's probabilities.
     let csv = |extra: &[&str]| {
-        let mut args = vec!["detect", "--weights", model.to_str().unwrap(), "-i", fractures.to_str().unwrap(), "--format", "csv"];
+        let mut args = vec![
+            "detect",
+            "--weights",
+            model.to_str().unwrap(),
+            "-i",
+            fractures.to_str().unwrap(),
+            "--format",
+            "csv",
+        ];
         args.extend_from_slice(extra);
         let out = fracture(&args);
         assert_exit(&out, 0);
@@ -340,11 +588,22 @@ fn detect_writes_heat_map_overlays_for_densenet_and_refuses_them_for_cnn() {
     assert_eq!(batched.len(), 4);
     for ((path_b, p_b), (path_s, p_s)) in batched.iter().zip(&single) {
         assert_eq!(path_b, path_s);
-        assert!((p_b - p_s).abs() < 1e-5, "{path_b}: {p_b} batched, {p_s} with --heatmap");
+        assert!(
+            (p_b - p_s).abs() < 1e-5,
+            "{path_b}: {p_b} batched, {p_s} with --heatmap"
+        );
     }
 
     let cnn = trained_model(dir.path());
-    let out = fracture(&["detect", "--weights", cnn.to_str().unwrap(), "-i", fractures.to_str().unwrap(), "--heatmap", heat.to_str().unwrap()]);
+    let out = fracture(&[
+        "detect",
+        "--weights",
+        cnn.to_str().unwrap(),
+        "-i",
+        fractures.to_str().unwrap(),
+        "--heatmap",
+        heat.to_str().unwrap(),
+    ]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("DenseNet"));
 }
@@ -378,16 +637,26 @@ mod dicom {
             ),
             DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("2.25.7")),
             DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, us(1)),
-            DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("MONOCHROME2")),
+            DataElement::new(
+                tags::PHOTOMETRIC_INTERPRETATION,
+                VR::CS,
+                PrimitiveValue::from("MONOCHROME2"),
+            ),
             DataElement::new(tags::ROWS, VR::US, us(48)),
             DataElement::new(tags::COLUMNS, VR::US, us(48)),
             DataElement::new(tags::BITS_ALLOCATED, VR::US, us(16)),
             DataElement::new(tags::BITS_STORED, VR::US, us(12)),
             DataElement::new(tags::HIGH_BIT, VR::US, us(11)),
             DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, us(0)),
-            DataElement::new(tags::PIXEL_DATA, VR::OB, PixelFragmentSequence::new_fragments(vec![vec![0u8; 32]])),
+            DataElement::new(
+                tags::PIXEL_DATA,
+                VR::OB,
+                PixelFragmentSequence::new_fragments(vec![vec![0u8; 32]]),
+            ),
         ]);
-        let file = object.with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::JPEG2000)).expect("meta group");
+        let file = object
+            .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::JPEG2000))
+            .expect("meta group");
         let mut bytes = Vec::new();
         file.write_all(&mut bytes).expect("serialise");
         std::fs::write(to, bytes).expect("write the JPEG 2000 file");
@@ -415,7 +684,17 @@ mod dicom {
     fn a_dicom_dataset_trains_and_detects_and_unsupported_syntaxes_are_named() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let data = dir.path().join("data");
-        let out = fracture(&["synth", "-o", path(&data), "--count", "6", "--size", "48", "--format", "dcm"]);
+        let out = fracture(&[
+            "synth",
+            "-o",
+            path(&data),
+            "--count",
+            "6",
+            "--size",
+            "48",
+            "--format",
+            "dcm",
+        ]);
         assert_exit(&out, 0);
         for class in ["Fracture", "Normal"] {
             let names: Vec<String> = std::fs::read_dir(data.join(class))
@@ -445,7 +724,10 @@ mod dicom {
         ]);
         assert_exit(&out, 0);
         let report = text(&out.stdout) + &text(&out.stderr);
-        assert!(report.contains("jpeg2000.dcm") && report.contains(JPEG_2000), "{report}");
+        assert!(
+            report.contains("jpeg2000.dcm") && report.contains(JPEG_2000),
+            "{report}"
+        );
         assert!(model.is_file());
 
         // A named file and a directory of .dcm files: one row per readable file.
@@ -465,7 +747,10 @@ mod dicom {
         assert_eq!(rows.len(), 7, "{rows:?}");
         assert!(rows.iter().all(|(p, _)| !p.ends_with("jpeg2000.dcm")));
         let stderr = text(&out.stderr);
-        assert!(stderr.contains("skipped") && stderr.contains("jpeg2000.dcm") && stderr.contains(JPEG_2000), "{stderr}");
+        assert!(
+            stderr.contains("skipped") && stderr.contains("jpeg2000.dcm") && stderr.contains(JPEG_2000),
+            "{stderr}"
+        );
 
         // Named on the command line, the unreadable file fails the run (exit 1),
         // still by name.
@@ -493,7 +778,17 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
     synth(&data, "mura", 30, 32);
     let data = data.to_str().unwrap();
     let list = dir.path().join("held-out.txt");
-    let out = fracture(&["split", "-i", data, "--images", "10", "--seed", "3", "-o", list.to_str().unwrap()]);
+    let out = fracture(&[
+        "split",
+        "-i",
+        data,
+        "--images",
+        "10",
+        "--seed",
+        "3",
+        "-o",
+        list.to_str().unwrap(),
+    ]);
     assert_exit(&out, 0);
     let listed: Vec<String> = std::fs::read_to_string(&list)
         .unwrap()
@@ -504,10 +799,17 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
     assert!(!listed.is_empty());
     // "held out N patients, M images (...)"
     let held_out_images: usize = text(&out.stderr)
-        .split("held out ").nth(1).unwrap()
-        .split(", ").nth(1).unwrap()
-        .split(' ').next().unwrap()
-        .parse().unwrap();
+        .split("held out ")
+        .nth(1)
+        .unwrap()
+        .split(", ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
 
     let images_in = |filter: &[&str]| {
         let other = dir.path().join("x.txt");
@@ -517,10 +819,17 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
         assert_exit(&out, 0);
         let stderr = text(&out.stderr);
         // The dataset summary: "abnormal N images" and "normal M images".
-        stderr.lines().filter(|l| l.trim_end().ends_with("images")).map(|l| l.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap()).sum::<usize>()
+        stderr
+            .lines()
+            .filter(|l| l.trim_end().ends_with("images"))
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap())
+            .sum::<usize>()
     };
     let list_arg = list.to_str().unwrap();
-    let (kept, left) = (images_in(&["--patients", list_arg]), images_in(&["--exclude-patients", list_arg]));
+    let (kept, left) = (
+        images_in(&["--patients", list_arg]),
+        images_in(&["--exclude-patients", list_arg]),
+    );
     let all = images_in(&[]);
     assert_eq!(kept, held_out_images);
     assert_eq!(kept + left, all, "kept {kept} + left {left}");
@@ -528,12 +837,31 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
 
     let bad = dir.path().join("typo.txt");
     std::fs::write(&bad, "# a comment\npatient99999\n").unwrap();
-    let out = fracture(&["train", "-i", data, "--patients", bad.to_str().unwrap(), "-o", dir.path().join("m.safetensors").to_str().unwrap()]);
+    let out = fracture(&[
+        "train",
+        "-i",
+        data,
+        "--patients",
+        bad.to_str().unwrap(),
+        "-o",
+        dir.path().join("m.safetensors").to_str().unwrap(),
+    ]);
     assert_exit(&out, 1);
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("typo.txt") && stderr.contains("patient99999"), "{stderr}");
+    assert!(
+        stderr.contains("typo.txt") && stderr.contains("patient99999"),
+        "{stderr}"
+    );
 
-    let out = fracture(&["split", "-i", data, "--images", &all.to_string(), "-o", list.to_str().unwrap()]);
+    let out = fracture(&[
+        "split",
+        "-i",
+        data,
+        "--images",
+        &all.to_string(),
+        "-o",
+        list.to_str().unwrap(),
+    ]);
     assert_exit(&out, 1);
 }
 
@@ -544,10 +872,30 @@ fn card_prints_and_updates_what_a_model_says_about_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let model = trained_model(dir.path());
     let model_arg = model.to_str().unwrap();
-    let detect = || text(&fracture(&["detect", "--weights", model_arg, "-i", dir.path().join("data").to_str().unwrap(), "--format", "csv"]).stdout);
+    let detect = || {
+        text(
+            &fracture(&[
+                "detect",
+                "--weights",
+                model_arg,
+                "-i",
+                dir.path().join("data").to_str().unwrap(),
+                "--format",
+                "csv",
+            ])
+            .stdout,
+        )
+    };
     let before = detect();
 
-    let out = fracture(&["card", model_arg, "--data-terms", "research use only", "--note", "a test note"]);
+    let out = fracture(&[
+        "card",
+        model_arg,
+        "--data-terms",
+        "research use only",
+        "--note",
+        "a test note",
+    ]);
     assert_exit(&out, 0);
     let out = fracture(&["card", model_arg]);
     assert_exit(&out, 0);
@@ -560,14 +908,28 @@ fn card_prints_and_updates_what_a_model_says_about_its_data() {
     let f32_size = std::fs::metadata(&model).unwrap().len();
     assert_exit(&fracture(&["card", model_arg, "--f16"]), 0);
     let f16_size = std::fs::metadata(&model).unwrap().len();
-    assert!(f16_size < f32_size * 6 / 10, "{f16_size} bytes in f16 vs {f32_size} in f32");
+    assert!(
+        f16_size < f32_size * 6 / 10,
+        "{f16_size} bytes in f16 vs {f32_size} in f32"
+    );
     let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", model_arg]).stdout).unwrap();
     assert_eq!(card["training"]["terms"], "research use only");
-    let probabilities = |csv: String| csv.lines().skip(1).map(|row| row.rsplit(',').nth(1).unwrap().parse::<f64>().unwrap()).collect::<Vec<_>>();
+    let probabilities = |csv: String| {
+        csv.lines()
+            .skip(1)
+            .map(|row| row.rsplit(',').nth(1).unwrap().parse::<f64>().unwrap())
+            .collect::<Vec<_>>()
+    };
     let (f32_p, f16_p) = (probabilities(before.clone()), probabilities(detect()));
     assert_eq!(f32_p.len(), f16_p.len());
-    assert!(f32_p.iter().zip(&f16_p).all(|(a, b)| (a - b).abs() < 1e-2), "f16 moved a prediction by more than 1e-2");
-    assert!(f32_p.iter().zip(&f16_p).any(|(a, b)| a != b), "the weights were not rounded to f16");
+    assert!(
+        f32_p.iter().zip(&f16_p).all(|(a, b)| (a - b).abs() < 1e-2),
+        "f16 moved a prediction by more than 1e-2"
+    );
+    assert!(
+        f32_p.iter().zip(&f16_p).any(|(a, b)| a != b),
+        "the weights were not rounded to f16"
+    );
 
     let not_a_model = dir.path().join("notes.safetensors");
     std::fs::write(&not_a_model, "hello").unwrap();

@@ -4,9 +4,6 @@
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(image) = fracture_core::preprocess::decode(data) {
-        assert!(
-            u64::from(image.width()) * u64::from(image.height())
-                <= fracture_core::preprocess::MAX_PIXELS
-        );
+        assert!(u64::from(image.width()) * u64::from(image.height()) <= fracture_core::preprocess::MAX_PIXELS);
     }
 });

@@ -45,7 +45,11 @@ impl Heatmap {
 /// A perceptually ordered ramp (dark blue → red → yellow) for heat.
 fn heat_colour(v: f32) -> [f32; 3] {
     let v = v.clamp(0.0, 1.0);
-    [(1.5 * v).min(1.0), (2.0 * v - 0.8).clamp(0.0, 1.0), (0.6 - 1.5 * v).clamp(0.0, 1.0)]
+    [
+        (1.5 * v).min(1.0),
+        (2.0 * v - 0.8).clamp(0.0, 1.0),
+        (0.6 - 1.5 * v).clamp(0.0, 1.0),
+    ]
 }
 
 /// The image with the heat map blended over it, at the image's own size.
@@ -55,7 +59,12 @@ pub fn overlay(image: &Rgb32FImage, heatmap: &Heatmap) -> RgbaImage {
     RgbaImage::from_fn(width, height, |x, y| {
         let base = image.get_pixel(x, y).0;
         if heatmap.width == 0 || heatmap.height == 0 {
-            return image::Rgba([(base[0] * 255.0) as u8, (base[1] * 255.0) as u8, (base[2] * 255.0) as u8, 255]);
+            return image::Rgba([
+                (base[0] * 255.0) as u8,
+                (base[1] * 255.0) as u8,
+                (base[2] * 255.0) as u8,
+                255,
+            ]);
         }
         let mx = (x as f32 + 0.5) * heatmap.width as f32 / width as f32;
         let my = (y as f32 + 0.5) * heatmap.height as f32 / height as f32;

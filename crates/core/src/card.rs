@@ -69,7 +69,11 @@ impl Preprocessing {
 
     /// DenseNet: 1/255, then ImageNet mean and std.
     pub fn imagenet(input_size: usize) -> Self {
-        Self { mean: IMAGENET_MEAN, std: IMAGENET_STD, ..Self::unit(input_size) }
+        Self {
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            ..Self::unit(input_size)
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -86,10 +90,16 @@ impl Preprocessing {
             )));
         }
         if (self.scale - 1.0 / 255.0).abs() > 1e-9 {
-            return Err(Error::Card(format!("unsupported scale {} (expected 1/255)", self.scale)));
+            return Err(Error::Card(format!(
+                "unsupported scale {} (expected 1/255)",
+                self.scale
+            )));
         }
         if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || self.mean.iter().any(|m| !m.is_finite()) {
-            return Err(Error::Card(format!("invalid mean {:?} / std {:?}", self.mean, self.std)));
+            return Err(Error::Card(format!(
+                "invalid mean {:?} / std {:?}",
+                self.mean, self.std
+            )));
         }
         Ok(())
     }
@@ -105,7 +115,10 @@ pub struct Classes {
 
 impl Default for Classes {
     fn default() -> Self {
-        Self { negative: "normal".into(), positive: "abnormal".into() }
+        Self {
+            negative: "normal".into(),
+            positive: "abnormal".into(),
+        }
     }
 }
 
@@ -163,7 +176,11 @@ pub enum OperatingPoint {
 }
 
 impl OperatingPoint {
-    pub const ALL: [OperatingPoint; 3] = [OperatingPoint::Balanced, OperatingPoint::Sensitive, OperatingPoint::Specific];
+    pub const ALL: [OperatingPoint; 3] = [
+        OperatingPoint::Balanced,
+        OperatingPoint::Sensitive,
+        OperatingPoint::Specific,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -181,7 +198,11 @@ impl std::str::FromStr for OperatingPoint {
         OperatingPoint::ALL
             .into_iter()
             .find(|p| p.name() == text)
-            .ok_or_else(|| Error::Card(format!("unknown operating point `{text}` (expected balanced, sensitive or specific)")))
+            .ok_or_else(|| {
+                Error::Card(format!(
+                    "unknown operating point `{text}` (expected balanced, sensitive or specific)"
+                ))
+            })
     }
 }
 
@@ -256,9 +277,7 @@ impl ModelCard {
             seed: None,
             init: None,
             software: concat!("fracture ", env!("CARGO_PKG_VERSION")).into(),
-            notes: vec![
-                "Research use only. Not a medical device; not for clinical decisions.".into(),
-            ],
+            notes: vec!["Research use only. Not a medical device; not for clinical decisions.".into()],
         }
     }
 
@@ -288,16 +307,25 @@ impl ModelCard {
             return Err(Error::Card(format!("threshold {} is outside [0, 1]", self.threshold)));
         }
         if self.tta.is_empty() || (1..self.tta.len()).any(|i| self.tta[..i].contains(&self.tta[i])) {
-            return Err(Error::Card(format!("tta {:?} must list each view once, at least one", self.tta)));
+            return Err(Error::Card(format!(
+                "tta {:?} must list each view once, at least one",
+                self.tta
+            )));
         }
         if !(self.temperature.is_finite() && (0.01..=100.0).contains(&self.temperature)) {
-            return Err(Error::Card(format!("temperature {} is outside [0.01, 100]", self.temperature)));
+            return Err(Error::Card(format!(
+                "temperature {} is outside [0.01, 100]",
+                self.temperature
+            )));
         }
         if let Some(points) = &self.operating_points {
             for point in OperatingPoint::ALL {
                 let threshold = points.threshold(point);
                 if !(0.0..=1.0).contains(&threshold) {
-                    return Err(Error::Card(format!("operating point {} at {threshold} is outside [0, 1]", point.name())));
+                    return Err(Error::Card(format!(
+                        "operating point {} at {threshold} is outside [0, 1]",
+                        point.name()
+                    )));
                 }
             }
             if points.balanced != self.threshold {
@@ -381,15 +409,63 @@ mod tests {
             let err = ModelCard::from_json(&card.to_json().unwrap()).unwrap_err().to_string();
             assert!(err.contains(word), "{err}");
         };
-        reject(ModelCard { temperature: 0.0, ..base.clone() }, "temperature");
+        reject(
+            ModelCard {
+                temperature: 0.0,
+                ..base.clone()
+            },
+            "temperature",
+        );
         // NaN is written as null, which no f64 field accepts.
-        assert!(ModelCard::from_json(&ModelCard { temperature: f64::NAN, ..base.clone() }.to_json().unwrap()).is_err());
-        reject(ModelCard { tta: vec![], ..base.clone() }, "tta");
-        reject(ModelCard { tta: vec![TtaView::Identity, TtaView::Identity], ..base.clone() }, "tta");
-        let points = OperatingPoints { balanced: 0.4, sensitive: 0.2, specific: 1.2, chosen_on: "test".into() };
-        reject(ModelCard { threshold: 0.4, operating_points: Some(points.clone()), ..base.clone() }, "specific");
-        let points = OperatingPoints { specific: 0.7, ..points };
-        reject(ModelCard { threshold: 0.5, operating_points: Some(points.clone()), ..base.clone() }, "balanced");
+        assert!(ModelCard::from_json(
+            &ModelCard {
+                temperature: f64::NAN,
+                ..base.clone()
+            }
+            .to_json()
+            .unwrap()
+        )
+        .is_err());
+        reject(
+            ModelCard {
+                tta: vec![],
+                ..base.clone()
+            },
+            "tta",
+        );
+        reject(
+            ModelCard {
+                tta: vec![TtaView::Identity, TtaView::Identity],
+                ..base.clone()
+            },
+            "tta",
+        );
+        let points = OperatingPoints {
+            balanced: 0.4,
+            sensitive: 0.2,
+            specific: 1.2,
+            chosen_on: "test".into(),
+        };
+        reject(
+            ModelCard {
+                threshold: 0.4,
+                operating_points: Some(points.clone()),
+                ..base.clone()
+            },
+            "specific",
+        );
+        let points = OperatingPoints {
+            specific: 0.7,
+            ..points
+        };
+        reject(
+            ModelCard {
+                threshold: 0.5,
+                operating_points: Some(points.clone()),
+                ..base.clone()
+            },
+            "balanced",
+        );
         let good = ModelCard {
             threshold: 0.4,
             operating_points: Some(points),
@@ -409,12 +485,19 @@ mod tests {
         let old = ModelCard::from_json(&old.to_string()).unwrap();
         assert_eq!((old.tta.clone(), old.temperature), (vec![TtaView::Identity], 1.0));
         assert_eq!(old.threshold_at(OperatingPoint::Balanced).unwrap(), 0.5);
-        assert!(old.threshold_at(OperatingPoint::Sensitive).unwrap_err().to_string().contains("calibrate"));
+        assert!(old
+            .threshold_at(OperatingPoint::Sensitive)
+            .unwrap_err()
+            .to_string()
+            .contains("calibrate"));
     }
 
     #[test]
     fn view_probabilities_are_tempered_then_averaged() {
-        let card = ModelCard { temperature: 2.0, ..ModelCard::new(Architecture::Cnn(CnnConfig::study()), 150) };
+        let card = ModelCard {
+            temperature: 2.0,
+            ..ModelCard::new(Architecture::Cnn(CnnConfig::study()), 150)
+        };
         let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
         let p = card.probability_from_view_logits(&[2.0, -1.0]);
         assert!((p - (sigmoid(1.0) + sigmoid(-0.5)) / 2.0).abs() < 1e-12, "{p}");

@@ -69,7 +69,9 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb32FImage> {
     let object = open(bytes)?;
     let geometry = check_image_attributes(&object)?;
     check_encapsulated_frame(&object, object.meta().transfer_syntax(), geometry)?;
-    let frame = object.decode_pixel_data_frame(0).map_err(|e| corrupt("DICOM pixel data", &e))?;
+    let frame = object
+        .decode_pixel_data_frame(0)
+        .map_err(|e| corrupt("DICOM pixel data", &e))?;
     to_rgb(&frame)
 }
 
@@ -77,7 +79,9 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb32FImage> {
 /// the views of one study; `None` when the file has none.
 pub fn study_instance_uid(bytes: &[u8]) -> Result<Option<String>> {
     let object = open(bytes)?;
-    let Some(element) = object.get(tags::STUDY_INSTANCE_UID) else { return Ok(None) };
+    let Some(element) = object.get(tags::STUDY_INSTANCE_UID) else {
+        return Ok(None);
+    };
     let uid = element.to_str().map_err(|e| corrupt("DICOM Study Instance UID", &e))?;
     // UIDs are padded to an even length with NUL.
     let uid = uid.trim_end_matches('\0').trim();
@@ -112,8 +116,14 @@ fn open(bytes: &[u8]) -> Result<DefaultDicomObject> {
 fn check_transfer_syntax(uid: &str) -> Result<()> {
     match TransferSyntaxRegistry.get(uid) {
         Some(ts) if ts.can_decode_all() => Ok(()),
-        Some(ts) => Err(Error::UnsupportedTransferSyntax { name: ts.name().to_string(), uid: ts.uid().to_string() }),
-        None => Err(Error::UnsupportedTransferSyntax { name: "unknown to this reader".into(), uid: uid.to_string() }),
+        Some(ts) => Err(Error::UnsupportedTransferSyntax {
+            name: ts.name().to_string(),
+            uid: ts.uid().to_string(),
+        }),
+        None => Err(Error::UnsupportedTransferSyntax {
+            name: "unknown to this reader".into(),
+            uid: uid.to_string(),
+        }),
     }
 }
 
@@ -138,7 +148,10 @@ struct Encoding {
     big_endian: bool,
 }
 
-const EXPLICIT_LITTLE: Encoding = Encoding { explicit_vr: true, big_endian: false };
+const EXPLICIT_LITTLE: Encoding = Encoding {
+    explicit_vr: true,
+    big_endian: false,
+};
 
 struct Header {
     tag: Tag,
@@ -171,8 +184,9 @@ const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
 const MAX_NESTING: usize = 32;
 
 /// Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-const LONG_VRS: [&[u8; 2]; 13] =
-    [b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"];
+const LONG_VRS: [&[u8; 2]; 13] = [
+    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV",
+];
 const SHORT_VRS: [&[u8; 2]; 21] = [
     b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS",
     b"ST", b"TM", b"UI", b"UL", b"US",
@@ -186,7 +200,9 @@ impl LengthGuard<'_> {
     /// where the data set starts. As dicom-object reads it: the group length
     /// element first, then elements (of any group) until that many bytes.
     fn check_meta(&self) -> Walk {
-        let Some(first) = self.header(MAGIC.len(), EXPLICIT_LITTLE) else { return Ok(None) };
+        let Some(first) = self.header(MAGIC.len(), EXPLICIT_LITTLE) else {
+            return Ok(None);
+        };
         let group_length = self.data.get(first.value_at..first.value_at + 4);
         let (Tag(0x0002, 0x0000), 4, Some(group_length)) = (first.tag, first.length, group_length) else {
             return Ok(None);
@@ -194,34 +210,45 @@ impl LengthGuard<'_> {
         let group_length = u32::from_le_bytes([group_length[0], group_length[1], group_length[2], group_length[3]]);
         let (mut at, mut read) = (first.value_at + 4, 0u32);
         while read < group_length {
-            let Some(header) = self.header(at, EXPLICIT_LITTLE) else { return Ok(None) };
+            let Some(header) = self.header(at, EXPLICIT_LITTLE) else {
+                return Ok(None);
+            };
             if header.length == UNDEFINED_LENGTH {
                 return Ok(None);
             }
             // The meta reader consumes each value whole, whatever its VR.
             let next = self.skip(&header, header.length as usize)?;
-            read = read.saturating_add((header.value_at - at) as u32).saturating_add(header.length);
+            read = read
+                .saturating_add((header.value_at - at) as u32)
+                .saturating_add(header.length);
             at = next;
         }
         Ok(Some(at))
     }
 
     fn check_data_set(&self, at: usize, transfer_syntax: &str) -> Result<()> {
-        let Some(ts) = TransferSyntaxRegistry.get(transfer_syntax) else { return Ok(()) };
+        let Some(ts) = TransferSyntaxRegistry.get(transfer_syntax) else {
+            return Ok(());
+        };
         // A deflated data set's lengths count inflated bytes: inflate it
         // (within a budget) and check them against that.
         if matches!(ts.codec(), dicom_encoding::Codec::Dataset(_)) {
-            let inflated = miniz_oxide::inflate::decompress_to_vec_with_limit(&self.data[at..], MAX_INFLATED).map_err(|e| {
-                match e.status {
+            let inflated = miniz_oxide::inflate::decompress_to_vec_with_limit(&self.data[at..], MAX_INFLATED).map_err(
+                |e| match e.status {
                     miniz_oxide::inflate::TINFLStatus::HasMoreOutput => Error::UnsupportedImage(format!(
                         "deflated DICOM data set inflates to more than {} MiB",
                         MAX_INFLATED >> 20
                     )),
                     _ => Error::Decode(format!("corrupt deflated DICOM data set ({e})")),
-                }
-            })?;
-            let explicit_little = Encoding { explicit_vr: true, big_endian: false };
-            return LengthGuard { data: &inflated }.data_set(0, None, explicit_little, 0).map(|_| ());
+                },
+            )?;
+            let explicit_little = Encoding {
+                explicit_vr: true,
+                big_endian: false,
+            };
+            return LengthGuard { data: &inflated }
+                .data_set(0, None, explicit_little, 0)
+                .map(|_| ());
         }
         let encoding = Encoding {
             explicit_vr: transfer_syntax != uids::IMPLICIT_VR_LITTLE_ENDIAN,
@@ -237,7 +264,9 @@ impl LengthGuard<'_> {
             if at >= end.unwrap_or(self.data.len()) {
                 return Ok(Some(at));
             }
-            let Some(header) = self.header(at, encoding) else { return Ok(None) };
+            let Some(header) = self.header(at, encoding) else {
+                return Ok(None);
+            };
             // An item delimiter ends an item; outside one the parser skips
             // it. Other item or delimiter tags are, to the parser, elements
             // like any other (in valid files they never appear here).
@@ -273,19 +302,24 @@ impl LengthGuard<'_> {
     /// The items of a sequence, to `end` or to a sequence delimiter.
     fn items(&self, mut at: usize, end: Option<usize>, encoding: Encoding, depth: usize) -> Walk {
         if depth > MAX_NESTING {
-            return Err(Error::Decode(format!("DICOM sequences nested more than {MAX_NESTING} deep")));
+            return Err(Error::Decode(format!(
+                "DICOM sequences nested more than {MAX_NESTING} deep"
+            )));
         }
         loop {
             if end.is_some_and(|end| at >= end) {
                 return Ok(Some(at));
             }
-            let Some(header) = self.header(at, encoding) else { return Ok(None) };
+            let Some(header) = self.header(at, encoding) else {
+                return Ok(None);
+            };
             let next = match header.tag {
                 SEQUENCE_END => return Ok(Some(header.value_at)),
                 ITEM if header.length == UNDEFINED_LENGTH => self.data_set(header.value_at, None, encoding, depth)?,
                 ITEM => {
                     let next = self.skip(&header, header.length as usize)?;
-                    self.data_set(header.value_at, Some(next), encoding, depth)?.map(|_| next)
+                    self.data_set(header.value_at, Some(next), encoding, depth)?
+                        .map(|_| next)
                 }
                 _ => None,
             };
@@ -297,7 +331,9 @@ impl LengthGuard<'_> {
     /// Encapsulated pixel data: items of raw bytes up to a sequence delimiter.
     fn fragments(&self, mut at: usize, encoding: Encoding) -> Walk {
         loop {
-            let Some(header) = self.header(at, encoding) else { return Ok(None) };
+            let Some(header) = self.header(at, encoding) else {
+                return Ok(None);
+            };
             match header.tag {
                 SEQUENCE_END => return Ok(Some(header.value_at)),
                 ITEM if header.length != UNDEFINED_LENGTH => at = self.skip(&header, header.length as usize)?,
@@ -323,30 +359,58 @@ impl LengthGuard<'_> {
     fn header(&self, at: usize, encoding: Encoding) -> Option<Header> {
         let u16_at = |at: usize| {
             let b = self.data.get(at..at + 2)?;
-            Some(if encoding.big_endian { u16::from_be_bytes([b[0], b[1]]) } else { u16::from_le_bytes([b[0], b[1]]) })
+            Some(if encoding.big_endian {
+                u16::from_be_bytes([b[0], b[1]])
+            } else {
+                u16::from_le_bytes([b[0], b[1]])
+            })
         };
         let u32_at = |at: usize| {
             let b = self.data.get(at..at + 4)?;
             let b = [b[0], b[1], b[2], b[3]];
-            Some(if encoding.big_endian { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) })
+            Some(if encoding.big_endian {
+                u32::from_be_bytes(b)
+            } else {
+                u32::from_le_bytes(b)
+            })
         };
         let tag = Tag(u16_at(at)?, u16_at(at + 2)?);
         // Item and delimiter headers never carry a VR.
         if tag.0 == 0xFFFE {
-            return Some(Header { tag, vr: None, length: u32_at(at + 4)?, value_at: at + 8 });
+            return Some(Header {
+                tag,
+                vr: None,
+                length: u32_at(at + 4)?,
+                value_at: at + 8,
+            });
         }
         if !encoding.explicit_vr {
-            return Some(Header { tag, vr: dictionary_vr(tag), length: u32_at(at + 4)?, value_at: at + 8 });
+            return Some(Header {
+                tag,
+                vr: dictionary_vr(tag),
+                length: u32_at(at + 4)?,
+                value_at: at + 8,
+            });
         }
         let vr = self.data.get(at + 4..at + 6)?;
         let vr = [vr[0], vr[1]];
         if SHORT_VRS.contains(&&vr) {
-            Some(Header { tag, vr: Some(vr), length: u32::from(u16_at(at + 6)?), value_at: at + 8 })
+            Some(Header {
+                tag,
+                vr: Some(vr),
+                length: u32::from(u16_at(at + 6)?),
+                value_at: at + 8,
+            })
         } else {
             // The parser reads a VR it does not know as UN, with the long
             // header form: so does the walk, to check the length it will use.
             let vr = if LONG_VRS.contains(&&vr) { vr } else { *b"UN" };
-            Some(Header { tag, vr: Some(vr), length: u32_at(at + 8)?, value_at: at + 12 })
+            Some(Header {
+                tag,
+                vr: Some(vr),
+                length: u32_at(at + 8)?,
+                value_at: at + 12,
+            })
         }
     }
 }
@@ -389,8 +453,9 @@ impl Geometry {
 /// a sample layout this module converts.
 fn check_image_attributes(object: &DefaultDicomObject) -> Result<Geometry> {
     if object.get(tags::PIXEL_DATA).is_none() {
-        let other =
-            [tags::FLOAT_PIXEL_DATA, tags::DOUBLE_FLOAT_PIXEL_DATA].iter().any(|&tag| object.get(tag).is_some());
+        let other = [tags::FLOAT_PIXEL_DATA, tags::DOUBLE_FLOAT_PIXEL_DATA]
+            .iter()
+            .any(|&tag| object.get(tag).is_some());
         return Err(Error::UnsupportedImage(if other {
             "DICOM file has floating point pixel data (a parametric map), not an X-ray image".into()
         } else {
@@ -400,7 +465,9 @@ fn check_image_attributes(object: &DefaultDicomObject) -> Result<Geometry> {
     let rows = required_u32(object, tags::ROWS, "Rows")?;
     let columns = required_u32(object, tags::COLUMNS, "Columns")?;
     if rows == 0 || columns == 0 {
-        return Err(Error::Decode(format!("DICOM image is {columns}x{rows}: it has no pixels")));
+        return Err(Error::Decode(format!(
+            "DICOM image is {columns}x{rows}: it has no pixels"
+        )));
     }
     if u64::from(rows) * u64::from(columns) > MAX_PIXELS {
         return Err(Error::UnsupportedImage(format!(
@@ -420,7 +487,12 @@ fn check_image_attributes(object: &DefaultDicomObject) -> Result<Geometry> {
             "DICOM image with {samples} samples per pixel (1 or 3 supported)"
         )));
     }
-    Ok(Geometry { rows, columns, bits_allocated: bits, samples_per_pixel: samples })
+    Ok(Geometry {
+        rows,
+        columns,
+        bits_allocated: bits,
+        samples_per_pixel: samples,
+    })
 }
 
 /// The JPEG and RLE adapters of dicom-rs 0.10.1 copy the decoded frame into
@@ -434,11 +506,15 @@ fn check_encapsulated_frame(object: &DefaultDicomObject, transfer_syntax: &str, 
         return Ok(());
     };
     let fragments = sequence.fragments();
-    let first =
-        fragments.first().ok_or_else(|| Error::Decode("DICOM encapsulated pixel data has no fragment".into()))?;
+    let first = fragments
+        .first()
+        .ok_or_else(|| Error::Decode("DICOM encapsulated pixel data has no fragment".into()))?;
     if JPEG_SYNTAXES.contains(&transfer_syntax) {
         // Frame 0's JPEG stream, gathered as the adapter gathers it.
-        let frames = object.get(tags::NUMBER_OF_FRAMES).and_then(|e| e.to_int::<u32>().ok()).unwrap_or(1) as usize;
+        let frames = object
+            .get(tags::NUMBER_OF_FRAMES)
+            .and_then(|e| e.to_int::<u32>().ok())
+            .unwrap_or(1) as usize;
         let stream: std::borrow::Cow<'_, [u8]> = if fragments.len() == 1 || fragments.len() == frames {
             first.as_slice().into()
         } else {
@@ -517,9 +593,13 @@ fn jpeg_frame_header(stream: &[u8]) -> Result<JpegFrameHeader> {
             0xD9 | 0xDA => return Err(bad("no frame header before the scan")),
             _ => {}
         }
-        let length = stream.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+        let length = stream
+            .get(at..at + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
         let segment = length.filter(|&l| l >= 2).and_then(|l| stream.get(at + 2..at + l));
-        let Some(segment) = segment else { return Err(bad("truncated marker segment")) };
+        let Some(segment) = segment else {
+            return Err(bad("truncated marker segment"));
+        };
         // SOF0-SOF15 except DHT (C4), JPG (C8) and DAC (CC).
         if matches!(code, 0xC0..=0xCF) && !matches!(code, 0xC4 | 0xC8 | 0xCC) {
             let [precision, h1, h0, w1, w0, components, ..] = *segment else {
@@ -540,27 +620,38 @@ fn jpeg_frame_header(stream: &[u8]) -> Result<JpegFrameHeader> {
     }
 }
 
-const JPEG_SYNTAXES: [&str; 4] =
-    [uids::JPEG_BASELINE8_BIT, uids::JPEG_EXTENDED12_BIT, uids::JPEG_LOSSLESS, uids::JPEG_LOSSLESS_SV1];
+const JPEG_SYNTAXES: [&str; 4] = [
+    uids::JPEG_BASELINE8_BIT,
+    uids::JPEG_EXTENDED12_BIT,
+    uids::JPEG_LOSSLESS,
+    uids::JPEG_LOSSLESS_SV1,
+];
 
 /// An RLE frame (PS3.5 G) must have one segment per sample byte, each
 /// inside the fragment and decoding to at least Rows × Columns bytes.
 fn check_rle_frame(fragment: &[u8], geometry: Geometry) -> Result<()> {
     let bad = |why: &str| Error::Decode(format!("DICOM RLE frame: {why}"));
-    let word = |at: usize| fragment.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let word = |at: usize| {
+        fragment
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
     let count = word(0).ok_or_else(|| bad("no header"))?;
     let needed = geometry.samples_per_pixel as usize * geometry.bits_allocated as usize / 8;
     // The header has room for 15 segment offsets.
     if count < needed || count > 15 {
         return Err(bad(&format!("{count} segments for {needed} sample bytes")));
     }
-    let mut offsets =
-        (1..=count).map(|i| word(4 * i)).collect::<Option<Vec<_>>>().ok_or_else(|| bad("short header"))?;
+    let mut offsets = (1..=count)
+        .map(|i| word(4 * i))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("short header"))?;
     offsets.push(fragment.len());
     let pixels = geometry.rows as usize * geometry.columns as usize;
     for pair in offsets.windows(2).take(needed) {
-        let segment =
-            fragment.get(pair[0]..pair[1]).ok_or_else(|| bad("segment offsets out of order or out of the fragment"))?;
+        let segment = fragment
+            .get(pair[0]..pair[1])
+            .ok_or_else(|| bad("segment offsets out of order or out of the fragment"))?;
         if packbits_len(segment) < pixels {
             return Err(bad("a segment decodes to fewer bytes than Rows × Columns"));
         }
@@ -599,9 +690,12 @@ fn packbits_len(segment: &[u8]) -> usize {
 }
 
 fn required_u32(object: &DefaultDicomObject, tag: Tag, name: &str) -> Result<u32> {
-    let element =
-        object.get(tag).ok_or_else(|| Error::Decode(format!("DICOM image lacks the {name} attribute {tag}")))?;
-    element.to_int::<u32>().map_err(|_| Error::Decode(format!("DICOM attribute {name} {tag} is not a valid number")))
+    let element = object
+        .get(tag)
+        .ok_or_else(|| Error::Decode(format!("DICOM image lacks the {name} attribute {tag}")))?;
+    element
+        .to_int::<u32>()
+        .map_err(|_| Error::Decode(format!("DICOM attribute {name} {tag} is not a valid number")))
 }
 
 /// An error of the DICOM crates with its causes: their top-level messages
@@ -670,11 +764,21 @@ fn stored_values(frame: &DecodedPixelData<'_>) -> Result<Vec<f32>> {
     let values: Vec<f32> = match allocated {
         8 => data.iter().take(count).map(|&b| value(u32::from(b))).collect(),
         // The pixel data crate hands 16-bit samples over in native byte order.
-        16 => data.chunks_exact(2).take(count).map(|c| value(u32::from(u16::from_ne_bytes([c[0], c[1]])))).collect(),
-        other => return Err(Error::UnsupportedImage(format!("DICOM image with {other} bits allocated per sample"))),
+        16 => data
+            .chunks_exact(2)
+            .take(count)
+            .map(|c| value(u32::from(u16::from_ne_bytes([c[0], c[1]]))))
+            .collect(),
+        other => {
+            return Err(Error::UnsupportedImage(format!(
+                "DICOM image with {other} bits allocated per sample"
+            )))
+        }
     };
     if values.len() != count {
-        return Err(Error::Decode("DICOM pixel data is shorter than Rows × Columns × Samples per Pixel".into()));
+        return Err(Error::Decode(
+            "DICOM pixel data is shorter than Rows × Columns × Samples per Pixel".into(),
+        ));
     }
     Ok(values)
 }
@@ -682,7 +786,11 @@ fn stored_values(frame: &DecodedPixelData<'_>) -> Result<Vec<f32>> {
 /// Modality LUT then VOI window (or min/max) of a grey frame: 0..=1 where 1
 /// is displayed white, before any MONOCHROME1 inversion.
 fn displayed_grey(frame: &DecodedPixelData<'_>, values: &[f32]) -> Result<Vec<f32>> {
-    let rescale = frame.rescale().map_err(|e| corrupt("DICOM rescale", &e))?.first().copied();
+    let rescale = frame
+        .rescale()
+        .map_err(|e| corrupt("DICOM rescale", &e))?
+        .first()
+        .copied();
     let (slope, intercept) = rescale.map_or((1.0, 0.0), |r| (r.slope, r.intercept));
     if !slope.is_finite() || !intercept.is_finite() {
         return Err(Error::Decode(format!(
@@ -690,7 +798,10 @@ fn displayed_grey(frame: &DecodedPixelData<'_>, values: &[f32]) -> Result<Vec<f3
         )));
     }
     let modality = values.iter().map(|&v| f64::from(v) * slope + intercept);
-    let window = frame.window().map_err(|e| corrupt("DICOM window", &e))?.and_then(|w| w.first().copied());
+    let window = frame
+        .window()
+        .map_err(|e| corrupt("DICOM window", &e))?
+        .and_then(|w| w.first().copied());
     // A window that cannot be applied (width 0 or not a number) is treated
     // as absent rather than failing the image: min/max still shows it.
     let window = window.filter(|w| w.center.is_finite() && w.width.is_finite() && w.width > 0.0);
@@ -703,11 +814,21 @@ fn displayed_grey(frame: &DecodedPixelData<'_>, values: &[f32]) -> Result<Vec<f3
         return Ok(modality.map(|x| apply_window(x, window, function) as f32).collect());
     }
     let modality: Vec<f64> = modality.collect();
-    let (low, high) = modality.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (low, high) = modality
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
     let range = high - low;
     Ok(modality
         .iter()
-        .map(|&v| if range > 0.0 && range.is_finite() { ((v - low) / range) as f32 } else { 0.0 })
+        .map(|&v| {
+            if range > 0.0 && range.is_finite() {
+                ((v - low) / range) as f32
+            } else {
+                0.0
+            }
+        })
         .collect())
 }
 
@@ -790,7 +911,11 @@ mod tests {
         let bits_allocated = if pixel_data.vr() == VR::OW { 16u16 } else { 8 };
         let samples = if photometric == "RGB" { 3u16 } else { 1 };
         InMemDicomObject::from_element_iter([
-            DataElement::new(tags::SOP_CLASS_UID, VR::UI, uids::DIGITAL_X_RAY_IMAGE_STORAGE_FOR_PRESENTATION),
+            DataElement::new(
+                tags::SOP_CLASS_UID,
+                VR::UI,
+                uids::DIGITAL_X_RAY_IMAGE_STORAGE_FOR_PRESENTATION,
+            ),
             DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, "2.25.1234"),
             DataElement::new(tags::MODALITY, VR::CS, "DX"),
             DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(samples)),
@@ -820,7 +945,9 @@ mod tests {
     fn file(object: InMemDicomObject, transfer_syntax: &str) -> Vec<u8> {
         let mut out = Vec::new();
         if TransferSyntaxRegistry.get(transfer_syntax).is_some() {
-            let file = object.with_meta(FileMetaTableBuilder::new().transfer_syntax(transfer_syntax)).unwrap();
+            let file = object
+                .with_meta(FileMetaTableBuilder::new().transfer_syntax(transfer_syntax))
+                .unwrap();
             file.write_all(&mut out).unwrap();
         } else {
             // dicom-object refuses to write a syntax it does not know: write
@@ -863,8 +990,18 @@ mod tests {
     /// 16-bit, 12 stored, two windows of which the first is the default.
     fn windowed_monochrome(photometric: &str) -> Vec<u8> {
         let mut object = image(3, 2, photometric, 12, words(&[0, 1000, 1500, 1999, 2000, 4000]));
-        set(&mut object, tags::WINDOW_CENTER, VR::DS, dicom_value!(Strs, ["1500", "3000"]));
-        set(&mut object, tags::WINDOW_WIDTH, VR::DS, dicom_value!(Strs, ["1001", "100"]));
+        set(
+            &mut object,
+            tags::WINDOW_CENTER,
+            VR::DS,
+            dicom_value!(Strs, ["1500", "3000"]),
+        );
+        set(
+            &mut object,
+            tags::WINDOW_WIDTH,
+            VR::DS,
+            dicom_value!(Strs, ["1001", "100"]),
+        );
         file(object, EXPLICIT_LE)
     }
 
@@ -877,7 +1014,10 @@ mod tests {
         let mut object = image(3, 2, "MONOCHROME2", 12, words(&[0, 1000, 1500, 1999, 2000, 4000]));
         assert_eq!(study_instance_uid(&file(object.clone(), EXPLICIT_LE)).unwrap(), None);
         set(&mut object, tags::STUDY_INSTANCE_UID, VR::UI, "1.2.840.99.7\0");
-        assert_eq!(study_instance_uid(&file(object, EXPLICIT_LE)).unwrap().as_deref(), Some("1.2.840.99.7"));
+        assert_eq!(
+            study_instance_uid(&file(object, EXPLICIT_LE)).unwrap().as_deref(),
+            Some("1.2.840.99.7")
+        );
         assert!(study_instance_uid(b"not dicom").is_err());
     }
 
@@ -931,7 +1071,10 @@ mod tests {
     #[test]
     fn eight_bit_grey_and_rgb_decode() {
         let object = image(2, 2, "MONOCHROME2", 8, bytes(&[0, 64, 128, 255]));
-        assert_close(&grey(&file(object, EXPLICIT_LE)), &[0.0, 64.0 / 255.0, 128.0 / 255.0, 1.0]);
+        assert_close(
+            &grey(&file(object, EXPLICIT_LE)),
+            &[0.0, 64.0 / 255.0, 128.0 / 255.0, 1.0],
+        );
 
         let object = image(2, 1, "RGB", 8, bytes(&[255, 0, 0, 0, 128, 255]));
         let decoded = preprocess::decode(&file(object, EXPLICIT_LE)).unwrap();
@@ -961,9 +1104,15 @@ mod tests {
         if fragment.len() % 2 == 1 {
             fragment.push(0);
         }
-        let pixel_data =
-            DataElement::new(tags::PIXEL_DATA, VR::OB, PixelFragmentSequence::new_fragments(vec![fragment]));
-        file(image(side, side, "MONOCHROME2", 8, pixel_data), uids::JPEG_BASELINE8_BIT)
+        let pixel_data = DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PixelFragmentSequence::new_fragments(vec![fragment]),
+        );
+        file(
+            image(side, side, "MONOCHROME2", 8, pixel_data),
+            uids::JPEG_BASELINE8_BIT,
+        )
     }
 
     #[test]
@@ -978,13 +1127,20 @@ mod tests {
     /// declared; jpeg-decoder on two components).
     #[test]
     fn jpeg_frames_that_disagree_with_the_file_are_errors() {
-        let error = preprocess::decode(&jpeg_dicom_declaring(8, |_| {})).unwrap_err().to_string();
-        assert!(error.contains("JPEG frame is 16x16 with 1 component(s) of 8 bits"), "{error}");
+        let error = preprocess::decode(&jpeg_dicom_declaring(8, |_| {}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("JPEG frame is 16x16 with 1 component(s) of 8 bits"),
+            "{error}"
+        );
         let two_components = |jpeg: &mut Vec<u8>| {
             let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
             jpeg[sof + 9] = 2;
         };
-        let error = preprocess::decode(&jpeg_dicom_declaring(16, two_components)).unwrap_err().to_string();
+        let error = preprocess::decode(&jpeg_dicom_declaring(16, two_components))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("2 component(s)"), "{error}");
     }
 
@@ -1002,8 +1158,11 @@ mod tests {
         if fragment.len() % 2 == 1 {
             fragment.push(0x80); // PackBits no-op, as padding
         }
-        let pixel_data =
-            DataElement::new(tags::PIXEL_DATA, VR::OB, PixelFragmentSequence::new_fragments(vec![fragment]));
+        let pixel_data = DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PixelFragmentSequence::new_fragments(vec![fragment]),
+        );
         file(image(width, height, "MONOCHROME2", 8, pixel_data), uids::RLE_LOSSLESS)
     }
 
@@ -1022,8 +1181,11 @@ mod tests {
     }
 
     fn unsupported(uid: &str) -> Error {
-        let pixel_data =
-            DataElement::new(tags::PIXEL_DATA, VR::OB, PixelFragmentSequence::new_fragments(vec![vec![0u8; 16]]));
+        let pixel_data = DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PixelFragmentSequence::new_fragments(vec![vec![0u8; 16]]),
+        );
         preprocess::decode(&file(image(4, 4, "MONOCHROME2", 16, pixel_data), uid)).unwrap_err()
     }
 
@@ -1036,7 +1198,10 @@ mod tests {
             "unsupported DICOM transfer syntax JPEG 2000 Image Compression (1.2.840.10008.1.2.4.91)"
         );
         let error = unsupported(uids::JPEGLS_LOSSLESS).to_string();
-        assert!(error.contains("JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)"), "{error}");
+        assert!(
+            error.contains("JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)"),
+            "{error}"
+        );
         let error = unsupported("1.2.3.4.5").to_string();
         assert!(error.contains("(1.2.3.4.5)"), "{error}");
     }
@@ -1058,14 +1223,20 @@ mod tests {
         let mut short = image(4, 4, "MONOCHROME2", 16, words(&[1, 2, 3]));
         assert!(preprocess::decode(&file(short.clone(), EXPLICIT_LE)).is_err());
         set(&mut short, tags::BITS_ALLOCATED, VR::US, 32u16);
-        assert!(matches!(preprocess::decode(&file(short, EXPLICIT_LE)), Err(Error::UnsupportedImage(_))));
+        assert!(matches!(
+            preprocess::decode(&file(short, EXPLICIT_LE)),
+            Err(Error::UnsupportedImage(_))
+        ));
         let palette = image(2, 1, "PALETTE COLOR", 8, bytes(&[1, 2]));
         let error = preprocess::decode(&file(palette, EXPLICIT_LE)).unwrap_err().to_string();
         assert!(error.contains("PALETTE COLOR"), "{error}");
         let mut huge = image(2, 1, "MONOCHROME2", 8, bytes(&[1, 2]));
         set(&mut huge, tags::ROWS, VR::US, 65535u16);
         set(&mut huge, tags::COLUMNS, VR::US, 65535u16);
-        assert!(matches!(preprocess::decode(&file(huge, EXPLICIT_LE)), Err(Error::UnsupportedImage(_))));
+        assert!(matches!(
+            preprocess::decode(&file(huge, EXPLICIT_LE)),
+            Err(Error::UnsupportedImage(_))
+        ));
     }
 
     /// Truncation at every length and every single flipped bit give a result
@@ -1075,10 +1246,15 @@ mod tests {
     fn damaged_files_never_panic() {
         let started = std::time::Instant::now();
         let pixels: Vec<u8> = (0..64u8).collect();
-        for bytes in [windowed_monochrome("MONOCHROME1"), jpeg_dicom(), rle_dicom(8, 8, &pixels), {
-            let object = image(2, 1, "RGB", 8, bytes(&[255, 0, 0, 0, 128, 255]));
-            file(object, EXPLICIT_LE)
-        }] {
+        for bytes in [
+            windowed_monochrome("MONOCHROME1"),
+            jpeg_dicom(),
+            rle_dicom(8, 8, &pixels),
+            {
+                let object = image(2, 1, "RGB", 8, bytes(&[255, 0, 0, 0, 128, 255]));
+                file(object, EXPLICIT_LE)
+            },
+        ] {
             for length in 0..bytes.len() {
                 let _ = preprocess::decode(&bytes[..length]);
             }
@@ -1105,8 +1281,17 @@ mod tests {
 
     #[test]
     fn a_deflated_data_set_claiming_4_gib_is_refused_before_allocating() {
-        let bytes = file(image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500])), uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN);
-        let data_set_at = MAGIC_OFFSET + LengthGuard { data: &bytes[MAGIC_OFFSET..] }.check_meta().unwrap().unwrap();
+        let bytes = file(
+            image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500])),
+            uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+        );
+        let data_set_at = MAGIC_OFFSET
+            + LengthGuard {
+                data: &bytes[MAGIC_OFFSET..],
+            }
+            .check_meta()
+            .unwrap()
+            .unwrap();
         // (0008,0016) as UN with a 4-byte length of 4 GiB - 16, then a few bytes.
         let mut inflated = vec![0x08, 0x00, 0x16, 0x00, b'U', b'N', 0, 0];
         inflated.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());

@@ -51,7 +51,12 @@ impl Predictor {
         let file = ModelFile::from_bytes(model_bytes, device)?;
         let model = file.build_model(device)?;
         let threshold = file.card.threshold;
-        Ok(Self { model, card: file.card, device: device.clone(), threshold })
+        Ok(Self {
+            model,
+            card: file.card,
+            device: device.clone(),
+            threshold,
+        })
     }
 
     /// Labels from now on follow this operating point of the card.
@@ -107,7 +112,10 @@ impl Predictor {
                 let cam = net.class_activation_map(&features)?.squeeze(0)?;
                 let (height, width) = cam.dims2()?;
                 let values = cam.flatten_all()?.to_vec1::<f32>()?;
-                (Some(net.head(&features, None)?), Some(Heatmap::normalised(width, height, values)))
+                (
+                    Some(net.head(&features, None)?),
+                    Some(Heatmap::normalised(width, height, values)),
+                )
             }
             Model::Cnn(_) => (None, None),
         };
@@ -188,7 +196,10 @@ mod tests {
         assert_eq!(images_per_batch(2048), 1);
         assert_eq!(images_per_batch(4096), 1);
         for size in [8, 150, 224, 512, 1024, 2048] {
-            assert!(images_per_batch(size) * BYTES_PER_INPUT_PIXEL * size * size <= BATCH_BYTES.max(BYTES_PER_INPUT_PIXEL * size * size));
+            assert!(
+                images_per_batch(size) * BYTES_PER_INPUT_PIXEL * size * size
+                    <= BATCH_BYTES.max(BYTES_PER_INPUT_PIXEL * size * size)
+            );
         }
     }
     use crate::card::Architecture;
@@ -200,9 +211,19 @@ mod tests {
     fn tiny_predictor() -> Predictor {
         let card = ModelCard::new(Architecture::Densenet(DenseNetConfig::tiny()), 48);
         let varmap = VarMap::new();
-        Model::new(&card.architecture, 48, VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu))
-            .unwrap();
-        let tensors = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        Model::new(
+            &card.architecture,
+            48,
+            VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let tensors = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
         let bytes = ModelFile::to_bytes(&card, &tensors, StorageDType::F32).unwrap();
         Predictor::from_bytes(&bytes, &Device::Cpu).unwrap()
     }
@@ -216,7 +237,9 @@ mod tests {
     #[test]
     fn detect_agrees_with_predict_and_adds_heatmap_and_warnings() {
         let predictor = tiny_predictor();
-        let grey = png(DynamicImage::ImageLuma8(ImageBuffer::from_fn(70, 50, |x, y| Luma([((x * 3 + y) % 256) as u8]))));
+        let grey = png(DynamicImage::ImageLuma8(ImageBuffer::from_fn(70, 50, |x, y| {
+            Luma([((x * 3 + y) % 256) as u8])
+        })));
         let detection = predictor.detect(&grey).unwrap();
         let plain = predictor.predict_bytes(&grey).unwrap();
         assert_eq!(detection.prediction, plain);
@@ -226,20 +249,30 @@ mod tests {
         assert!(heatmap.values.iter().all(|v| (0.0..=1.0).contains(v)));
         assert!(detection.warnings.is_empty());
 
-        let flipped = png(DynamicImage::ImageLuma8(ImageBuffer::from_fn(70, 50, |x, y| Luma([(((69 - x) * 3 + y) % 256) as u8]))));
+        let flipped = png(DynamicImage::ImageLuma8(ImageBuffer::from_fn(70, 50, |x, y| {
+            Luma([(((69 - x) * 3 + y) % 256) as u8])
+        })));
         let mirrored = predictor.predict_bytes(&flipped).unwrap().probability;
         // The same weights, now with the mirror as a second view.
         let mut tta = predictor;
         tta.card.tta = vec![TtaView::Identity, TtaView::HorizontalFlip];
         let both = tta.detect(&grey).unwrap().prediction.probability;
         let mean = (plain.probability + mirrored) / 2.0;
-        assert!((both - mean).abs() < 1e-6, "TTA {both} vs the mean of the image and its mirror {mean}");
+        assert!(
+            (both - mean).abs() < 1e-6,
+            "TTA {both} vs the mean of the image and its mirror {mean}"
+        );
         assert!((tta.predict_bytes(&grey).unwrap().probability - both).abs() < 1e-6);
         tta.card.temperature = 3.0;
         let tempered = tta.detect(&grey).unwrap().prediction.probability;
-        assert!((tempered - 0.5).abs() < (both - 0.5).abs(), "a higher temperature moves {both} towards 0.5, got {tempered}");
+        assert!(
+            (tempered - 0.5).abs() < (both - 0.5).abs(),
+            "a higher temperature moves {both} towards 0.5, got {tempered}"
+        );
 
-        let colour = png(DynamicImage::ImageRgb8(ImageBuffer::from_fn(40, 40, |x, _| Rgb([250, (x * 6) as u8, 10]))));
+        let colour = png(DynamicImage::ImageRgb8(ImageBuffer::from_fn(40, 40, |x, _| {
+            Rgb([250, (x * 6) as u8, 10])
+        })));
         assert_eq!(tta.detect(&colour).unwrap().warnings.len(), 1);
         assert!(tta.detect(b"not an image").is_err());
     }

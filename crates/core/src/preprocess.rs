@@ -27,7 +27,9 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb32FImage> {
         ));
     };
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(Error::Decode("truncated JPEG (the data ends before the end-of-image marker)".into()));
+        return Err(Error::Decode(
+            "truncated JPEG (the data ends before the end-of-image marker)".into(),
+        ));
     }
     let decoder = reader.into_decoder().map_err(|e| Error::Decode(e.to_string()))?;
     let (width, height) = decoder.dimensions();
@@ -124,11 +126,20 @@ mod tests {
     fn an_image_over_the_pixel_budget_is_refused_from_its_header() {
         // 64 megapixels of zeros: a 64 KB file that would take 768 MB as RGB f32.
         let side = 8000;
-        let bytes = encoded(image::DynamicImage::ImageLuma8(image::GrayImage::new(side, side)), ImageFormat::Png);
+        let bytes = encoded(
+            image::DynamicImage::ImageLuma8(image::GrayImage::new(side, side)),
+            ImageFormat::Png,
+        );
         assert!(bytes.len() < 1 << 20, "{} bytes", bytes.len());
         let error = decode(&bytes).unwrap_err().to_string();
-        assert!(error.contains("8000x8000 pixels is more than the 44 megapixels"), "{error}");
-        let within = encoded(image::DynamicImage::ImageLuma8(image::GrayImage::new(600, 400)), ImageFormat::Png);
+        assert!(
+            error.contains("8000x8000 pixels is more than the 44 megapixels"),
+            "{error}"
+        );
+        let within = encoded(
+            image::DynamicImage::ImageLuma8(image::GrayImage::new(600, 400)),
+            ImageFormat::Png,
+        );
         assert_eq!(decode(&within).unwrap().dimensions(), (600, 400));
     }
 
@@ -139,10 +150,18 @@ mod tests {
             let bytes = encoded(image::DynamicImage::ImageLuma8(gradient.clone()), format);
             assert!(decode(&bytes).is_ok(), "{format:?}: the whole file decodes");
             // Cut inside the pixel data; a JPEG also without its last two bytes (the end marker).
-            let jpeg_end = if format == ImageFormat::Jpeg { vec![bytes.len() - 2] } else { vec![] };
+            let jpeg_end = if format == ImageFormat::Jpeg {
+                vec![bytes.len() - 2]
+            } else {
+                vec![]
+            };
             for keep in [bytes.len() / 2, 600.min(bytes.len() - 3)].into_iter().chain(jpeg_end) {
                 let error = decode(&bytes[..keep]).map(|_| ()).unwrap_err().to_string();
-                assert!(!error.is_empty(), "{format:?} cut at {keep} of {} bytes decoded", bytes.len());
+                assert!(
+                    !error.is_empty(),
+                    "{format:?} cut at {keep} of {} bytes decoded",
+                    bytes.len()
+                );
             }
         }
         let jpeg = encoded(image::DynamicImage::ImageLuma8(gradient), ImageFormat::Jpeg);
@@ -163,7 +182,14 @@ mod tests {
         let expected: Vec<f32> = grey8.pixels().flat_map(|p| [p.0[0] as f32 / 255.0; 3]).collect();
         let grey16 = ImageBuffer::from_fn(4, 3, |x, y| Luma([((x * 60 + y * 5) * 257) as u16]));
         let rgb = ImageBuffer::from_fn(4, 3, |x, y| Rgb([(x * 60 + y * 5) as u8; 3]));
-        let rgba = ImageBuffer::from_fn(4, 3, |x, y| Rgba([(x * 60 + y * 5) as u8, (x * 60 + y * 5) as u8, (x * 60 + y * 5) as u8, 7]));
+        let rgba = ImageBuffer::from_fn(4, 3, |x, y| {
+            Rgba([
+                (x * 60 + y * 5) as u8,
+                (x * 60 + y * 5) as u8,
+                (x * 60 + y * 5) as u8,
+                7,
+            ])
+        });
         let cases = [
             (DynamicImage::ImageLuma8(grey8.clone()), ImageFormat::Png),
             (DynamicImage::ImageLuma16(grey16.clone()), ImageFormat::Png),
@@ -187,8 +213,14 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(matches!(decode(b"definitely not an image"), Err(Error::UnsupportedImage(_))));
-        let mut png = encode(DynamicImage::ImageLuma8(ImageBuffer::from_pixel(32, 32, Luma([1u8]))), ImageFormat::Png);
+        assert!(matches!(
+            decode(b"definitely not an image"),
+            Err(Error::UnsupportedImage(_))
+        ));
+        let mut png = encode(
+            DynamicImage::ImageLuma8(ImageBuffer::from_pixel(32, 32, Luma([1u8]))),
+            ImageFormat::Png,
+        );
         png.truncate(png.len() / 2);
         assert!(matches!(decode(&png), Err(Error::Decode(_))));
         assert!(decode(&[]).is_err());

@@ -99,11 +99,15 @@ impl ModelFile {
 fn check_values(name: &str, tensor: &Tensor) -> Result<()> {
     let values = tensor.flatten_all()?.to_vec1::<f32>()?;
     if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-        return Err(Error::NotAModelFile(format!("tensor `{name}` holds a non-finite value ({bad})")));
+        return Err(Error::NotAModelFile(format!(
+            "tensor `{name}` holds a non-finite value ({bad})"
+        )));
     }
     if name.ends_with("running_var") {
         if let Some(bad) = values.iter().find(|v| **v < 0.0) {
-            return Err(Error::NotAModelFile(format!("tensor `{name}` holds a negative variance ({bad})")));
+            return Err(Error::NotAModelFile(format!(
+                "tensor `{name}` holds a negative variance ({bad})"
+            )));
         }
     }
     Ok(())
@@ -111,13 +115,19 @@ fn check_values(name: &str, tensor: &Tensor) -> Result<()> {
 
 /// Builds a model over exactly `tensors`: each one must be used, with the right shape.
 pub fn build_checked(card: &ModelCard, tensors: &HashMap<String, Tensor>, device: &Device) -> Result<Model> {
-    let backend = CheckedTensors { tensors: tensors.clone(), used: Mutex::new(BTreeSet::new()) };
+    let backend = CheckedTensors {
+        tensors: tensors.clone(),
+        used: Mutex::new(BTreeSet::new()),
+    };
     let vb = VarBuilder::from_backend(Box::new(&backend), DType::F32, device.clone());
     let model = Model::new(&card.architecture, card.input_size(), vb).map_err(|e| Error::WeightsMismatch {
         architecture: card.architecture.display_name(),
         message: e.to_string(),
     })?;
-    let used = backend.used.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let used = backend
+        .used
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
     if !unexpected.is_empty() {
         unexpected.sort();
@@ -136,7 +146,14 @@ struct CheckedTensors {
 }
 
 impl SimpleBackend for &CheckedTensors {
-    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let tensor = self.get_unchecked(name, dtype, dev)?;
         if tensor.shape() != &shape {
             // A plain message: `bail!` would append a backtrace when RUST_BACKTRACE is set.
@@ -177,15 +194,28 @@ mod tests {
     fn fresh(arch: Architecture, size: usize) -> (ModelCard, HashMap<String, Tensor>) {
         let card = ModelCard::new(arch, size);
         let varmap = VarMap::new();
-        Model::new(&card.architecture, size, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-        let tensors =
-            varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        Model::new(
+            &card.architecture,
+            size,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let tensors = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
         (card, tensors)
     }
 
     #[test]
     fn save_and_load_give_identical_outputs() {
-        for arch in [Architecture::Cnn(CnnConfig::study()), Architecture::Densenet(DenseNetConfig::tiny())] {
+        for arch in [
+            Architecture::Cnn(CnnConfig::study()),
+            Architecture::Densenet(DenseNetConfig::tiny()),
+        ] {
             let (card, tensors) = fresh(arch, 40);
             let bytes = ModelFile::to_bytes(&card, &tensors, StorageDType::F32).unwrap();
             let file = ModelFile::from_bytes(&bytes, &Device::Cpu).unwrap();
@@ -210,18 +240,27 @@ mod tests {
         assert!(err.contains("missing tensor `features.norm5.running_var`"), "{err}");
 
         let mut misshapen = tensors.clone();
-        misshapen.insert("classifier.weight".into(), Tensor::zeros((1000, 20), DType::F32, &dev).unwrap());
+        misshapen.insert(
+            "classifier.weight".into(),
+            Tensor::zeros((1000, 20), DType::F32, &dev).unwrap(),
+        );
         let err = build_checked(&card, &misshapen, &dev).err().unwrap().to_string();
         assert!(err.contains("`classifier.weight` has shape [1000, 20]"), "{err}");
 
-        tensors.insert("features.extra.weight".into(), Tensor::zeros(3, DType::F32, &dev).unwrap());
+        tensors.insert(
+            "features.extra.weight".into(),
+            Tensor::zeros(3, DType::F32, &dev).unwrap(),
+        );
         let err = build_checked(&card, &tensors, &dev).err().unwrap().to_string();
         assert!(err.contains("unexpected tensor(s): features.extra.weight"), "{err}");
 
         // A cnn card over densenet weights.
         let cnn_card = ModelCard::new(Architecture::Cnn(CnnConfig::study()), 40);
         let err = build_checked(&cnn_card, &tensors, &dev).err().unwrap().to_string();
-        assert!(err.contains("cnn") && err.contains("missing tensor `conv1.weight`"), "{err}");
+        assert!(
+            err.contains("cnn") && err.contains("missing tensor `conv1.weight`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -232,23 +271,38 @@ mod tests {
             let mut changed = tensors.clone();
             changed.insert(name.to_string(), replacement);
             let bytes = ModelFile::to_bytes(&card, &changed, StorageDType::F32).unwrap();
-            ModelFile::from_bytes(&bytes, &dev).err().map(|e| e.to_string()).unwrap_or_default()
+            ModelFile::from_bytes(&bytes, &dev)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
         };
         let shape = tensors["classifier.weight"].dims().to_vec();
         let mut values = vec![0.1f32; shape.iter().product()];
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             values[3] = bad;
-            let err = load("classifier.weight", Tensor::from_vec(values.clone(), shape.as_slice(), &dev).unwrap());
-            assert!(err.contains("`classifier.weight` holds a non-finite value"), "{bad}: {err}");
+            let err = load(
+                "classifier.weight",
+                Tensor::from_vec(values.clone(), shape.as_slice(), &dev).unwrap(),
+            );
+            assert!(
+                err.contains("`classifier.weight` holds a non-finite value"),
+                "{bad}: {err}"
+            );
         }
         let variances = tensors["features.norm5.running_var"].dims().to_vec();
         let negative = (Tensor::ones(variances.as_slice(), DType::F32, &dev).unwrap() * -1.0).unwrap();
         let err = load("features.norm5.running_var", negative);
-        assert!(err.contains("`features.norm5.running_var` holds a negative variance"), "{err}");
+        assert!(
+            err.contains("`features.norm5.running_var` holds a negative variance"),
+            "{err}"
+        );
 
         // to_bytes keeps the dtype it is given apart from floats, so write the integers by hand.
         let mut integers: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        integers.push(("features.norm5.num_batches_tracked".into(), Tensor::new(&[3i64], &dev).unwrap()));
+        integers.push((
+            "features.norm5.num_batches_tracked".into(),
+            Tensor::new(&[3i64], &dev).unwrap(),
+        ));
         let metadata = HashMap::from([(CARD_KEY.to_string(), card.to_json().unwrap())]);
         let bytes = safetensors::serialize(integers, Some(metadata)).unwrap();
         let err = ModelFile::from_bytes(&bytes, &dev).err().unwrap().to_string();
@@ -258,14 +312,13 @@ mod tests {
     #[test]
     fn non_model_bytes_are_rejected_without_panic() {
         for bytes in [&b""[..], b"hello", &[0xff; 64][..]] {
-            assert!(matches!(ModelFile::from_bytes(bytes, &Device::Cpu), Err(Error::NotAModelFile(_))));
+            assert!(matches!(
+                ModelFile::from_bytes(bytes, &Device::Cpu),
+                Err(Error::NotAModelFile(_))
+            ));
         }
         // A valid safetensors file without a card.
-        let plain = safetensors::serialize(
-            [("x", Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap())],
-            None,
-        )
-        .unwrap();
+        let plain = safetensors::serialize([("x", Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap())], None).unwrap();
         let err = ModelFile::from_bytes(&plain, &Device::Cpu).err().unwrap().to_string();
         assert!(err.contains("without a model card"), "{err}");
     }

@@ -6,10 +6,7 @@ use std::path::{Path, PathBuf};
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
     let mut found = Vec::new();
-    for folder in [
-        fuzz.join("seeds").join(target),
-        fuzz.join("regressions").join(target),
-    ] {
+    for folder in [fuzz.join("seeds").join(target), fuzz.join("regressions").join(target)] {
         let Ok(entries) = std::fs::read_dir(&folder) else {
             continue;
         };
@@ -33,10 +30,7 @@ fn decode_image_inputs_decode_or_fail_cleanly() {
     for (path, bytes) in &inputs {
         match fracture_core::preprocess::decode(bytes) {
             Ok(image) => {
-                assert!(
-                    u64::from(image.width()) * u64::from(image.height())
-                        <= fracture_core::preprocess::MAX_PIXELS
-                );
+                assert!(u64::from(image.width()) * u64::from(image.height()) <= fracture_core::preprocess::MAX_PIXELS);
                 decoded += 1;
             }
             Err(error) => assert!(!error.to_string().is_empty(), "{}", path.display()),

@@ -295,10 +295,7 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Rgb32FImage, b: &Rgb32FImage) -> f32 {
-        a.iter()
-            .zip(b.iter())
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0, f32::max)
+        a.iter().zip(b.iter()).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max)
     }
 
     fn mean(img: &Rgb32FImage) -> f32 {
@@ -317,19 +314,14 @@ mod tests {
     /// Width of the bright region along the middle row.
     fn bright_run_on_middle_row(img: &Rgb32FImage) -> usize {
         let y = img.height() / 2;
-        (0..img.width())
-            .filter(|&x| img.get_pixel(x, y)[0] > 0.5)
-            .count()
+        (0..img.width()).filter(|&x| img.get_pixel(x, y)[0] > 0.5).count()
     }
 
     #[test]
     fn factor_constants_match_the_study() {
         let study = Augmentation::STUDY;
         assert!(study.flip_horizontal);
-        assert_eq!(
-            (study.rotation, study.zoom, study.brightness),
-            (0.1, 0.2, 0.4)
-        );
+        assert_eq!((study.rotation, study.zoom, study.brightness), (0.1, 0.2, 0.4));
         assert!(Augmentation::NONE.is_identity());
         assert!(!Augmentation::STUDY.is_identity());
         let nan = Augmentation {
@@ -396,10 +388,7 @@ mod tests {
             assert!((got - want).abs() < 1e-4, "marker {moved:?}");
         }
         let elsewhere: f32 = out.iter().sum::<f32>() - moved.0.iter().sum::<f32>();
-        assert!(
-            elsewhere.abs() < 1e-3,
-            "marker smeared elsewhere: {elsewhere}"
-        );
+        assert!(elsewhere.abs() < 1e-3, "marker smeared elsewhere: {elsewhere}");
 
         let back = rotate_zoom(&img, -PI / 2.0, 1.0);
         assert!((back.get_pixel(size - 1, 0)[0] - 1.0).abs() < 1e-4);
@@ -488,11 +477,7 @@ mod tests {
         let (mut min_delta, mut max_delta) = (f32::MAX, f32::MIN);
         for _ in 0..10_000 {
             let p = Augmentation::STUDY.sample(&mut rng);
-            assert!(
-                p.angle_radians.abs() <= limit + 1e-6,
-                "angle {}",
-                p.angle_radians
-            );
+            assert!(p.angle_radians.abs() <= limit + 1e-6, "angle {}", p.angle_radians);
             assert!((0.8..=1.2).contains(&p.zoom_scale), "zoom {}", p.zoom_scale);
             let delta = p.brightness_delta.unwrap_or(f32::NAN);
             assert!((-0.4..=0.4).contains(&delta), "delta {delta}");
@@ -520,10 +505,7 @@ mod tests {
             let delta = params.brightness_delta.unwrap_or(f32::NAN);
             let out = brightness_only.apply(&img, &mut ChaCha8Rng::seed_from_u64(seed));
             // Values stay inside [0, 1] here, so the shift is exact.
-            assert!(
-                (mean(&out) - mean(&img) - delta).abs() < 1e-5,
-                "seed {seed}"
-            );
+            assert!((mean(&out) - mean(&img) - delta).abs() < 1e-5, "seed {seed}");
         }
     }
 
@@ -570,12 +552,7 @@ mod tests {
         assert_eq!(rotate_zoom(&one, 1.0, 0.7), one);
         // Extreme and invalid parameters are tolerated too.
         let img = asymmetric(5, 4);
-        for (angle, zoom) in [
-            (f32::NAN, 1.0),
-            (1.0, f32::INFINITY),
-            (100.0, 0.0),
-            (-3.0, 2.0),
-        ] {
+        for (angle, zoom) in [(f32::NAN, 1.0), (1.0, f32::INFINITY), (100.0, 0.0), (-3.0, 2.0)] {
             assert!(rotate_zoom(&img, angle, zoom).iter().all(|v| v.is_finite()));
         }
         let wild = Augmentation {

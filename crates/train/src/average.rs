@@ -73,9 +73,9 @@ impl WeightAverage {
     /// Restores the averages saved by [`WeightAverage::tensors`].
     pub fn load(&mut self, tensors: &HashMap<String, Tensor>, updates: usize) -> Result<()> {
         for (name, _, average) in &mut self.slots {
-            let saved = tensors.get(&format!("{PREFIX}{name}")).ok_or_else(|| {
-                candle_core::Error::Msg(format!("checkpoint lacks the average of `{name}`"))
-            })?;
+            let saved = tensors
+                .get(&format!("{PREFIX}{name}"))
+                .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint lacks the average of `{name}`")))?;
             *average = saved.copy()?;
         }
         self.updates = updates;

@@ -26,9 +26,7 @@ fn sigmoid(z: f64) -> f64 {
 pub fn tempered(view_logits: &[Vec<f64>], temperature: f64) -> Vec<f64> {
     view_logits
         .iter()
-        .map(|views| {
-            views.iter().map(|z| sigmoid(z / temperature)).sum::<f64>() / views.len().max(1) as f64
-        })
+        .map(|views| views.iter().map(|z| sigmoid(z / temperature)).sum::<f64>() / views.len().max(1) as f64)
         .collect()
 }
 
@@ -145,11 +143,7 @@ pub fn reliability(scores: &[f64], labels: &[bool], bins: usize) -> Vec<Reliabil
             lower: i as f64 / bins as f64,
             upper: (i + 1) as f64 / bins as f64,
             count,
-            mean_probability: if count == 0 {
-                f64::NAN
-            } else {
-                sum / count as f64
-            },
+            mean_probability: if count == 0 { f64::NAN } else { sum / count as f64 },
             observed: if count == 0 {
                 f64::NAN
             } else {
@@ -174,11 +168,7 @@ pub fn expected_calibration_error(scores: &[f64], labels: &[bool], bins: usize) 
 }
 
 /// The confusion-based figures at each operating point, for cards and notes.
-pub fn at_operating_points(
-    scores: &[f64],
-    labels: &[bool],
-    points: &OperatingPoints,
-) -> serde_json::Value {
+pub fn at_operating_points(scores: &[f64], labels: &[bool], points: &OperatingPoints) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     for point in OperatingPoint::ALL {
         let threshold = points.threshold(point);
@@ -210,15 +200,8 @@ pub fn study_metrics(
     let studies = crate::study::group(keys, scores);
     let study_scores: Vec<f64> = studies.iter().map(|s| s.probability).collect();
     let study_labels: Vec<bool> = studies.iter().map(|s| labels[s.members[0]]).collect();
-    let study_groups: Option<Vec<usize>> =
-        groups.map(|g| studies.iter().map(|s| g[s.members[0]]).collect());
-    BinaryMetrics::compute(
-        &study_scores,
-        &study_labels,
-        study_groups.as_deref(),
-        threshold,
-        seed,
-    )
+    let study_groups: Option<Vec<usize>> = groups.map(|g| studies.iter().map(|s| g[s.members[0]]).collect());
+    BinaryMetrics::compute(&study_scores, &study_labels, study_groups.as_deref(), threshold, seed)
 }
 
 /// How well P(abnormal) matches the observed rate on held-out predictions.
@@ -259,10 +242,7 @@ mod tests {
         assert!((t - 3.0).abs() < 0.25, "temperature {t}");
         let before = expected_calibration_error(&tempered(&logits, 1.0), &labels, BINS);
         let after = expected_calibration_error(&tempered(&logits, t), &labels, BINS);
-        assert!(
-            after < 0.03 && after < before / 2.0,
-            "ECE {before} -> {after}"
-        );
+        assert!(after < 0.03 && after < before / 2.0, "ECE {before} -> {after}");
         assert_eq!(fit_temperature(&logits, &vec![true; logits.len()]), 1.0);
     }
 
@@ -276,13 +256,7 @@ mod tests {
         let labels: Vec<bool> = (0..20).map(|i| i >= 10).collect();
         let points = operating_points(&scores, &labels, "test");
         let at = |t| Confusion::at_threshold(&scores, &labels, t);
-        let above = |t: f64| {
-            scores
-                .iter()
-                .copied()
-                .filter(|&s| s > t)
-                .fold(f64::INFINITY, f64::min)
-        };
+        let above = |t: f64| scores.iter().copied().filter(|&s| s > t).fold(f64::INFINITY, f64::min);
         let below = |t: f64| {
             scores
                 .iter()
@@ -293,15 +267,9 @@ mod tests {
         assert!(at(points.sensitive).sensitivity() >= TARGET_RATE);
         // The next higher score would miss one more positive; the next lower one
         // would let one more negative through.
-        assert!(
-            at(above(points.sensitive)).sensitivity() < TARGET_RATE,
-            "{points:?}"
-        );
+        assert!(at(above(points.sensitive)).sensitivity() < TARGET_RATE, "{points:?}");
         assert!(at(points.specific).specificity() >= TARGET_RATE);
-        assert!(
-            at(below(points.specific)).specificity() < TARGET_RATE,
-            "{points:?}"
-        );
+        assert!(at(below(points.specific)).specificity() < TARGET_RATE, "{points:?}");
         let best = at(points.balanced).cohen_kappa();
         for &t in &scores {
             assert!(
@@ -310,18 +278,12 @@ mod tests {
             );
         }
         let single = operating_points(&[0.2, 0.7], &[true, true], "one class");
-        assert_eq!(
-            (single.balanced, single.sensitive, single.specific),
-            (0.5, 0.5, 0.5)
-        );
+        assert_eq!((single.balanced, single.sensitive, single.specific), (0.5, 0.5, 0.5));
     }
 
     #[test]
     fn studies_are_scored_by_their_mean() {
-        let keys: Vec<String> = ["s1", "s1", "s2", "s3", "s3"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let keys: Vec<String> = ["s1", "s1", "s2", "s3", "s3"].iter().map(|s| s.to_string()).collect();
         // s1 (positive) 0.9 and 0.5 -> 0.7; s2 (negative) 0.6; s3 (negative) 0.2 and 0.4 -> 0.3.
         let metrics = study_metrics(
             &keys,
@@ -346,8 +308,7 @@ mod tests {
         assert!((bins[0].mean_probability - 0.065).abs() < 1e-12 && bins[0].observed == 0.5);
         assert!(bins[1].observed.is_nan());
         // Bin 0 is off by 0.435, bin 9 by 0.025, each with half the images.
-        let ece =
-            expected_calibration_error(&[0.05, 0.08, 0.95, 1.0], &[false, true, true, true], 10);
+        let ece = expected_calibration_error(&[0.05, 0.08, 0.95, 1.0], &[false, true, true, true], 10);
         assert!((ece - 0.23).abs() < 1e-12, "{ece}");
     }
 }

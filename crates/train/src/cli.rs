@@ -20,15 +20,19 @@ use sha2::{Digest, Sha256};
 
 use crate::augment::Augmentation;
 use crate::dataset::{self, Dataset, ScanOptions};
+use crate::files;
 use crate::fit::{self, Checkpoint, FitConfig, FitData, Progressive, TrainSpec};
 use crate::kfold::{self, FoldResult, KfoldObserver, KfoldSpec, RunIdentity, ShardReport};
 use crate::merge;
-use crate::files;
 use crate::report::{self, EpochRecord};
 use crate::schedule::{self, Overrides, Recipe};
 
 #[derive(Parser, Debug)]
-#[command(name = "fracture", version, about = "Train and run bone-fracture (abnormality) classifiers on X-rays.")]
+#[command(
+    name = "fracture",
+    version,
+    about = "Train and run bone-fracture (abnormality) classifiers on X-rays."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -97,9 +101,17 @@ pub enum AugmentStrength {
 }
 
 fn parse_progressive(text: &str) -> std::result::Result<Progressive, String> {
-    let (size, epochs) = text.split_once(':').ok_or_else(|| format!("`{text}` is not SIZE:EPOCHS, e.g. 128:20"))?;
-    let size = size.trim().parse().map_err(|_| format!("`{size}` is not a size in pixels"))?;
-    let epochs = epochs.trim().parse().map_err(|_| format!("`{epochs}` is not a number of epochs"))?;
+    let (size, epochs) = text
+        .split_once(':')
+        .ok_or_else(|| format!("`{text}` is not SIZE:EPOCHS, e.g. 128:20"))?;
+    let size = size
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{size}` is not a size in pixels"))?;
+    let epochs = epochs
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{epochs}` is not a number of epochs"))?;
     Ok(Progressive { size, epochs })
 }
 
@@ -501,7 +513,10 @@ fn thread_budget(flag: Option<usize>) -> Result<Option<usize>> {
         }
         return Ok(Some(threads));
     }
-    let slurm = std::env::var("SLURM_CPUS_PER_TASK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0);
+    let slurm = std::env::var("SLURM_CPUS_PER_TASK")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&n: &usize| n > 0);
     // An explicit RAYON_NUM_THREADS already reaches both rayon and the kernels.
     let user_set = std::env::var_os("RAYON_NUM_THREADS").is_some();
     Ok(slurm.or_else(|| if user_set { None } else { narrower_than_the_machine() }))
@@ -534,7 +549,10 @@ fn use_threads(threads: usize) -> Result<()> {
 }
 
 fn scan_dataset(data: &DataArgs) -> Result<Dataset> {
-    let options = ScanOptions { positive: data.positive.clone(), study: data.study.clone() };
+    let options = ScanOptions {
+        positive: data.positive.clone(),
+        study: data.study.clone(),
+    };
     let mut dataset = dataset::scan(&data.input, &options)?;
     for (list, keep) in [(&data.patients, true), (&data.exclude_patients, false)] {
         if let Some(list) = list {
@@ -550,17 +568,26 @@ fn split(args: SplitArgs) -> Result<()> {
     let dataset = scan_dataset(&args.data)?;
     eprint!("{}", dataset.summary());
     if !dataset.has_patients {
-        bail!("{}: a held-out set needs patient ids (MURA layout)", args.data.input.display());
+        bail!(
+            "{}: a held-out set needs patient ids (MURA layout)",
+            args.data.input.display()
+        );
     }
     let total = dataset.samples.len();
     if args.images == 0 || args.images >= total {
-        bail!("--images {} must be between 1 and {} (the dataset's size)", args.images, total - 1);
+        bail!(
+            "--images {} must be between 1 and {} (the dataset's size)",
+            args.images,
+            total - 1
+        );
     }
     let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
     let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
     let (_, held_out) = crate::folds::grouped_split(&labels, &groups, args.images as f64 / total as f64, args.seed)?;
-    let patients: std::collections::BTreeSet<&str> =
-        held_out.iter().map(|&i| dataset.group_names[groups[i]].as_str()).collect();
+    let patients: std::collections::BTreeSet<&str> = held_out
+        .iter()
+        .map(|&i| dataset.group_names[groups[i]].as_str())
+        .collect();
     let positives = held_out.iter().filter(|&&i| labels[i]).count();
     let mut text = format!(
         "# fracture split -i {} --images {} --seed {}\n# {} patients, {} images ({} abnormal, {} normal)\n",
@@ -576,7 +603,8 @@ fn split(args: SplitArgs) -> Result<()> {
         text += id;
         text.push('\n');
     }
-    crate::write_atomically(&args.output, text.as_bytes()).with_context(|| format!("cannot write {}", args.output.display()))?;
+    crate::write_atomically(&args.output, text.as_bytes())
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     eprintln!(
         "held out {} patients, {} images ({positives} abnormal): wrote {}",
         patients.len(),
@@ -588,18 +616,25 @@ fn split(args: SplitArgs) -> Result<()> {
 
 fn card(args: CardCommandArgs) -> Result<()> {
     let bytes = files::read_regular_file(&args.model, files::MAX_INPUT_BYTES)?;
-    let file = ModelFile::from_bytes(&bytes, &Device::Cpu).with_context(|| format!("{} is not a model file", args.model.display()))?;
+    let file = ModelFile::from_bytes(&bytes, &Device::Cpu)
+        .with_context(|| format!("{} is not a model file", args.model.display()))?;
     let mut card = file.card;
     if args.card.is_empty() && !args.f16 {
         println!("{}", serde_json::to_string_pretty(&card)?);
         return Ok(());
     }
-    args.card.apply(&mut card).with_context(|| args.model.display().to_string())?;
+    args.card
+        .apply(&mut card)
+        .with_context(|| args.model.display().to_string())?;
     // Loading widens to f32; f16 -> f32 -> f16 is exact, so unless asked the weights are unchanged.
     let storage = if args.f16 { StorageDType::F16 } else { file.storage };
     let bytes = ModelFile::to_bytes(&card, &file.tensors, storage)?;
     crate::write_atomically(&args.model, &bytes).with_context(|| format!("cannot write {}", args.model.display()))?;
-    let what = if args.f16 { "stored the weights as f16 in" } else { "updated the card of" };
+    let what = if args.f16 {
+        "stored the weights as f16 in"
+    } else {
+        "updated the card of"
+    };
     eprintln!("{what} {}", args.model.display());
     Ok(())
 }
@@ -612,13 +647,16 @@ fn roc(args: RocArgs) -> Result<()> {
             Some((name, path)) if !Path::new(entry).exists() => (name.to_string(), PathBuf::from(path)),
             _ => {
                 let path = PathBuf::from(entry);
-                let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| entry.clone());
+                let stem = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| entry.clone());
                 (stem, path)
             }
         };
         let json = files::read_regular_file(&path, files::MAX_INPUT_BYTES)?;
-        let report: kfold::KfoldReport =
-            serde_json::from_slice(&json).with_context(|| format!("{} is not a kfold report (fracture kfold --report)", path.display()))?;
+        let report: kfold::KfoldReport = serde_json::from_slice(&json)
+            .with_context(|| format!("{} is not a kfold report (fracture kfold --report)", path.display()))?;
         curves.push((name, out_of_fold_roc(&report), report.pooled.auc));
     }
     report::plot_roc(&curves, &args.output).with_context(|| format!("cannot write {}", args.output.display()))?;
@@ -633,7 +671,11 @@ fn out_of_fold_roc(report: &kfold::KfoldReport) -> Vec<crate::metrics::RocPoint>
 }
 
 fn bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(len) };
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(len)
+    };
     bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
     bar
 }
@@ -679,7 +721,10 @@ fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
             }
             // The file knows its exact configuration (depth, kernel); it wins.
             architecture = file.card.architecture.clone();
-            init_source = Some(SourceWeights { file: path.display().to_string(), sha256: sha256_hex(&bytes) });
+            init_source = Some(SourceWeights {
+                file: path.display().to_string(),
+                sha256: sha256_hex(&bytes),
+            });
             Some(file.tensors)
         }
         None => None,
@@ -750,7 +795,10 @@ fn print_epoch(prefix: &str, record: &EpochRecord) {
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!("{stem}{suffix}"))
 }
 
@@ -783,7 +831,12 @@ fn train(args: TrainArgs) -> Result<()> {
         config.phases.len(),
         config.batch_size
     );
-    let data = FitData { images: &images, labels: &labels, train: train_idx, validation: val_idx };
+    let data = FitData {
+        images: &images,
+        labels: &labels,
+        train: train_idx,
+        validation: val_idx,
+    };
     let spec = TrainSpec {
         card: &card,
         init: init.as_ref(),
@@ -803,7 +856,14 @@ fn train(args: TrainArgs) -> Result<()> {
     card.training = Some(dataset.training_summary(schedule));
     args.card.apply(&mut card)?;
     if !data.validation.is_empty() {
-        let probabilities = fit::predict(&trained.model, &images, &data.validation, &card.preprocessing, 32, &device)?;
+        let probabilities = fit::predict(
+            &trained.model,
+            &images,
+            &data.validation,
+            &card.preprocessing,
+            32,
+            &device,
+        )?;
         let truth: Vec<bool> = data.validation.iter().map(|&i| labels[i]).collect();
         let val_groups: Vec<usize> = data.validation.iter().map(|&i| groups[i]).collect();
         let metrics = crate::metrics::BinaryMetrics::compute(
@@ -824,7 +884,10 @@ fn train(args: TrainArgs) -> Result<()> {
             card.metrics = map;
         }
     }
-    card.metrics.insert("train_seconds".into(), serde_json::json!(started.elapsed().as_secs_f64()));
+    card.metrics.insert(
+        "train_seconds".into(),
+        serde_json::json!(started.elapsed().as_secs_f64()),
+    );
     let storage = if args.f16 { StorageDType::F16 } else { StorageDType::F32 };
     let bytes = ModelFile::to_bytes(&card, &trained.params.tensors(), storage)?;
     crate::write_atomically(&args.output, &bytes).with_context(|| format!("cannot write {}", args.output.display()))?;
@@ -832,7 +895,10 @@ fn train(args: TrainArgs) -> Result<()> {
     let _ = std::fs::remove_file(&checkpoint_path);
 
     let history_path = with_suffix(&args.output, ".history.json");
-    trained.history.save_json(&history_path).with_context(|| format!("cannot write {}", history_path.display()))?;
+    trained
+        .history
+        .save_json(&history_path)
+        .with_context(|| format!("cannot write {}", history_path.display()))?;
     let curves_path = with_suffix(&args.output, ".curves.svg");
     report::plot_history(&trained.history, &card.architecture.display_name(), &curves_path)
         .with_context(|| format!("cannot write {}", curves_path.display()))?;
@@ -904,7 +970,11 @@ fn kfold(args: KfoldArgs) -> Result<()> {
                 card.input_size(),
                 args.folds,
                 args.val_split.to_bits(),
-                dataset.samples.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>(),
+                dataset
+                    .samples
+                    .iter()
+                    .map(|s| s.path.display().to_string())
+                    .collect::<Vec<_>>(),
                 card.init.as_ref().map(|s| s.sha256.clone()),
             )
         )
@@ -931,10 +1001,18 @@ fn kfold(args: KfoldArgs) -> Result<()> {
             let shard = kfold::run_folds(&spec, &dataset, &images, Some(fold), &mut PrintFolds)?
                 .pop()
                 .context("the fold produced no result")?;
-            let report = ShardReport { format: ShardReport::FORMAT.into(), run: RunIdentity::of(&spec, &dataset), shard };
+            let report = ShardReport {
+                format: ShardReport::FORMAT.into(),
+                run: RunIdentity::of(&spec, &dataset),
+                shard,
+            };
             let json = serde_json::to_vec_pretty(&report)?;
             crate::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
-            eprintln!("wrote {} (fold {fold} of {}; `fracture kfold merge` joins the shards)", path.display(), args.folds);
+            eprintln!(
+                "wrote {} (fold {fold} of {}; `fracture kfold merge` joins the shards)",
+                path.display(),
+                args.folds
+            );
         }
         _ => {
             let report = kfold::run(&spec, &dataset, &images, &mut PrintFolds)?;
@@ -967,14 +1045,25 @@ fn write_kfold_report(report: &kfold::KfoldReport, path: &Path) -> Result<()> {
     let json = serde_json::to_vec_pretty(report)?;
     crate::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
     let roc_path = with_suffix(path, ".roc.svg");
-    report::plot_roc(&[(report.model.clone(), out_of_fold_roc(report), report.pooled.auc)], &roc_path)
-        .with_context(|| format!("cannot write {}", roc_path.display()))?;
+    report::plot_roc(
+        &[(report.model.clone(), out_of_fold_roc(report), report.pooled.auc)],
+        &roc_path,
+    )
+    .with_context(|| format!("cannot write {}", roc_path.display()))?;
     let reliability_path = with_suffix(path, ".reliability.svg");
     if let Some(calibration) = &report.calibration {
-        report::plot_reliability(&[(report.model.clone(), calibration.bins.clone(), calibration.ece)], &reliability_path)
-            .with_context(|| format!("cannot write {}", reliability_path.display()))?;
+        report::plot_reliability(
+            &[(report.model.clone(), calibration.bins.clone(), calibration.ece)],
+            &reliability_path,
+        )
+        .with_context(|| format!("cannot write {}", reliability_path.display()))?;
     }
-    eprintln!("wrote {}, {} and {}", path.display(), roc_path.display(), reliability_path.display());
+    eprintln!(
+        "wrote {}, {} and {}",
+        path.display(),
+        roc_path.display(),
+        reliability_path.display()
+    );
     Ok(())
 }
 
@@ -994,7 +1083,11 @@ fn expand_inputs(inputs: &[PathBuf]) -> Vec<InputFile> {
     for input in inputs {
         if !input.is_dir() {
             let relative = input.file_name().map_or_else(|| input.clone(), PathBuf::from);
-            files.push(InputFile { path: input.clone(), named: true, relative });
+            files.push(InputFile {
+                path: input.clone(),
+                named: true,
+                relative,
+            });
             continue;
         }
         for entry in walkdir::WalkDir::new(input).sort_by_file_name() {
@@ -1002,7 +1095,11 @@ fn expand_inputs(inputs: &[PathBuf]) -> Vec<InputFile> {
                 Ok(entry) => entry,
                 Err(err) => {
                     let at = err.path().unwrap_or(input);
-                    eprintln!("skipped {}: cannot be listed ({})", files::printable_path(at), err.io_error().map_or_else(|| err.to_string(), |e| e.to_string()));
+                    eprintln!(
+                        "skipped {}: cannot be listed ({})",
+                        files::printable_path(at),
+                        err.io_error().map_or_else(|| err.to_string(), |e| e.to_string())
+                    );
                     continue;
                 }
             };
@@ -1014,8 +1111,14 @@ fn expand_inputs(inputs: &[PathBuf]) -> Vec<InputFile> {
             let is_file = entry.file_type().is_file()
                 || (entry.path_is_symlink() && std::fs::metadata(path).is_ok_and(|m| m.is_file()));
             if is_file && is_image {
-                let relative = path.strip_prefix(input).map_or_else(|_| path.to_path_buf(), Path::to_path_buf);
-                files.push(InputFile { path: entry.into_path(), named: false, relative });
+                let relative = path
+                    .strip_prefix(input)
+                    .map_or_else(|_| path.to_path_buf(), Path::to_path_buf);
+                files.push(InputFile {
+                    path: entry.into_path(),
+                    named: false,
+                    relative,
+                });
             }
         }
     }
@@ -1041,14 +1144,24 @@ fn detect(args: DetectArgs) -> Result<()> {
         .with_context(|| format!("--operating-point for {}", args.weights.display()))?;
     if let Some(dir) = &args.heatmap {
         if !matches!(predictor.model(), fracture_core::Model::DenseNet(_)) {
-            bail!("--heatmap needs a DenseNet model: {} has no class activation map", predictor.card().architecture.display_name());
+            bail!(
+                "--heatmap needs a DenseNet model: {} has no class activation map",
+                predictor.card().architecture.display_name()
+            );
         }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create --heatmap {}", dir.display()))?;
     }
     let files = expand_inputs(&args.inputs);
     let mut heatmap_names = HeatmapNames::default();
     if files.is_empty() {
-        bail!("no image files found in {}", args.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        bail!(
+            "no image files found in {}",
+            args.inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
 
     let mut rows = DetectRows::new(args.format, args.by_study);
@@ -1061,11 +1174,19 @@ fn detect(args: DetectArgs) -> Result<()> {
                 .map(|file| {
                     let path = &file.path;
                     // The skip line names the path already.
-                    let bytes = files::read_regular_file(path, files::MAX_INPUT_BYTES).map_err(|e| e.problem.to_string())?;
-                    let study = if args.by_study { study_of(path, &bytes).map_err(|e| e.to_string())? } else { String::new() };
+                    let bytes =
+                        files::read_regular_file(path, files::MAX_INPUT_BYTES).map_err(|e| e.problem.to_string())?;
+                    let study = if args.by_study {
+                        study_of(path, &bytes).map_err(|e| e.to_string())?
+                    } else {
+                        String::new()
+                    };
                     let input = if args.heatmap.is_some() {
                         // The heat map comes from the same forward pass as the probability.
-                        predictor.detect(&bytes).map(Loaded::Detection).map_err(|e| e.to_string())?
+                        predictor
+                            .detect(&bytes)
+                            .map(Loaded::Detection)
+                            .map_err(|e| e.to_string())?
                     } else {
                         fracture_core::preprocess::load(&bytes, &predictor.card().preprocessing)
                             .map(Loaded::Input)
@@ -1091,7 +1212,10 @@ fn detect(args: DetectArgs) -> Result<()> {
                     failed_named += usize::from(file.named);
                     continue;
                 }
-                Ok((Loaded::Input(_), study)) => (probabilities.next().context("internal: prediction count mismatch")?, study),
+                Ok((Loaded::Input(_), study)) => (
+                    probabilities.next().context("internal: prediction count mismatch")?,
+                    study,
+                ),
                 Ok((Loaded::Detection(detection), study)) => {
                     if let Some(dir) = &args.heatmap {
                         write_heatmap(detection, &dir.join(heatmap_names.name_for(&file.relative)))?;
@@ -1139,11 +1263,21 @@ impl DetectRows {
     fn new(format: Format, by_study: bool) -> Self {
         let mut out = std::io::stdout().lock();
         if format == Format::Csv {
-            let header = if by_study { "study,images,probability,label" } else { "path,probability,label" };
+            let header = if by_study {
+                "study,images,probability,label"
+            } else {
+                "path,probability,label"
+            };
             // A closed stdout shows up at the first row's write, which reports it.
             let _ = writeln!(out, "{header}");
         }
-        Self { format, by_study, json: Vec::new(), images: Vec::new(), out }
+        Self {
+            format,
+            by_study,
+            json: Vec::new(),
+            images: Vec::new(),
+            out,
+        }
     }
 
     fn image(&mut self, predictor: &Predictor, path: String, probability: f64, study: String) -> Result<()> {
@@ -1155,7 +1289,9 @@ impl DetectRows {
         match self.format {
             Format::Text => writeln!(self.out, "{path}\t{:.2}%\t{label}", probability * 100.0)?,
             Format::Csv => writeln!(self.out, "{},{probability:.6},{}", csv_field(&path), csv_field(&label))?,
-            Format::Json => self.json.push(serde_json::json!({ "path": path, "probability": probability, "label": label })),
+            Format::Json => self
+                .json
+                .push(serde_json::json!({ "path": path, "probability": probability, "label": label })),
         }
         Ok(())
     }
@@ -1167,10 +1303,18 @@ impl DetectRows {
                 let (images, probability) = (study.members.len(), study.probability);
                 let label = predictor.prediction(probability).label;
                 match self.format {
-                    Format::Text => writeln!(self.out, "{}\t{images} image(s)\t{:.2}%\t{label}", study.key, probability * 100.0)?,
-                    Format::Csv => {
-                        writeln!(self.out, "{},{images},{probability:.6},{}", csv_field(&study.key), csv_field(&label))?
-                    }
+                    Format::Text => writeln!(
+                        self.out,
+                        "{}\t{images} image(s)\t{:.2}%\t{label}",
+                        study.key,
+                        probability * 100.0
+                    )?,
+                    Format::Csv => writeln!(
+                        self.out,
+                        "{},{images},{probability:.6},{}",
+                        csv_field(&study.key),
+                        csv_field(&label)
+                    )?,
                     Format::Json => self.json.push(serde_json::json!({
                         "study": study.key, "images": images, "probability": probability, "label": label,
                     })),
@@ -1202,7 +1346,10 @@ struct HeatmapNames {
 
 impl HeatmapNames {
     fn name_for(&mut self, relative: &Path) -> PathBuf {
-        let stem = relative.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        let stem = relative
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into());
         let folder = relative.parent().unwrap_or(Path::new(""));
         let mut name = folder.join(format!("{stem}.heatmap.png"));
         let mut copy = 1;
@@ -1215,7 +1362,9 @@ impl HeatmapNames {
 }
 
 fn write_heatmap(detection: &fracture_core::predict::Detection, out: &Path) -> Result<()> {
-    let Some(heatmap) = &detection.heatmap else { return Ok(()) };
+    let Some(heatmap) = &detection.heatmap else {
+        return Ok(());
+    };
     if let Some(folder) = out.parent() {
         std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
     }
@@ -1229,15 +1378,22 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     use crate::calibration::{self, CalibrationFigures};
     let device = Device::Cpu;
     let bytes = files::read_regular_file(&args.weights, files::MAX_INPUT_BYTES).context("--weights")?;
-    let file = ModelFile::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
-    let model = file.build_model(&device).with_context(|| format!("--weights {}", args.weights.display()))?;
+    let file =
+        ModelFile::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
+    let model = file
+        .build_model(&device)
+        .with_context(|| format!("--weights {}", args.weights.display()))?;
     let mut card = file.card.clone();
     let (dataset, images) = load_dataset(&args.data, &card, args.quiet)?;
     let views = match args.tta {
         TtaArg::Flip => vec![TtaView::Identity, TtaView::HorizontalFlip],
         TtaArg::None => vec![TtaView::Identity],
     };
-    let progress = bar(images.len() as u64, "  predicting [{bar:30}] {pos}/{len} images ({eta} left)", args.quiet);
+    let progress = bar(
+        images.len() as u64,
+        "  predicting [{bar:30}] {pos}/{len} images ({eta} left)",
+        args.quiet,
+    );
     let mut view_logits = Vec::with_capacity(images.len());
     for chunk in images.chunks(fracture_core::predict::images_per_batch(card.input_size()).min(32)) {
         let refs: Vec<&image::Rgb32FImage> = chunk.iter().collect();
@@ -1261,13 +1417,22 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     let chosen_on = format!(
         "{} images{} of {}",
         labels.len(),
-        dataset.patients().map(|p| format!(" ({p} patients)")).unwrap_or_default(),
-        args.data.patients.as_ref().map_or_else(|| args.data.input.display().to_string(), |list| format!("the patients in {}", list.display())),
+        dataset
+            .patients()
+            .map(|p| format!(" ({p} patients)"))
+            .unwrap_or_default(),
+        args.data.patients.as_ref().map_or_else(
+            || args.data.input.display().to_string(),
+            |list| format!("the patients in {}", list.display())
+        ),
     );
     let points = calibration::operating_points(&scores, &labels, &chosen_on);
     let image = crate::metrics::BinaryMetrics::compute(&scores, &labels, groups, points.balanced, args.seed);
     let study = calibration::study_metrics(&keys, &scores, &labels, groups, points.balanced, args.seed);
-    let (before, after) = (CalibrationFigures::of(&untempered, &labels), CalibrationFigures::of(&scores, &labels));
+    let (before, after) = (
+        CalibrationFigures::of(&untempered, &labels),
+        CalibrationFigures::of(&scores, &labels),
+    );
 
     card.tta = views;
     card.temperature = temperature;
@@ -1289,7 +1454,10 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     crate::write_atomically(&args.output, &out).with_context(|| format!("cannot write {}", args.output.display()))?;
     let reliability_path = with_suffix(&args.output, ".reliability.svg");
     report::plot_reliability(
-        &[("before temperature".into(), before.bins, before.ece), (format!("temperature {temperature:.2}"), after.bins, after.ece)],
+        &[
+            ("before temperature".into(), before.bins, before.ece),
+            (format!("temperature {temperature:.2}"), after.bins, after.ece),
+        ],
         &reliability_path,
     )
     .with_context(|| format!("cannot write {}", reliability_path.display()))?;
@@ -1300,9 +1468,21 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         _ => "undefined".into(),
     };
     println!("calibrated on {chosen_on}, TTA {:?}", card.tta);
-    println!("temperature {temperature:.3}: expected calibration error {:.3} -> {:.3}", before.ece, after.ece);
-    println!("images: ROC AUC {}  kappa {:.3} at the balanced point", ci(&image), image.kappa);
-    println!("studies ({}): ROC AUC {}  kappa {:.3}", study.n, ci(&study), study.kappa);
+    println!(
+        "temperature {temperature:.3}: expected calibration error {:.3} -> {:.3}",
+        before.ece, after.ece
+    );
+    println!(
+        "images: ROC AUC {}  kappa {:.3} at the balanced point",
+        ci(&image),
+        image.kappa
+    );
+    println!(
+        "studies ({}): ROC AUC {}  kappa {:.3}",
+        study.n,
+        ci(&study),
+        study.kappa
+    );
     for point in OperatingPoint::ALL {
         let threshold = points.threshold(point);
         let confusion = crate::metrics::Confusion::at_threshold(&scores, &labels, threshold);
@@ -1330,7 +1510,9 @@ fn synth(args: SynthArgs) -> Result<()> {
         SynthLayout::Classes => {
             crate::synthetic::write_class_folders_as(&args.output, args.count, args.size, args.seed, format)?.len()
         }
-        SynthLayout::Mura => crate::synthetic::write_mura_as(&args.output, args.count, args.size, args.seed, format)?.len(),
+        SynthLayout::Mura => {
+            crate::synthetic::write_mura_as(&args.output, args.count, args.size, args.seed, format)?.len()
+        }
     };
     eprintln!("wrote {written} synthetic images to {}", args.output.display());
     Ok(())
@@ -1341,7 +1523,9 @@ fn import(args: ImportArgs) -> Result<()> {
     let source = args.from.display().to_string();
     let bytes = files::read_regular_file(&args.from, 4 * files::MAX_INPUT_BYTES).context("--from")?;
     let imported = crate::import::import_torchvision(&bytes, &source).with_context(|| format!("--from {source}"))?;
-    let out = imported.to_bytes().with_context(|| format!("cannot serialise the weights of {source}"))?;
+    let out = imported
+        .to_bytes()
+        .with_context(|| format!("cannot serialise the weights of {source}"))?;
     crate::write_atomically(&args.output, &out).with_context(|| format!("cannot write {}", args.output.display()))?;
     println!("{}", imported.summary());
     println!("wrote {} ({:.2} MB)", args.output.display(), out.len() as f64 / 1e6);
@@ -1349,7 +1533,14 @@ fn import(args: ImportArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    let result = crate::bench::run(&args.model.architecture(1), args.mode, args.batch, args.size, args.warmup, args.reps)?;
+    let result = crate::bench::run(
+        &args.model.architecture(1),
+        args.mode,
+        args.batch,
+        args.size,
+        args.warmup,
+        args.reps,
+    )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());

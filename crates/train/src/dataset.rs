@@ -41,7 +41,10 @@ pub fn read_patient_list(path: &Path) -> Result<BTreeSet<String>, DatasetError> 
         .map(str::to_owned)
         .collect();
     if ids.is_empty() {
-        return Err(DatasetError::PatientList { list: path.into(), message: "lists no patient".into() });
+        return Err(DatasetError::PatientList {
+            list: path.into(),
+            message: "lists no patient".into(),
+        });
     }
     Ok(ids)
 }
@@ -98,7 +101,10 @@ pub struct ScanOptions {
 }
 
 fn io_error(path: &Path, err: impl fmt::Display) -> DatasetError {
-    DatasetError::Io { path: path.to_path_buf(), message: err.to_string() }
+    DatasetError::Io {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    }
 }
 
 fn has_image_extension(path: &Path) -> bool {
@@ -117,7 +123,9 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
 }
 
 fn is_hidden(path: &Path) -> bool {
-    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
 }
 
 /// Files below `dir` (recursively, sorted): images, and everything else as skipped.
@@ -131,14 +139,21 @@ fn collect_files(dir: &Path, skipped: &mut Vec<Skipped>) -> Result<Vec<PathBuf>,
         if has_image_extension(entry.path()) {
             images.push(entry.into_path());
         } else {
-            skipped.push(Skipped { path: entry.into_path(), reason: "not an image file (by extension)".into() });
+            skipped.push(Skipped {
+                path: entry.into_path(),
+                reason: "not an image file (by extension)".into(),
+            });
         }
     }
     Ok(images)
 }
 
 fn is_patient_dir(path: &Path) -> bool {
-    path.is_dir() && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("patient"))
+    path.is_dir()
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("patient"))
 }
 
 /// `studyK_positive` → Some(true), `studyK_negative` → Some(false).
@@ -186,18 +201,33 @@ fn scan_class_folders(root: &Path, entries: &[PathBuf], options: &ScanOptions) -
     let mut skipped = Vec::new();
     let mut classes: Vec<(String, Vec<PathBuf>)> = Vec::new();
     for dir in entries.iter().filter(|p| p.is_dir() && !is_hidden(p)) {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let files = collect_files(dir, &mut skipped)?;
         if !files.is_empty() {
             classes.push((name, files));
         }
     }
     for file in entries.iter().filter(|p| p.is_file() && !is_hidden(p)) {
-        skipped.push(Skipped { path: file.clone(), reason: "outside a class folder".into() });
+        skipped.push(Skipped {
+            path: file.clone(),
+            reason: "outside a class folder".into(),
+        });
     }
     match classes.len() {
-        0 => return Err(DatasetError::Empty { path: root.to_path_buf() }),
-        1 => return Err(DatasetError::SingleClass { path: root.to_path_buf(), class: classes[0].0.clone() }),
+        0 => {
+            return Err(DatasetError::Empty {
+                path: root.to_path_buf(),
+            })
+        }
+        1 => {
+            return Err(DatasetError::SingleClass {
+                path: root.to_path_buf(),
+                class: classes[0].0.clone(),
+            })
+        }
         2 => {}
         n => {
             let names: Vec<&str> = classes.iter().map(|c| c.0.as_str()).collect();
@@ -233,7 +263,11 @@ fn scan_class_folders(root: &Path, entries: &[PathBuf], options: &ScanOptions) -
     for (index, (_, files)) in classes.into_iter().enumerate() {
         for path in files {
             group_names.push(path.display().to_string());
-            samples.push(Sample { path, positive: index == positive_index, group: group_names.len() - 1 });
+            samples.push(Sample {
+                path,
+                positive: index == positive_index,
+                group: group_names.len() - 1,
+            });
         }
     }
     Ok(Dataset {
@@ -248,16 +282,25 @@ fn scan_class_folders(root: &Path, entries: &[PathBuf], options: &ScanOptions) -
 }
 
 fn mura_classes() -> Classes {
-    Classes { negative: "normal".into(), positive: "abnormal".into() }
+    Classes {
+        negative: "normal".into(),
+        positive: "abnormal".into(),
+    }
 }
 
 fn scan_mura(root: &Path, base: &Path) -> Result<Dataset, DatasetError> {
     let mut skipped = Vec::new();
     let mut labelled = Vec::new();
     for patient_dir in sorted_entries(base)?.into_iter().filter(|p| is_patient_dir(p)) {
-        let patient = patient_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let patient = patient_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         for study_dir in sorted_entries(&patient_dir)? {
-            let name = study_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = study_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             match study_label(&name) {
                 Some(positive) if study_dir.is_dir() => {
                     for path in collect_files(&study_dir, &mut skipped)? {
@@ -289,11 +332,21 @@ fn scan_mura_csv(root: &Path, csv: &Path, study: &str) -> Result<Dataset, Datase
         }
         let patient = parts.iter().find(|p| p.starts_with("patient"));
         let label = parts.iter().find_map(|p| study_label(p));
-        let path = if relative.is_absolute() { relative.to_path_buf() } else { parent.join(relative) };
+        let path = if relative.is_absolute() {
+            relative.to_path_buf()
+        } else {
+            parent.join(relative)
+        };
         match (patient, label) {
             (Some(patient), Some(positive)) if path.is_file() => labelled.push((path, positive, patient.to_string())),
-            (Some(_), Some(_)) => skipped.push(Skipped { path, reason: "listed in the CSV but missing on disk".into() }),
-            _ => skipped.push(Skipped { path, reason: "CSV line without patient or study label".into() }),
+            (Some(_), Some(_)) => skipped.push(Skipped {
+                path,
+                reason: "listed in the CSV but missing on disk".into(),
+            }),
+            _ => skipped.push(Skipped {
+                path,
+                reason: "CSV line without patient or study label".into(),
+            }),
         }
     }
     if labelled.is_empty() && skipped.is_empty() {
@@ -312,13 +365,18 @@ fn finish_mura(
     skipped: Vec<Skipped>,
 ) -> Result<Dataset, DatasetError> {
     if labelled.is_empty() {
-        return Err(DatasetError::Empty { path: root.to_path_buf() });
+        return Err(DatasetError::Empty {
+            path: root.to_path_buf(),
+        });
     }
     let classes = mura_classes();
     for positive in [true, false] {
         if labelled.iter().all(|(_, p, _)| *p == positive) {
             let class = if positive { &classes.positive } else { &classes.negative };
-            return Err(DatasetError::SingleClass { path: root.to_path_buf(), class: class.clone() });
+            return Err(DatasetError::SingleClass {
+                path: root.to_path_buf(),
+                class: class.clone(),
+            });
         }
     }
     let patients: BTreeSet<&String> = labelled.iter().map(|(_, _, p)| p).collect();
@@ -326,7 +384,11 @@ fn finish_mura(
     let index: BTreeMap<&str, usize> = group_names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
     let samples = labelled
         .iter()
-        .map(|(path, positive, patient)| Sample { path: path.clone(), positive: *positive, group: index[patient.as_str()] })
+        .map(|(path, positive, patient)| Sample {
+            path: path.clone(),
+            positive: *positive,
+            group: index[patient.as_str()],
+        })
         .collect();
     Ok(Dataset {
         root: root.to_path_buf(),
@@ -346,7 +408,10 @@ impl Dataset {
         let names = &self.group_names;
         self.samples.retain(|s| listed.contains(&names[s.group]) == keep);
         if self.samples.is_empty() {
-            return Err(DatasetError::PatientList { list: list.into(), message: "no image is left after filtering".into() });
+            return Err(DatasetError::PatientList {
+                list: list.into(),
+                message: "no image is left after filtering".into(),
+            });
         }
         Ok(())
     }
@@ -354,10 +419,14 @@ impl Dataset {
     /// Indices of the samples of the listed patients (all of whom must be present).
     pub fn patient_indices(&self, list: &Path, listed: &BTreeSet<String>) -> Result<Vec<usize>, DatasetError> {
         self.check_listed(list, listed)?;
-        let indices: Vec<usize> =
-            (0..self.samples.len()).filter(|&i| listed.contains(&self.group_names[self.samples[i].group])).collect();
+        let indices: Vec<usize> = (0..self.samples.len())
+            .filter(|&i| listed.contains(&self.group_names[self.samples[i].group]))
+            .collect();
         if indices.len() == self.samples.len() {
-            return Err(DatasetError::PatientList { list: list.into(), message: "lists every patient: nothing is left to train on".into() });
+            return Err(DatasetError::PatientList {
+                list: list.into(),
+                message: "lists every patient: nothing is left to train on".into(),
+            });
         }
         Ok(indices)
     }
@@ -365,15 +434,33 @@ impl Dataset {
     /// Every listed patient must be in the dataset, so that a typo or the wrong
     /// directory cannot quietly change which images a run uses.
     fn check_listed(&self, list: &Path, listed: &BTreeSet<String>) -> Result<(), DatasetError> {
-        let error = |message: String| DatasetError::PatientList { list: list.into(), message };
+        let error = |message: String| DatasetError::PatientList {
+            list: list.into(),
+            message,
+        };
         if !self.has_patients {
-            return Err(error(format!("{} has no patient ids (MURA layout needed)", self.root.display())));
+            return Err(error(format!(
+                "{} has no patient ids (MURA layout needed)",
+                self.root.display()
+            )));
         }
-        let present: BTreeSet<&str> = self.samples.iter().map(|s| self.group_names[s.group].as_str()).collect();
-        let missing: Vec<&str> = listed.iter().map(String::as_str).filter(|id| !present.contains(id)).collect();
+        let present: BTreeSet<&str> = self
+            .samples
+            .iter()
+            .map(|s| self.group_names[s.group].as_str())
+            .collect();
+        let missing: Vec<&str> = listed
+            .iter()
+            .map(String::as_str)
+            .filter(|id| !present.contains(id))
+            .collect();
         if !missing.is_empty() {
             let shown = missing.iter().take(5).copied().collect::<Vec<_>>().join(", ");
-            return Err(error(format!("{} listed patient(s) not in {}: {shown}", missing.len(), self.root.display())));
+            return Err(error(format!(
+                "{} listed patient(s) not in {}: {shown}",
+                missing.len(),
+                self.root.display()
+            )));
         }
         Ok(())
     }
@@ -387,7 +474,8 @@ impl Dataset {
     }
 
     pub fn patients(&self) -> Option<usize> {
-        self.has_patients.then(|| self.samples.iter().map(|s| s.group).collect::<BTreeSet<_>>().len())
+        self.has_patients
+            .then(|| self.samples.iter().map(|s| s.group).collect::<BTreeSet<_>>().len())
     }
 
     /// The summary printed before training.
@@ -441,7 +529,11 @@ impl Dataset {
 
     /// Decodes and resizes every image in parallel. Images that fail are
     /// moved to `skipped` with the reason, and the rest are returned in order.
-    pub fn load_images(&mut self, preprocessing: &Preprocessing, progress: &indicatif::ProgressBar) -> Vec<Rgb32FImage> {
+    pub fn load_images(
+        &mut self,
+        preprocessing: &Preprocessing,
+        progress: &indicatif::ProgressBar,
+    ) -> Vec<Rgb32FImage> {
         progress.set_length(self.samples.len() as u64);
         let results: Vec<Result<Rgb32FImage, String>> = self
             .samples
@@ -463,7 +555,10 @@ impl Dataset {
                     images.push(image);
                     kept.push(sample);
                 }
-                Err(reason) => self.skipped.push(Skipped { path: sample.path, reason }),
+                Err(reason) => self.skipped.push(Skipped {
+                    path: sample.path,
+                    reason,
+                }),
             }
         }
         self.samples = kept;
@@ -473,11 +568,20 @@ impl Dataset {
     /// Errors out when loading left fewer than two classes.
     pub fn check_trainable(&self) -> Result<(), DatasetError> {
         if self.samples.is_empty() {
-            return Err(DatasetError::Empty { path: self.root.clone() });
+            return Err(DatasetError::Empty {
+                path: self.root.clone(),
+            });
         }
         if self.positives() == 0 || self.negatives() == 0 {
-            let class = if self.positives() == 0 { &self.classes.negative } else { &self.classes.positive };
-            return Err(DatasetError::SingleClass { path: self.root.clone(), class: class.clone() });
+            let class = if self.positives() == 0 {
+                &self.classes.negative
+            } else {
+                &self.classes.positive
+            };
+            return Err(DatasetError::SingleClass {
+                path: self.root.clone(),
+                class: class.clone(),
+            });
         }
         Ok(())
     }
@@ -506,17 +610,27 @@ mod tests {
             touch(&dir.path().join(path));
         }
         let missing = "MURA-v1.1/train/XR_HUMERUS/patient00004/study1_negative/image1.png";
-        std::fs::write(root.join("train_image_paths.csv"), format!("{}\n{missing}\n", listed.join("\n"))).unwrap();
+        std::fs::write(
+            root.join("train_image_paths.csv"),
+            format!("{}\n{missing}\n", listed.join("\n")),
+        )
+        .unwrap();
 
         let err = scan(&root, &ScanOptions::default()).unwrap_err().to_string();
         assert!(err.contains("--study"), "{err}");
 
-        let options = ScanOptions { study: Some("XR_HUMERUS".into()), ..Default::default() };
+        let options = ScanOptions {
+            study: Some("XR_HUMERUS".into()),
+            ..Default::default()
+        };
         let dataset = scan(&root, &options).unwrap();
         assert_eq!(dataset.layout, Layout::MuraCsv);
         assert_eq!((dataset.positives(), dataset.negatives()), (2, 1));
         assert_eq!(dataset.patients(), Some(2));
-        assert_eq!(dataset.samples[0].group, dataset.samples[1].group, "one patient's images share a group");
+        assert_eq!(
+            dataset.samples[0].group, dataset.samples[1].group,
+            "one patient's images share a group"
+        );
         assert_eq!(dataset.skipped.len(), 1);
         assert!(dataset.skipped[0].reason.contains("missing on disk"));
     }
@@ -536,7 +650,10 @@ mod tests {
         touch(&classes.join("Intact/b.png"));
         let err = scan(&classes, &ScanOptions::default()).unwrap_err().to_string();
         assert!(err.contains("--positive"), "{err}");
-        let options = ScanOptions { positive: Some("broken".into()), ..Default::default() };
+        let options = ScanOptions {
+            positive: Some("broken".into()),
+            ..Default::default()
+        };
         let dataset = scan(&classes, &options).unwrap();
         assert_eq!(dataset.classes.positive, "Broken");
         assert!(dataset.samples.iter().any(|s| s.positive && s.path.ends_with("a.png")));

@@ -53,10 +53,7 @@ pub fn read_regular_file(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> 
     let file = options.open(path).map_err(io)?;
     let metadata = file.metadata().map_err(io)?;
     if !metadata.is_file() {
-        return Err(problem(
-            path,
-            FileProblem::NotRegular(kind_of(&metadata.file_type())),
-        ));
+        return Err(problem(path, FileProblem::NotRegular(kind_of(&metadata.file_type()))));
     }
     if metadata.len() > limit {
         return Err(problem(path, FileProblem::TooLarge(limit)));
@@ -120,9 +117,7 @@ pub fn printable_path(path: &Path) -> String {
                 '\t' => out.push_str("\\t"),
                 '\n' => out.push_str("\\n"),
                 '\r' => out.push_str("\\r"),
-                c if c.is_control() && (c as u32) < 0x100 => {
-                    out.push_str(&format!("\\x{:02x}", c as u32))
-                }
+                c if c.is_control() && (c as u32) < 0x100 => out.push_str(&format!("\\x{:02x}", c as u32)),
                 c => out.push(c),
             }
         }
@@ -193,9 +188,7 @@ mod tests {
             assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
             let err = read_regular_file(&fifo, 5).unwrap_err().to_string();
             assert!(err.contains("not a regular file (it is a FIFO)"), "{err}");
-            let err = read_regular_file(Path::new("/dev/zero"), 5)
-                .unwrap_err()
-                .to_string();
+            let err = read_regular_file(Path::new("/dev/zero"), 5).unwrap_err().to_string();
             assert!(err.contains("it is a device"), "{err}");
         }
     }

@@ -174,19 +174,34 @@ impl FitConfig {
             return Err(FitError::Config("the schedule has no epochs".into()));
         }
         if let Some(p) = self.phases.iter().find(|p| !(p.lr > 0.0 && p.lr.is_finite())) {
-            return Err(FitError::Config(format!("phase `{}`: learning rate {} must be positive", p.name, p.lr)));
+            return Err(FitError::Config(format!(
+                "phase `{}`: learning rate {} must be positive",
+                p.name, p.lr
+            )));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(FitError::Config(format!("--weight-decay {} must be zero or positive", self.weight_decay)));
+            return Err(FitError::Config(format!(
+                "--weight-decay {} must be zero or positive",
+                self.weight_decay
+            )));
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
-            return Err(FitError::Config(format!("--label-smoothing {} must be in [0, 0.5)", self.label_smoothing)));
+            return Err(FitError::Config(format!(
+                "--label-smoothing {} must be in [0, 0.5)",
+                self.label_smoothing
+            )));
         }
         if !(0.0..1.0).contains(&self.weight_average) {
-            return Err(FitError::Config(format!("--weight-average {} must be in [0, 1)", self.weight_average)));
+            return Err(FitError::Config(format!(
+                "--weight-average {} must be in [0, 1)",
+                self.weight_average
+            )));
         }
         if !(self.mixup >= 0.0 && self.mixup.is_finite()) {
-            return Err(FitError::Config(format!("--mixup {} must be zero or positive", self.mixup)));
+            return Err(FitError::Config(format!(
+                "--mixup {} must be zero or positive",
+                self.mixup
+            )));
         }
         for phase in &self.phases {
             if let Some(p) = &phase.progressive {
@@ -233,7 +248,9 @@ pub fn predict(
 ) -> Result<Vec<f64>, FitError> {
     let mut probabilities = Vec::with_capacity(indices.len());
     // Never more at once than the predictor's memory budget allows at this size.
-    let batch_size = batch_size.min(fracture_core::predict::images_per_batch(preprocessing.input_size)).max(1);
+    let batch_size = batch_size
+        .min(fracture_core::predict::images_per_batch(preprocessing.input_size))
+        .max(1);
     for chunk in indices.chunks(batch_size) {
         let batch: Vec<&Rgb32FImage> = chunk.iter().map(|&i| &images[i]).collect();
         let xs = preprocess::to_tensor(&batch, preprocessing, device)?;
@@ -247,7 +264,11 @@ pub fn predict(
 fn loss_and_accuracy(probabilities: &[f64], labels: &[bool], indices: &[usize]) -> (f64, f64) {
     let targets: Vec<bool> = indices.iter().map(|&i| labels[i]).collect();
     let loss = crate::metrics::bce_loss(probabilities, &targets);
-    let correct = probabilities.iter().zip(&targets).filter(|(p, t)| (**p >= 0.5) == **t).count();
+    let correct = probabilities
+        .iter()
+        .zip(&targets)
+        .filter(|(p, t)| (**p >= 0.5) == **t)
+        .count();
     (loss, correct as f64 / targets.len().max(1) as f64)
 }
 
@@ -282,11 +303,16 @@ impl Checkpoint {
     pub fn beside(output: &Path) -> Self {
         let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         name.push(".checkpoint");
-        Self { path: output.with_file_name(name) }
+        Self {
+            path: output.with_file_name(name),
+        }
     }
 
     fn error(&self, message: impl ToString) -> FitError {
-        FitError::Checkpoint { path: self.path.clone(), message: message.to_string() }
+        FitError::Checkpoint {
+            path: self.path.clone(),
+            message: message.to_string(),
+        }
     }
 
     fn save(
@@ -324,7 +350,10 @@ impl Checkpoint {
             .ok_or_else(|| self.error("no training state in this file"))?;
         let state: CheckpointState = serde_json::from_str(state_json).map_err(|e| self.error(e))?;
         let file = ModelFile::from_bytes(&bytes, device)?;
-        Ok(Some(Resume { tensors: file.tensors, state }))
+        Ok(Some(Resume {
+            tensors: file.tensors,
+            state,
+        }))
     }
 }
 
@@ -339,7 +368,9 @@ fn add_metadata(bytes: &[u8], key: &str, value: &str) -> Result<Vec<u8>, String>
 /// What identifies a run, so a checkpoint is only resumed by the same run.
 fn fingerprint(card: &ModelCard, config: &FitConfig, data: &FitData) -> String {
     let mut hasher = DefaultHasher::new();
-    serde_json::to_string(&card.architecture).unwrap_or_default().hash(&mut hasher);
+    serde_json::to_string(&card.architecture)
+        .unwrap_or_default()
+        .hash(&mut hasher);
     card.input_size().hash(&mut hasher);
     serde_json::to_string(config).unwrap_or_default().hash(&mut hasher);
     data.train.hash(&mut hasher);
@@ -353,7 +384,9 @@ fn fingerprint(card: &ModelCard, config: &FitConfig, data: &FitData) -> String {
             value.to_bits().hash(&mut hasher);
         }
     }
-    serde_json::to_string(&card.preprocessing).unwrap_or_default().hash(&mut hasher);
+    serde_json::to_string(&card.preprocessing)
+        .unwrap_or_default()
+        .hash(&mut hasher);
     card.init.as_ref().map(|init| init.sha256.clone()).hash(&mut hasher);
     format!("{:016x}", hasher.finish())
 }
@@ -423,7 +456,10 @@ impl Fit<'_> {
                 bank = Some(FeatureBank::build(self, data, config)?);
             }
             for epoch in first_epoch..phase.epochs {
-                let mut steps = Steps { adam: &mut adam, average: &mut average };
+                let mut steps = Steps {
+                    adam: &mut adam,
+                    average: &mut average,
+                };
                 let mut record = match (&bank, cached) {
                     (Some(bank), true) => self.cached_epoch(bank, data, config, phase_index, epoch, &mut steps)?,
                     _ => self.epoch(data, config, phase_index, epoch, &mut steps)?,
@@ -468,9 +504,16 @@ impl Fit<'_> {
     }
 
     fn restore_params(&self, checkpoint: &Checkpoint, tensors: &HashMap<String, Tensor>) -> Result<(), FitError> {
-        let data = self.params.varmap.data().lock().map_err(|_| FitError::Config("poisoned parameters".into()))?;
+        let data = self
+            .params
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| FitError::Config("poisoned parameters".into()))?;
         for (name, var) in data.iter() {
-            let saved = tensors.get(name).ok_or_else(|| checkpoint.error(format!("lacks tensor `{name}`")))?;
+            let saved = tensors
+                .get(name)
+                .ok_or_else(|| checkpoint.error(format!("lacks tensor `{name}`")))?;
             var.set(&saved.to_dtype(DType::F32)?)?;
         }
         Ok(())
@@ -507,7 +550,9 @@ impl Fit<'_> {
         epoch: usize,
         steps: &mut Steps,
     ) -> Result<EpochRecord, FitError> {
-        let Model::DenseNet(net) = self.model else { unreachable!("only DenseNet phases are cached") };
+        let Model::DenseNet(net) = self.model else {
+            unreachable!("only DenseNet phases are cached")
+        };
         let phase = &config.phases[phase_index];
         let started = Instant::now();
         let order = epoch_order(data, config, phase_index, epoch);
@@ -551,7 +596,11 @@ impl Fit<'_> {
         let order = epoch_order(data, config, phase_index, epoch);
 
         let batches = order.len().div_ceil(config.batch_size);
-        let bar = if self.show_progress { ProgressBar::new(batches as u64) } else { ProgressBar::hidden() };
+        let bar = if self.show_progress {
+            ProgressBar::new(batches as u64)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
             ProgressStyle::with_template("  {prefix} [{bar:30}] {pos}/{len} batches  {msg}  ({eta} left)")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -560,13 +609,17 @@ impl Fit<'_> {
         bar.set_prefix(format!("{} {}/{}", phase.name, epoch + 1, phase.epochs));
 
         let size = phase.size_at(epoch, self.card.input_size());
-        let preprocessing = Preprocessing { input_size: size, ..self.card.preprocessing.clone() };
+        let preprocessing = Preprocessing {
+            input_size: size,
+            ..self.card.preprocessing.clone()
+        };
         let mut tally = Tally::default();
         for (batch_index, batch) in order.chunks(config.batch_size).enumerate() {
             let images: Vec<Rgb32FImage> = batch
                 .par_iter()
                 .map(|&i| {
-                    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("augment", phase_index, epoch, i)));
+                    let mut rng =
+                        ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("augment", phase_index, epoch, i)));
                     // Augmented at full size, then shrunk: the small epochs see what the large ones would, coarser.
                     preprocess::resize(&config.augmentation.apply(&data.images[i], &mut rng), size)
                 })
@@ -575,7 +628,8 @@ impl Fit<'_> {
             let xs = preprocess::to_tensor(&refs, &preprocessing, self.device)?;
             let targets = labels_tensor(data.labels, batch, config.label_smoothing, self.device)?;
             let (xs, targets) = if config.mixup > 0.0 {
-                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("mixup", phase_index, epoch, batch_index)));
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("mixup", phase_index, epoch, batch_index)));
                 mixup(&xs, &targets, config.mixup, &mut rng)?
             } else {
                 (xs, targets)
@@ -592,7 +646,13 @@ impl Fit<'_> {
                     };
                     net.head(&features, Some(step_seed))?
                 }
-                _ => self.model.forward(&xs, Mode { dropout_seed: Some(step_seed), batch_stats: phase.batch_norm_stats })?,
+                _ => self.model.forward(
+                    &xs,
+                    Mode {
+                        dropout_seed: Some(step_seed),
+                        batch_stats: phase.batch_norm_stats,
+                    },
+                )?,
             };
             let loss = bce_with_logits(&logits, &targets)?;
             let loss_value = check_loss(&loss, phase, epoch)?;
@@ -613,12 +673,33 @@ impl Fit<'_> {
             return Ok(None);
         }
         if size == self.card.input_size() {
-            return Ok(Some(predict(self.model, data.images, &data.validation, &self.card.preprocessing, 32, self.device)?));
+            return Ok(Some(predict(
+                self.model,
+                data.images,
+                &data.validation,
+                &self.card.preprocessing,
+                32,
+                self.device,
+            )?));
         }
-        let preprocessing = Preprocessing { input_size: size, ..self.card.preprocessing.clone() };
-        let resized: Vec<Rgb32FImage> = data.validation.par_iter().map(|&i| preprocess::resize(&data.images[i], size)).collect();
+        let preprocessing = Preprocessing {
+            input_size: size,
+            ..self.card.preprocessing.clone()
+        };
+        let resized: Vec<Rgb32FImage> = data
+            .validation
+            .par_iter()
+            .map(|&i| preprocess::resize(&data.images[i], size))
+            .collect();
         let indices: Vec<usize> = (0..resized.len()).collect();
-        Ok(Some(predict(self.model, &resized, &indices, &preprocessing, 32, self.device)?))
+        Ok(Some(predict(
+            self.model,
+            &resized,
+            &indices,
+            &preprocessing,
+            32,
+            self.device,
+        )?))
     }
 }
 
@@ -644,7 +725,11 @@ fn check_loss(loss: &Tensor, phase: &Phase, epoch: usize) -> Result<f64, FitErro
     if value.is_finite() && value < DIVERGED_LOSS {
         return Ok(value);
     }
-    Err(FitError::Diverged { phase: phase.name.clone(), epoch: epoch + 1, what: format!("batch loss {value:e}") })
+    Err(FitError::Diverged {
+        phase: phase.name.clone(),
+        epoch: epoch + 1,
+        what: format!("batch loss {value:e}"),
+    })
 }
 
 /// Mixup (Zhang et al. 2018): λ·x + (1-λ)·x[π] and the same for the targets,
@@ -657,14 +742,19 @@ fn mixup(xs: &Tensor, targets: &Tensor, alpha: f64, rng: &mut ChaCha8Rng) -> Res
     let mut partner: Vec<u32> = (0..xs.dim(0)? as u32).collect();
     partner.shuffle(rng);
     let partner = Tensor::new(partner, xs.device())?;
-    let blend = |t: &Tensor| -> candle_core::Result<Tensor> { (t * lambda)? + (t.index_select(&partner, 0)? * (1.0 - lambda))? };
+    let blend = |t: &Tensor| -> candle_core::Result<Tensor> {
+        (t * lambda)? + (t.index_select(&partner, 0)? * (1.0 - lambda))?
+    };
     Ok((blend(xs)?, blend(targets)?))
 }
 
 /// The training images in an epoch's seeded order.
 fn epoch_order(data: &FitData, config: &FitConfig, phase_index: usize, epoch: usize) -> Vec<usize> {
     let mut order = data.train.clone();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(config.seed, ("shuffle", phase_index, epoch))));
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(
+        config.seed,
+        ("shuffle", phase_index, epoch),
+    )));
     order
 }
 
@@ -680,7 +770,11 @@ impl Tally {
     fn add(&mut self, loss: f64, logits: &Tensor, batch: &[usize], labels: &[bool]) -> candle_core::Result<()> {
         self.loss_sum += loss * batch.len() as f64;
         let predictions: Vec<f32> = logits.detach().to_vec1()?;
-        self.correct += predictions.iter().zip(batch).filter(|(logit, &i)| (**logit >= 0.0) == labels[i]).count();
+        self.correct += predictions
+            .iter()
+            .zip(batch)
+            .filter(|(logit, &i)| (**logit >= 0.0) == labels[i])
+            .count();
         self.seen += batch.len();
         Ok(())
     }
@@ -691,12 +785,23 @@ impl Tally {
 
     /// The epoch's record, with validation loss and accuracy from P(positive)
     /// of the validation images, when there are any.
-    fn record(&self, phase: &Phase, epoch: usize, validation: Option<Vec<f64>>, data: &FitData, started: Instant) -> EpochRecord {
+    fn record(
+        &self,
+        phase: &Phase,
+        epoch: usize,
+        validation: Option<Vec<f64>>,
+        data: &FitData,
+        started: Instant,
+    ) -> EpochRecord {
         let (val_loss, val_accuracy, val_auc) = match validation {
             Some(probabilities) => {
                 let (loss, accuracy) = loss_and_accuracy(&probabilities, data.labels, &data.validation);
                 let truth: Vec<bool> = data.validation.iter().map(|&i| data.labels[i]).collect();
-                (Some(loss), Some(accuracy), crate::metrics::roc_auc(&probabilities, &truth))
+                (
+                    Some(loss),
+                    Some(accuracy),
+                    crate::metrics::roc_auc(&probabilities, &truth),
+                )
             }
             None => (None, None, None),
         };
@@ -728,16 +833,26 @@ struct FeatureBank {
 
 impl FeatureBank {
     fn build(fit: &Fit, data: &FitData, config: &FitConfig) -> Result<Self, FitError> {
-        let Model::DenseNet(net) = fit.model else { unreachable!("only DenseNet phases are cached") };
+        let Model::DenseNet(net) = fit.model else {
+            unreachable!("only DenseNet phases are cached")
+        };
         // Without augmentation every view would be the same image.
-        let views = if config.augmentation == Augmentation::NONE { 1 } else { config.feature_bank };
+        let views = if config.augmentation == Augmentation::NONE {
+            1
+        } else {
+            config.feature_bank
+        };
         let jobs: Vec<(usize, Option<usize>)> = data
             .train
             .iter()
             .flat_map(|&i| (0..views).map(move |v| (i, Some(v))))
             .chain(data.validation.iter().map(|&i| (i, None)))
             .collect();
-        let bar = if fit.show_progress { ProgressBar::new(jobs.len() as u64) } else { ProgressBar::hidden() };
+        let bar = if fit.show_progress {
+            ProgressBar::new(jobs.len() as u64)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
             ProgressStyle::with_template("  caching features [{bar:30}] {pos}/{len} views  ({eta} left)")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -757,15 +872,24 @@ impl FeatureBank {
                 .collect();
             let refs: Vec<&Rgb32FImage> = images.iter().collect();
             let xs = preprocess::to_tensor(&refs, &fit.card.preprocessing, fit.device)?;
-            pooled.push(fracture_core::models::densenet::DenseNet::pool(&net.frozen_features(&xs)?)?);
+            pooled.push(fracture_core::models::densenet::DenseNet::pool(
+                &net.frozen_features(&xs)?,
+            )?);
             bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();
         let all = Tensor::cat(&pooled, 0)?;
         let train_rows = data.train.len() * views;
         let first_row = data.train.iter().enumerate().map(|(k, &i)| (i, k * views)).collect();
-        let validation = (!data.validation.is_empty()).then(|| all.narrow(0, train_rows, data.validation.len())).transpose()?;
-        Ok(Self { views, first_row, train: all.narrow(0, 0, train_rows)?, validation })
+        let validation = (!data.validation.is_empty())
+            .then(|| all.narrow(0, train_rows, data.validation.len()))
+            .transpose()?;
+        Ok(Self {
+            views,
+            first_row,
+            train: all.narrow(0, 0, train_rows)?,
+            validation,
+        })
     }
 }
 
@@ -796,7 +920,11 @@ pub fn train(
         Some(tensors) => Params::with_tensors(spec.config.seed, tensors)?,
         None => Params::new(spec.config.seed),
     };
-    let model = Model::new(&spec.card.architecture, spec.card.input_size(), params.var_builder(spec.device))?;
+    let model = Model::new(
+        &spec.card.architecture,
+        spec.card.input_size(),
+        params.var_builder(spec.device),
+    )?;
     let unused = params.unused_names();
     if let Some(first) = unused.first() {
         return Err(FitError::Config(format!(

@@ -250,19 +250,12 @@ pub fn grouped_split(
 
     let totals = table.totals.map(|t| t as f64);
     let target = totals.map(|t| t * fraction);
-    let distance = |counts: [f64; 2]| {
-        (0..2)
-            .map(|c| (counts[c] - target[c]).abs() / totals[c])
-            .sum::<f64>()
-    };
+    let distance = |counts: [f64; 2]| (0..2).map(|c| (counts[c] - target[c]).abs() / totals[c]).sum::<f64>();
     let mut in_validation = vec![false; table.n_groups()];
     let mut validation = [0.0f64; 2];
     for &group in &order {
         let counts = table.counts[group];
-        let with = [
-            validation[0] + counts[0] as f64,
-            validation[1] + counts[1] as f64,
-        ];
+        let with = [validation[0] + counts[0] as f64, validation[1] + counts[1] as f64];
         if distance(with) < distance(validation) {
             validation = with;
             in_validation[group] = true;
@@ -271,14 +264,7 @@ pub fn grouped_split(
 
     for to_validation in [true, false] {
         if side_counts(&table, &in_validation, to_validation) == [0, 0] {
-            move_smallest(
-                &table,
-                &order,
-                &mut in_validation,
-                to_validation,
-                None,
-                false,
-            );
+            move_smallest(&table, &order, &mut in_validation, to_validation, None, false);
         }
     }
     for to_validation in [true, false] {
@@ -286,14 +272,7 @@ pub fn grouped_split(
             // Recounted each time: a patient moved for one class may also
             // have brought the other.
             if side_counts(&table, &in_validation, to_validation)[class] == 0 {
-                move_smallest(
-                    &table,
-                    &order,
-                    &mut in_validation,
-                    to_validation,
-                    Some(class),
-                    true,
-                );
+                move_smallest(&table, &order, &mut in_validation, to_validation, Some(class), true);
             }
         }
     }
@@ -334,10 +313,7 @@ fn move_smallest(
         .filter(|&g| in_validation[g] != to_validation)
         .filter(|&g| class.is_none_or(|c| table.counts[g][c] > 0))
         .filter(|&g| {
-            let left = [
-                source[0] - table.counts[g][0],
-                source[1] - table.counts[g][1],
-            ];
+            let left = [source[0] - table.counts[g][0], source[1] - table.counts[g][1]];
             let non_empty = left != [0, 0];
             let kept = !keep_classes || (0..2).all(|c| source[c] == 0 || left[c] > 0);
             non_empty && kept
@@ -364,11 +340,7 @@ mod tests {
             let abnormal = rng.random_bool(0.47);
             let mixed = rng.random_bool(0.1);
             for image in 0..rng.random_range(1..=4) {
-                labels.push(if mixed && image % 2 == 1 {
-                    !abnormal
-                } else {
-                    abnormal
-                });
+                labels.push(if mixed && image % 2 == 1 { !abnormal } else { abnormal });
                 groups.push(10_000 + 7 * patient);
             }
         }
@@ -379,12 +351,7 @@ mod tests {
         indices.iter().filter(|&&i| labels[i]).count() as f64 / indices.len() as f64
     }
 
-    fn sklearn_case(
-        n: usize,
-        k: usize,
-        group: fn(usize) -> usize,
-        label: fn(usize) -> bool,
-    ) -> Vec<Vec<usize>> {
+    fn sklearn_case(n: usize, k: usize, group: fn(usize) -> usize, label: fn(usize) -> bool) -> Vec<Vec<usize>> {
         let labels: Vec<bool> = (0..n).map(label).collect();
         let groups: Vec<usize> = (0..n).map(group).collect();
         let table = GroupTable::new(&labels, &groups).expect("valid input");
@@ -397,12 +364,7 @@ mod tests {
         // Expected folds printed by scikit-learn 1.9.1,
         // StratifiedGroupKFold(n_splits=k, shuffle=False), whose group order
         // is ascending id — the identity order here.
-        let folds = sklearn_case(
-            60,
-            4,
-            |i| (i * i + 3 * i) % 17,
-            |i| i % 5 == 0 || i % 7 == 1,
-        );
+        let folds = sklearn_case(60, 4, |i| (i * i + 3 * i) % 17, |i| i % 5 == 0 || i % 7 == 1);
         assert_eq!(
             folds,
             vec![
@@ -453,10 +415,7 @@ mod tests {
         let mut fold_of_patient = HashMap::new();
         for (fold, indices) in folds.iter().enumerate() {
             assert!(!indices.is_empty());
-            assert!(
-                indices.windows(2).all(|w| w[0] < w[1]),
-                "fold {fold} not sorted"
-            );
+            assert!(indices.windows(2).all(|w| w[0] < w[1]), "fold {fold} not sorted");
             for &i in indices {
                 let first = *fold_of_patient.entry(groups[i]).or_insert(fold);
                 assert_eq!(first, fold, "patient {} split across folds", groups[i]);
@@ -473,14 +432,8 @@ mod tests {
         let mean_size = labels.len() as f64 / 10.0;
         for (fold, indices) in folds.iter().enumerate() {
             let rate = positive_rate(indices, &labels);
-            assert!(
-                (rate - global).abs() < 0.05,
-                "fold {fold}: {rate} vs {global}"
-            );
-            assert!(
-                (indices.len() as f64 - mean_size).abs() < 0.15 * mean_size,
-                "{sizes:?}"
-            );
+            assert!((rate - global).abs() < 0.05, "fold {fold}: {rate} vs {global}");
+            assert!((indices.len() as f64 - mean_size).abs() < 0.15 * mean_size, "{sizes:?}");
         }
     }
 
@@ -553,15 +506,9 @@ mod tests {
             .starts_with("only one class present: all 3 samples are normal"));
         assert!(matches!(
             stratified_group_kfold(&labels, &groups[..6], 2, 0),
-            Err(FoldError::LengthMismatch {
-                labels: 7,
-                groups: 6
-            })
+            Err(FoldError::LengthMismatch { labels: 7, groups: 6 })
         ));
-        assert!(matches!(
-            stratified_group_kfold(&[], &[], 2, 0),
-            Err(FoldError::Empty)
-        ));
+        assert!(matches!(stratified_group_kfold(&[], &[], 2, 0), Err(FoldError::Empty)));
         // 4 abnormal and 3 normal cannot fill 5 folds with either class.
         assert!(matches!(
             stratified_group_kfold(&labels, &groups, 5, 0),
@@ -581,9 +528,7 @@ mod tests {
         all.sort_unstable();
         assert_eq!(all, (0..labels.len()).collect::<Vec<_>>());
         let train_patients: BTreeSet<usize> = train.iter().map(|&i| groups[i]).collect();
-        assert!(validation
-            .iter()
-            .all(|&i| !train_patients.contains(&groups[i])));
+        assert!(validation.iter().all(|&i| !train_patients.contains(&groups[i])));
         let share = validation.len() as f64 / labels.len() as f64;
         assert!((share - 0.2).abs() < 0.01, "validation share {share}");
         let global = positive_rate(&all, &labels);
@@ -592,12 +537,7 @@ mod tests {
             grouped_split(&labels, &groups, 0.2, 42).expect("valid input"),
             (train.clone(), validation)
         );
-        assert_ne!(
-            grouped_split(&labels, &groups, 0.2, 43)
-                .expect("valid input")
-                .0,
-            train
-        );
+        assert_ne!(grouped_split(&labels, &groups, 0.2, 43).expect("valid input").0, train);
     }
 
     #[test]
@@ -616,8 +556,7 @@ mod tests {
         // Two abnormal patients among six: validation gets one of them.
         let labels = [true, true, false, false, false, false];
         for seed in 0..10 {
-            let (train, validation) =
-                grouped_split(&labels, &[1, 2, 3, 4, 5, 6], 0.2, seed).expect("valid input");
+            let (train, validation) = grouped_split(&labels, &[1, 2, 3, 4, 5, 6], 0.2, seed).expect("valid input");
             assert!(validation.iter().any(|&i| labels[i]), "seed {seed}");
             assert!(validation.iter().any(|&i| !labels[i]), "seed {seed}");
             assert!(train.iter().any(|&i| labels[i]), "seed {seed}");
@@ -632,38 +571,16 @@ mod tests {
         let table = GroupTable::new(&[true, false, false], &[1, 2, 3]).expect("valid input");
         let order = [0, 1, 2];
         let mut in_validation = [false, true, false];
-        move_smallest(
-            &table,
-            &order,
-            &mut in_validation,
-            true,
-            Some(POSITIVE),
-            true,
-        );
+        move_smallest(&table, &order, &mut in_validation, true, Some(POSITIVE), true);
         assert_eq!(in_validation, [false, true, false]);
         // Emptiness is the only limit when classes need not be kept.
-        move_smallest(
-            &table,
-            &order,
-            &mut in_validation,
-            true,
-            Some(POSITIVE),
-            false,
-        );
+        move_smallest(&table, &order, &mut in_validation, true, Some(POSITIVE), false);
         assert_eq!(in_validation, [true, true, false]);
         // The smallest qualifying patient moves: of the two normal patients
         // in training (2 images and 1 image), the one-image patient.
-        let table =
-            GroupTable::new(&[false, false, true, false], &[1, 1, 2, 3]).expect("valid input");
+        let table = GroupTable::new(&[false, false, true, false], &[1, 1, 2, 3]).expect("valid input");
         let mut in_validation = [false, true, false];
-        move_smallest(
-            &table,
-            &[0, 1, 2],
-            &mut in_validation,
-            true,
-            Some(NEGATIVE),
-            true,
-        );
+        move_smallest(&table, &[0, 1, 2], &mut in_validation, true, Some(NEGATIVE), true);
         assert_eq!(in_validation, [false, true, true]);
     }
 

@@ -41,7 +41,10 @@ pub enum ImportError {
 }
 
 fn tensor_error(name: &str, message: impl fmt::Display) -> ImportError {
-    ImportError::Tensor { name: name.to_string(), message: message.to_string() }
+    ImportError::Tensor {
+        name: name.to_string(),
+        message: message.to_string(),
+    }
 }
 
 /// How the weights were stored.
@@ -132,10 +135,16 @@ impl Imported {
             format!("classifier: {head}"),
         ];
         if self.renamed_legacy > 0 {
-            lines.push(format!("renamed {} legacy tensor names (norm.1 -> norm1, ...)", self.renamed_legacy));
+            lines.push(format!(
+                "renamed {} legacy tensor names (norm.1 -> norm1, ...)",
+                self.renamed_legacy
+            ));
         }
         if self.dropped_counters > 0 {
-            lines.push(format!("dropped {} num_batches_tracked counters", self.dropped_counters));
+            lines.push(format!(
+                "dropped {} num_batches_tracked counters",
+                self.dropped_counters
+            ));
         }
         lines.join("\n")
     }
@@ -146,7 +155,10 @@ impl Imported {
 /// is recorded in the card with the bytes' sha256.
 pub fn import_torchvision(bytes: &[u8], source_name: &str) -> Result<Imported, ImportError> {
     let (format, state_dict) = read_state_dict(bytes)?;
-    let source = SourceWeights { file: source_name.to_string(), sha256: sha256_hex(bytes) };
+    let source = SourceWeights {
+        file: source_name.to_string(),
+        sha256: sha256_hex(bytes),
+    };
     import_state_dict(state_dict, format, source)
 }
 
@@ -166,9 +178,8 @@ pub fn read_state_dict(bytes: &[u8]) -> Result<(SourceFormat, Vec<(String, Tenso
     // candle's unpickler indexes into tuples without checking their length
     // (and overflows on wide integers in debug builds): a malformed pickle
     // panics inside it. Turn that into an error at this boundary.
-    std::panic::catch_unwind(|| read_state_dict_unguarded(bytes)).unwrap_or_else(|_| {
-        Err(ImportError::Pth("malformed pickle: the unpickler gave up on it".into()))
-    })
+    std::panic::catch_unwind(|| read_state_dict_unguarded(bytes))
+        .unwrap_or_else(|_| Err(ImportError::Pth("malformed pickle: the unpickler gave up on it".into())))
 }
 
 fn read_state_dict_unguarded(bytes: &[u8]) -> Result<(SourceFormat, Vec<(String, Tensor)>), ImportError> {
@@ -305,7 +316,9 @@ fn read_legacy_pth(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, ImportError> {
             .and_then(|c| c.checked_mul(element_size))
             .ok_or_else(truncated)?;
         let start = position + 8;
-        let data = bytes.get(start..start.checked_add(len).ok_or_else(truncated)?).ok_or_else(truncated)?;
+        let data = bytes
+            .get(start..start.checked_add(len).ok_or_else(truncated)?)
+            .ok_or_else(truncated)?;
         storages.insert(key, data);
         position = start + len;
     }
@@ -326,7 +339,9 @@ fn collect_storages(object: &Object, sizes: &mut HashMap<String, usize>) {
     match object {
         Object::PersistentLoad(id) => {
             if let Object::Tuple(id) = id.as_ref() {
-                if let [Object::Unicode(tag), Object::Class { class_name, .. }, Object::Unicode(key), ..] = id.as_slice() {
+                if let [Object::Unicode(tag), Object::Class { class_name, .. }, Object::Unicode(key), ..] =
+                    id.as_slice()
+                {
                     if let (true, Some(size)) = (tag == "storage", storage_element_size(class_name)) {
                         sizes.insert(key.clone(), size);
                     }
@@ -368,7 +383,10 @@ fn state_dict_entries(root: Object) -> Option<Vec<(Object, Object)>> {
         },
         _ => return None,
     };
-    if entries.iter().any(|(_, v)| matches!(TensorRef::parse(v.clone()), Some(Ok(_)))) {
+    if entries
+        .iter()
+        .any(|(_, v)| matches!(TensorRef::parse(v.clone()), Some(Ok(_))))
+    {
         return Some(entries);
     }
     entries
@@ -390,8 +408,16 @@ struct TensorRef {
 impl TensorRef {
     /// `None` for objects that are not tensors; an error for tensors this reader cannot load.
     fn parse(value: Object) -> Option<Result<Self, String>> {
-        let Object::Reduce { callable, args } = value else { return None };
-        let Object::Class { module_name, class_name } = *callable else { return None };
+        let Object::Reduce { callable, args } = value else {
+            return None;
+        };
+        let Object::Class {
+            module_name,
+            class_name,
+        } = *callable
+        else {
+            return None;
+        };
         let Object::Tuple(mut args) = *args else { return None };
         match (module_name.as_str(), class_name.as_str()) {
             // (storage, offset, size, stride, ...): v2 adds requires_grad and hooks.
@@ -402,7 +428,10 @@ impl TensorRef {
             ("torch._tensor", "_rebuild_from_type_v2") if args.len() >= 3 => {
                 let inner_args = args.swap_remove(2);
                 let func = args.swap_remove(0);
-                Self::parse(Object::Reduce { callable: Box::new(func), args: Box::new(inner_args) })
+                Self::parse(Object::Reduce {
+                    callable: Box::new(func),
+                    args: Box::new(inner_args),
+                })
             }
             _ => None,
         }
@@ -453,7 +482,13 @@ impl TensorRef {
         let (Some(offset), Some(size), Some(stride)) = (int(offset), ints(size), ints(stride)) else {
             return Err("malformed offset, size or stride".into());
         };
-        Ok(Self { storage: key.clone(), dtype, offset, size, stride })
+        Ok(Self {
+            storage: key.clone(),
+            dtype,
+            offset,
+            size,
+            stride,
+        })
     }
 
     fn load(&self, storage: &[u8]) -> Result<Tensor, String> {
@@ -464,7 +499,10 @@ impl TensorRef {
         let mut expected = 1usize;
         for (&len, &stride) in self.size.iter().zip(&self.stride).rev() {
             if len != 1 && stride != expected {
-                return Err(format!("non-contiguous layout (size {:?}, stride {:?})", self.size, self.stride));
+                return Err(format!(
+                    "non-contiguous layout (size {:?}, stride {:?})",
+                    self.size, self.stride
+                ));
             }
             expected = expected.checked_mul(len).ok_or("size overflows")?;
         }
@@ -475,7 +513,12 @@ impl TensorRef {
             .and_then(|end| Some(self.offset.checked_mul(element)?..end.checked_mul(element)?))
             .ok_or("size overflows")?;
         let data = storage.get(range).ok_or_else(|| {
-            format!("needs elements {}..{} of a storage of {}", self.offset, self.offset + expected, storage.len() / element)
+            format!(
+                "needs elements {}..{} of a storage of {}",
+                self.offset,
+                self.offset + expected,
+                storage.len() / element
+            )
         })?;
         Tensor::from_raw_buffer(data, self.dtype, &self.size, &Device::Cpu).map_err(|e| e.to_string())
     }
@@ -521,7 +564,11 @@ pub fn import_state_dict(
     let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(state_dict.len());
     let (mut renamed_legacy, mut dropped_counters) = (0, 0);
     for (original, tensor) in state_dict {
-        let name = if wrapped { original["module.".len()..].to_string() } else { original.clone() };
+        let name = if wrapped {
+            original["module.".len()..].to_string()
+        } else {
+            original.clone()
+        };
         if name.ends_with(COUNTER_SUFFIX) {
             dropped_counters += 1;
             continue;
@@ -535,7 +582,10 @@ pub fn import_state_dict(
         };
         let tensor = tensor.to_dtype(DType::F32).map_err(|e| tensor_error(&original, e))?;
         if tensors.insert(name.clone(), tensor).is_some() {
-            return Err(tensor_error(&name, "appears twice, under its legacy and its current name"));
+            return Err(tensor_error(
+                &name,
+                "appears twice, under its legacy and its current name",
+            ));
         }
     }
 
@@ -573,7 +623,15 @@ pub fn import_state_dict(
         ),
     });
     card.init = Some(source);
-    Ok(Imported { config: cfg, card, tensors, format, head, renamed_legacy, dropped_counters })
+    Ok(Imported {
+        config: cfg,
+        card,
+        tensors,
+        format,
+        head,
+        renamed_legacy,
+        dropped_counters,
+    })
 }
 
 /// Builds the model over exactly these tensors. Without a head, a zero
@@ -591,7 +649,10 @@ fn validate_tensors(
     let mut with_head = tensors.clone();
     let features = cfg.num_features();
     let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu);
-    with_head.insert(CLASSIFIER_WEIGHT.into(), zeros(&[1, features]).map_err(fracture_core::Error::from)?);
+    with_head.insert(
+        CLASSIFIER_WEIGHT.into(),
+        zeros(&[1, features]).map_err(fracture_core::Error::from)?,
+    );
     with_head.insert(CLASSIFIER_BIAS.into(), zeros(&[1]).map_err(fracture_core::Error::from)?);
     build_checked(card, &with_head, &Device::Cpu)?;
     Ok(())
@@ -613,16 +674,27 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>) -> Result<DenseNetConfig,
     if !tensors.contains_key(CONV0) {
         let mut names: Vec<&str> = tensors.keys().map(String::as_str).collect();
         names.sort_unstable();
-        let shown = names.iter().take(4).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        let shown = names
+            .iter()
+            .take(4)
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
         return Err(ImportError::NotDenseNet(if names.is_empty() {
             format!("it holds no weights (missing tensor `{CONV0}`)")
         } else {
-            format!("missing tensor `{CONV0}`; it holds {} tensors such as {shown}", names.len())
+            format!(
+                "missing tensor `{CONV0}`; it holds {} tensors such as {shown}",
+                names.len()
+            )
         }));
     }
     let conv0 = dims(tensors, CONV0, "the initial features")?;
     let [num_init_features, _, _, _] = *conv0 else {
-        return Err(tensor_error(CONV0, format!("has shape {conv0:?}, expected a 4-D convolution weight")));
+        return Err(tensor_error(
+            CONV0,
+            format!("has shape {conv0:?}, expected a 4-D convolution weight"),
+        ));
     };
 
     // Deepest dense layer seen in each block.
@@ -639,7 +711,9 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>) -> Result<DenseNetConfig,
         }
     }
     if depths.is_empty() {
-        return Err(ImportError::NotDenseNet("no `features.denseblockN.denselayerM` tensors".into()));
+        return Err(ImportError::NotDenseNet(
+            "no `features.denseblockN.denselayerM` tensors".into(),
+        ));
     }
     let mut block_config = Vec::with_capacity(depths.len());
     for (expected, (&block, &depth)) in (1..).zip(&depths) {
@@ -656,7 +730,10 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>) -> Result<DenseNetConfig,
     const CONV2: &str = "features.denseblock1.denselayer1.conv2.weight";
     let conv2 = dims(tensors, CONV2, "the growth rate")?;
     let [growth_rate, bottleneck, _, _] = *conv2 else {
-        return Err(tensor_error(CONV2, format!("has shape {conv2:?}, expected a 4-D convolution weight")));
+        return Err(tensor_error(
+            CONV2,
+            format!("has shape {conv2:?}, expected a 4-D convolution weight"),
+        ));
     };
     if growth_rate == 0 || bottleneck % growth_rate != 0 {
         return Err(tensor_error(
@@ -706,7 +783,14 @@ mod tests {
 
     #[test]
     fn unknown_bytes_are_errors_not_panics() {
-        for bytes in [&b""[..], b"hello", &[0u8; 64][..], b"PK\x03\x04 truncated", LEGACY_MAGIC, &[0x80, 0x02, b'.']] {
+        for bytes in [
+            &b""[..],
+            b"hello",
+            &[0u8; 64][..],
+            b"PK\x03\x04 truncated",
+            LEGACY_MAGIC,
+            &[0x80, 0x02, b'.'],
+        ] {
             assert!(read_state_dict(bytes).is_err(), "{bytes:?}");
         }
     }

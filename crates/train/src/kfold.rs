@@ -96,7 +96,10 @@ impl KfoldReport {
         );
         match (p.auc, p.auc_ci) {
             (Some(auc), Some((lo, hi))) => {
-                out += &format!("Pooled ROC AUC: {auc:.3} (95% CI {lo:.3}-{hi:.3}, bootstrap over {})\n", self.unit())
+                out += &format!(
+                    "Pooled ROC AUC: {auc:.3} (95% CI {lo:.3}-{hi:.3}, bootstrap over {})\n",
+                    self.unit()
+                )
             }
             (Some(auc), None) => out += &format!("Pooled ROC AUC: {auc:.3}\n"),
             _ => out += "Pooled ROC AUC: undefined (one class only)\n",
@@ -121,7 +124,11 @@ impl KfoldReport {
             );
         }
         if let Some(calibration) = &self.calibration {
-            out += &format!("Expected calibration error: {:.3} ({} bins)\n", calibration.ece, calibration.bins.len());
+            out += &format!(
+                "Expected calibration error: {:.3} ({} bins)\n",
+                calibration.ece,
+                calibration.bins.len()
+            );
         }
         out += &format!("{} folds, {} images, {:.0} s\n", self.folds, p.n, self.seconds);
         out
@@ -177,16 +184,38 @@ impl RunIdentity {
     pub fn difference(&self, other: &RunIdentity) -> Option<String> {
         let differs = |what: &str, a: String, b: String| (a != b).then(|| format!("{what} {a} against {b}"));
         let config = |c: &FitConfig| serde_json::to_string(c).unwrap_or_default();
-        differs("data set", self.data_fingerprint.clone(), other.data_fingerprint.clone())
-            .or_else(|| differs("model", self.model.clone(), other.model.clone()))
-            .or_else(|| differs("input size", self.input_size.to_string(), other.input_size.to_string()))
-            .or_else(|| differs("folds", self.folds.to_string(), other.folds.to_string()))
-            .or_else(|| differs("seed", self.seed.to_string(), other.seed.to_string()))
-            .or_else(|| differs("validation split", self.validation_fraction.to_string(), other.validation_fraction.to_string()))
-            .or_else(|| differs("threshold", self.threshold.to_string(), other.threshold.to_string()))
-            .or_else(|| differs("grouping by patient", self.grouped_by_patient.to_string(), other.grouped_by_patient.to_string()))
-            .or_else(|| differs("initial weights", format!("{:?}", self.init_sha256), format!("{:?}", other.init_sha256)))
-            .or_else(|| differs("recipe", config(&self.config), config(&other.config)))
+        differs(
+            "data set",
+            self.data_fingerprint.clone(),
+            other.data_fingerprint.clone(),
+        )
+        .or_else(|| differs("model", self.model.clone(), other.model.clone()))
+        .or_else(|| differs("input size", self.input_size.to_string(), other.input_size.to_string()))
+        .or_else(|| differs("folds", self.folds.to_string(), other.folds.to_string()))
+        .or_else(|| differs("seed", self.seed.to_string(), other.seed.to_string()))
+        .or_else(|| {
+            differs(
+                "validation split",
+                self.validation_fraction.to_string(),
+                other.validation_fraction.to_string(),
+            )
+        })
+        .or_else(|| differs("threshold", self.threshold.to_string(), other.threshold.to_string()))
+        .or_else(|| {
+            differs(
+                "grouping by patient",
+                self.grouped_by_patient.to_string(),
+                other.grouped_by_patient.to_string(),
+            )
+        })
+        .or_else(|| {
+            differs(
+                "initial weights",
+                format!("{:?}", self.init_sha256),
+                format!("{:?}", other.init_sha256),
+            )
+        })
+        .or_else(|| differs("recipe", config(&self.config), config(&other.config)))
     }
 }
 
@@ -240,7 +269,11 @@ pub fn run(
 ) -> Result<KfoldReport, KfoldError> {
     let started = Instant::now();
     let shards = run_folds(spec, dataset, images, None, observer)?;
-    Ok(assemble(&RunIdentity::of(spec, dataset), shards, started.elapsed().as_secs_f64()))
+    Ok(assemble(
+        &RunIdentity::of(spec, dataset),
+        shards,
+        started.elapsed().as_secs_f64(),
+    ))
 }
 
 /// Trains and evaluates the folds (all, or the 1-based `only` one), each on
@@ -254,14 +287,19 @@ pub fn run_folds(
     observer: &mut dyn KfoldObserver,
 ) -> Result<Vec<FoldShard>, KfoldError> {
     if let Some(fold) = only.filter(|&f| f == 0 || f > spec.folds) {
-        return Err(KfoldError::NoSuchFold { fold, folds: spec.folds });
+        return Err(KfoldError::NoSuchFold {
+            fold,
+            folds: spec.folds,
+        });
     }
     let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
     let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
     let test_folds = stratified_group_kfold(&labels, &groups, spec.folds, spec.config.seed)
         .map_err(|e| KfoldError::Folds(e.to_string()))?;
-    std::fs::create_dir_all(spec.state_dir)
-        .map_err(|e| KfoldError::State { path: spec.state_dir.to_path_buf(), message: e.to_string() })?;
+    std::fs::create_dir_all(spec.state_dir).map_err(|e| KfoldError::State {
+        path: spec.state_dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
 
     let mut shards = Vec::new();
     for (fold, test) in test_folds.iter().enumerate() {
@@ -280,10 +318,14 @@ pub fn run_folds(
             None => {
                 observer.fold_started(fold + 1, spec.folds, false);
                 let saved = train_fold(spec, fold, &labels, &groups, images, &rest, test, observer)?;
-                let json = serde_json::to_vec_pretty(&saved)
-                    .map_err(|e| KfoldError::State { path: fold_file.clone(), message: e.to_string() })?;
-                crate::write_atomically(&fold_file, &json)
-                    .map_err(|e| KfoldError::State { path: fold_file.clone(), message: e.to_string() })?;
+                let json = serde_json::to_vec_pretty(&saved).map_err(|e| KfoldError::State {
+                    path: fold_file.clone(),
+                    message: e.to_string(),
+                })?;
+                crate::write_atomically(&fold_file, &json).map_err(|e| KfoldError::State {
+                    path: fold_file.clone(),
+                    message: e.to_string(),
+                })?;
                 saved
             }
         };
@@ -309,8 +351,10 @@ pub fn run_folds(
 
 /// The report of a run from its folds' shards, in fold order.
 pub fn assemble(run: &RunIdentity, shards: Vec<FoldShard>, seconds: f64) -> KfoldReport {
-    let (results, predictions): (Vec<FoldResult>, Vec<Vec<OutOfFold>>) =
-        shards.into_iter().map(|shard| (shard.result, shard.predictions)).unzip();
+    let (results, predictions): (Vec<FoldResult>, Vec<Vec<OutOfFold>>) = shards
+        .into_iter()
+        .map(|shard| (shard.result, shard.predictions))
+        .unzip();
     let predictions: Vec<OutOfFold> = predictions.into_iter().flatten().collect();
     let scores: Vec<f64> = predictions.iter().map(|p| p.probability).collect();
     let truth: Vec<bool> = predictions.iter().map(|p| p.positive).collect();
@@ -350,7 +394,10 @@ fn group_indices(predictions: &[OutOfFold]) -> Vec<usize> {
     let mut names: Vec<&str> = predictions.iter().map(|p| p.group.as_str()).collect();
     names.sort_unstable();
     names.dedup();
-    predictions.iter().map(|p| names.binary_search(&p.group.as_str()).unwrap_or(0)).collect()
+    predictions
+        .iter()
+        .map(|p| names.binary_search(&p.group.as_str()).unwrap_or(0))
+        .collect()
 }
 
 type SavedFold = (FoldResult, Vec<f64>);
@@ -359,10 +406,14 @@ fn load_fold(path: &Path) -> Result<Option<SavedFold>, KfoldError> {
     if !path.exists() {
         return Ok(None);
     }
-    let bytes = std::fs::read(path).map_err(|e| KfoldError::State { path: path.into(), message: e.to_string() })?;
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| KfoldError::State { path: path.into(), message: format!("unreadable fold result ({e}); delete it") })
+    let bytes = std::fs::read(path).map_err(|e| KfoldError::State {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| KfoldError::State {
+        path: path.into(),
+        message: format!("unreadable fold result ({e}); delete it"),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -382,11 +433,19 @@ fn train_fold(
         let rest_groups: Vec<usize> = rest.iter().map(|&i| groups[i]).collect();
         let (t, v) = grouped_split(&rest_labels, &rest_groups, spec.validation_fraction, spec.config.seed)
             .map_err(|e| KfoldError::Folds(format!("fold {}: {e}", fold + 1)))?;
-        (t.iter().map(|&i| rest[i]).collect(), v.iter().map(|&i| rest[i]).collect())
+        (
+            t.iter().map(|&i| rest[i]).collect(),
+            v.iter().map(|&i| rest[i]).collect(),
+        )
     } else {
         (rest.to_vec(), Vec::new())
     };
-    let data = FitData { images, labels, train, validation };
+    let data = FitData {
+        images,
+        labels,
+        train,
+        validation,
+    };
     let train_spec = TrainSpec {
         card: spec.card,
         init: spec.init,
@@ -394,9 +453,13 @@ fn train_fold(
         device: spec.device,
         show_progress: spec.show_progress,
     };
-    let checkpoint = Checkpoint { path: spec.state_dir.join(format!("fold{:02}.checkpoint", fold + 1)) };
+    let checkpoint = Checkpoint {
+        path: spec.state_dir.join(format!("fold{:02}.checkpoint", fold + 1)),
+    };
     let checkpoint_path = checkpoint.path.clone();
-    let trained = fit::train(&train_spec, &data, Some(checkpoint), &mut |record| observer.epoch(fold + 1, record))?;
+    let trained = fit::train(&train_spec, &data, Some(checkpoint), &mut |record| {
+        observer.epoch(fold + 1, record)
+    })?;
     let probabilities = fit::predict(&trained.model, images, test, &spec.card.preprocessing, 32, spec.device)?;
     let truth: Vec<bool> = test.iter().map(|&i| labels[i]).collect();
     let test_groups: Vec<usize> = test.iter().map(|&i| groups[i]).collect();
@@ -437,7 +500,16 @@ mod tests {
             .collect();
         let json = serde_json::to_string(&values).unwrap();
         let back: Vec<f64> = serde_json::from_str(&json).unwrap();
-        let differing = values.iter().zip(&back).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        assert_eq!(differing, 0, "{differing} of {} floats changed on the way through JSON", values.len());
+        let differing = values
+            .iter()
+            .zip(&back)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differing,
+            0,
+            "{differing} of {} floats changed on the way through JSON",
+            values.len()
+        );
     }
 }

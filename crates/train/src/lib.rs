@@ -38,16 +38,27 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let path = match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(path)?,
         Ok(meta) if meta.is_dir() => {
-            return Err(std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory; expected a file name"))
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory; expected a file name",
+            ))
         }
         Ok(meta) if !meta.is_file() => return write_in_place(path, bytes),
         _ => path.to_path_buf(),
     };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let prefix = format!(".{name}.fracture-tmp-");
     remove_abandoned_temporaries(dir, &prefix);
-    let mut file = tempfile::Builder::new().prefix(&format!("{prefix}{}-", std::process::id())).tempfile_in(dir)?;
+    let mut file = tempfile::Builder::new()
+        .prefix(&format!("{prefix}{}-", std::process::id()))
+        .tempfile_in(dir)?;
     // Temporary files are private (0600); what we write is an ordinary output file.
     #[cfg(unix)]
     {
@@ -77,7 +88,10 @@ fn remove_abandoned_temporaries(dir: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(prefix).and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<u32>().ok())
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
         else {
             continue;
         };
@@ -146,7 +160,11 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o644, "a model file must be readable by a web server");
         }
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file is left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file is left"
+        );
     }
 
     #[test]
@@ -160,7 +178,10 @@ mod tests {
         std::fs::write(&other, b"half").unwrap();
         super::write_atomically(&path, b"whole").unwrap();
         assert!(!abandoned.exists(), "the abandoned temporary is still there");
-        assert!(other.exists(), "another output's temporary is not this write's business");
+        assert!(
+            other.exists(),
+            "another output's temporary is not this write's business"
+        );
 
         #[cfg(unix)]
         {
@@ -169,13 +190,22 @@ mod tests {
             let link = dir.path().join("link.json");
             std::os::unix::fs::symlink(&target, &link).unwrap();
             super::write_atomically(&link, b"new").unwrap();
-            assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link was replaced");
+            assert!(
+                std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(),
+                "the link was replaced"
+            );
             assert_eq!(std::fs::read(&target).unwrap(), b"new");
 
             super::write_atomically(Path::new("/dev/null"), b"discarded").unwrap();
-            assert!(!std::fs::metadata("/dev/null").unwrap().is_file(), "/dev/null was replaced by a file");
+            assert!(
+                !std::fs::metadata("/dev/null").unwrap().is_file(),
+                "/dev/null was replaced by a file"
+            );
             if Path::new("/dev/full").exists() {
-                assert!(super::write_atomically(Path::new("/dev/full"), b"x").is_err(), "a full device must fail");
+                assert!(
+                    super::write_atomically(Path::new("/dev/full"), b"x").is_err(),
+                    "a full device must fail"
+                );
             }
         }
         assert!(super::write_atomically(dir.path(), b"x").is_err());

@@ -19,11 +19,7 @@ pub enum MergeError {
         difference: String,
     },
     #[error("{path}: fold {fold} is outside the run's 1..={folds}")]
-    FoldOutOfRange {
-        path: PathBuf,
-        fold: usize,
-        folds: usize,
-    },
+    FoldOutOfRange { path: PathBuf, fold: usize, folds: usize },
     #[error("{path}: a shard of fold {fold} holds predictions of other folds; it was edited or is damaged")]
     MixedFolds { path: PathBuf, fold: usize },
     #[error("fold {fold} is given twice: {first} and {second}")]
@@ -43,28 +39,21 @@ pub enum MergeError {
 }
 
 fn list(folds: &[usize]) -> String {
-    folds
-        .iter()
-        .map(|f| f.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    folds.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// Reads a file written by `kfold --fold I --report`.
 pub fn read_shard(path: &Path) -> Result<ShardReport, MergeError> {
     let bytes =
-        crate::files::read_regular_file(path, crate::files::MAX_INPUT_BYTES).map_err(|e| {
-            MergeError::Unreadable {
-                path: path.into(),
-                message: e.problem.to_string(),
-            }
+        crate::files::read_regular_file(path, crate::files::MAX_INPUT_BYTES).map_err(|e| MergeError::Unreadable {
+            path: path.into(),
+            message: e.problem.to_string(),
         })?;
     let not_a_shard = |message: String| MergeError::NotAShard {
         path: path.into(),
         message,
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| not_a_shard(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| not_a_shard(e.to_string()))?;
     match value.get("format").and_then(|f| f.as_str()) {
         Some(ShardReport::FORMAT) => {}
         Some(other) => {
@@ -84,8 +73,7 @@ pub fn read_shard(path: &Path) -> Result<ShardReport, MergeError> {
 /// apart, so no wall-clock time covers them all.
 pub fn merge(shards: Vec<(PathBuf, ShardReport)>) -> Result<KfoldReport, MergeError> {
     let reference = majority(&shards).ok_or(MergeError::Empty)?;
-    let (reference_path, reference_run) =
-        (shards[reference].0.clone(), shards[reference].1.run.clone());
+    let (reference_path, reference_run) = (shards[reference].0.clone(), shards[reference].1.run.clone());
     let folds = reference_run.folds;
     let mut by_fold: Vec<Option<(PathBuf, kfold::FoldShard)>> = vec![None; folds];
     for (path, shard) in shards {
@@ -120,17 +108,9 @@ pub fn merge(shards: Vec<(PathBuf, ShardReport)>) -> Result<KfoldReport, MergeEr
             .map(|(p, _)| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        return Err(MergeError::Missing {
-            missing,
-            folds,
-            given,
-        });
+        return Err(MergeError::Missing { missing, folds, given });
     }
-    let shards: Vec<kfold::FoldShard> = by_fold
-        .into_iter()
-        .flatten()
-        .map(|(_, shard)| shard)
-        .collect();
+    let shards: Vec<kfold::FoldShard> = by_fold.into_iter().flatten().map(|(_, shard)| shard).collect();
     let seconds = shards.iter().map(|s| s.result.seconds).sum();
     Ok(kfold::assemble(&reference_run, shards, seconds))
 }

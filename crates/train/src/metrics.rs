@@ -89,11 +89,7 @@ impl RankedCases {
     /// Index ranges into `order`, one per block of tied scores, ascending.
     fn blocks(&self) -> impl DoubleEndedIterator<Item = std::ops::Range<usize>> + '_ {
         (0..self.block_ends.len()).map(move |block| {
-            let start = if block == 0 {
-                0
-            } else {
-                self.block_ends[block - 1]
-            };
+            let start = if block == 0 { 0 } else { self.block_ends[block - 1] };
             start..self.block_ends[block]
         })
     }
@@ -390,9 +386,7 @@ impl Confusion {
 /// (0 perfect, 0.25 for always answering 0.5). NaN if empty or the lengths
 /// differ.
 pub fn brier(scores: &[f64], labels: &[bool]) -> f64 {
-    mean_over_cases(scores, labels, |p, y| {
-        (p - if y { 1.0 } else { 0.0 }).powi(2)
-    })
+    mean_over_cases(scores, labels, |p, y| (p - if y { 1.0 } else { 0.0 }).powi(2))
 }
 
 /// Mean binary cross-entropy with probabilities clamped to
@@ -413,11 +407,7 @@ fn mean_over_cases(scores: &[f64], labels: &[bool], per_case: impl Fn(f64, bool)
     if scores.is_empty() || scores.len() != labels.len() {
         return f64::NAN;
     }
-    let sum: f64 = scores
-        .iter()
-        .zip(labels)
-        .map(|(&p, &y)| per_case(p, y))
-        .sum();
+    let sum: f64 = scores.iter().zip(labels).map(|(&p, &y)| per_case(p, y)).sum();
     sum / scores.len() as f64
 }
 
@@ -506,14 +496,7 @@ impl BinaryMetrics {
         };
         let confusion = Confusion::at_threshold(scores, labels, threshold);
         let auc_ci = match groups {
-            Some(groups) => bootstrap_auc_ci_grouped(
-                scores,
-                labels,
-                groups,
-                BOOTSTRAP_RESAMPLES,
-                CI_LEVEL,
-                seed,
-            ),
+            Some(groups) => bootstrap_auc_ci_grouped(scores, labels, groups, BOOTSTRAP_RESAMPLES, CI_LEVEL, seed),
             None => bootstrap_auc_ci(scores, labels, BOOTSTRAP_RESAMPLES, CI_LEVEL, seed),
         };
         BinaryMetrics {
@@ -594,12 +577,7 @@ mod tests {
         // P = 2, N = 2. Thresholds 0.9 → tp 1; 0.5 → tp 2, fp 1 (the tie is
         // one diagonal step); 0.2 → all positive.
         let curve = roc_curve(&[0.2, 0.5, 0.5, 0.9], &[F, T, F, T]);
-        let expected = [
-            (0.0, 0.0, 1.9),
-            (0.0, 0.5, 0.9),
-            (0.5, 1.0, 0.5),
-            (1.0, 1.0, 0.2),
-        ];
+        let expected = [(0.0, 0.0, 1.9), (0.0, 0.5, 0.9), (0.5, 1.0, 0.5), (1.0, 1.0, 0.2)];
         assert_eq!(curve.len(), expected.len());
         for (point, (fpr, tpr, threshold)) in curve.iter().zip(expected) {
             assert!(close(point.fpr, fpr) && close(point.tpr, tpr), "{point:?}");
@@ -653,10 +631,7 @@ mod tests {
                 fn_: 1
             }
         );
-        assert_eq!(
-            Confusion::at_threshold(&[0.5], &[T, F], 0.5),
-            Confusion::default()
-        );
+        assert_eq!(Confusion::at_threshold(&[0.5], &[T, F], 0.5), Confusion::default());
     }
 
     #[test]
@@ -732,10 +707,7 @@ mod tests {
     fn mean_std_is_population_std() {
         // Mean 5; squared deviations 9,1,1,1,0,0,4,16 sum to 32; 32/8 = 4 →
         // std 2 (the sample std, ddof = 1, would be √(32/7) ≈ 2.138).
-        assert_eq!(
-            mean_std(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]),
-            (5.0, 2.0)
-        );
+        assert_eq!(mean_std(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]), (5.0, 2.0));
         assert_eq!(mean_std(&[3.0]), (3.0, 0.0));
         let (m, s) = mean_std(&[]);
         assert!(m.is_nan() && s.is_nan());
@@ -814,10 +786,7 @@ mod tests {
         assert_eq!(bootstrap_auc_ci(&scores, &labels, 0, 0.95, 0), None);
         assert_eq!(bootstrap_auc_ci(&scores, &labels, 100, 1.0, 0), None);
         assert_eq!(bootstrap_auc_ci(&scores, &labels, 100, f64::NAN, 0), None);
-        assert_eq!(
-            bootstrap_auc_ci_grouped(&scores, &labels, &[0; 3], 100, 0.95, 0),
-            None
-        );
+        assert_eq!(bootstrap_auc_ci_grouped(&scores, &labels, &[0; 3], 100, 0.95, 0), None);
     }
 
     #[test]
@@ -840,8 +809,7 @@ mod tests {
         let labels: Vec<bool> = base_labels.iter().flat_map(|&l| [l; 4]).collect();
         let groups: Vec<usize> = (0..60).flat_map(|g| [g * 10; 4]).collect();
         let auc = roc_auc(&scores, &labels).expect("defined");
-        let (glo, ghi) =
-            bootstrap_auc_ci_grouped(&scores, &labels, &groups, 1000, 0.95, 2).expect("defined");
+        let (glo, ghi) = bootstrap_auc_ci_grouped(&scores, &labels, &groups, 1000, 0.95, 2).expect("defined");
         let (clo, chi) = bootstrap_auc_ci(&scores, &labels, 1000, 0.95, 2).expect("defined");
         assert!(glo < auc && auc < ghi);
         assert!(
@@ -870,8 +838,7 @@ mod tests {
         let labels: Vec<bool> = (0..60).map(|i| i % 2 == 0).collect();
         let groups: Vec<usize> = (0..60).map(|i| i / 2).collect();
         let auc = roc_auc(&scores, &labels).expect("defined");
-        let (lo, hi) =
-            bootstrap_auc_ci_grouped(&scores, &labels, &groups, 500, 0.95, 4).expect("defined");
+        let (lo, hi) = bootstrap_auc_ci_grouped(&scores, &labels, &groups, 500, 0.95, 4).expect("defined");
         assert!(lo < auc && auc < hi, "{lo}..{hi} vs {auc}");
     }
 

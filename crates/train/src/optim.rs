@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use candle_core::backprop::GradStore;
 use candle_core::backend::BackendStorage;
+use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 
 pub struct Adam {
@@ -27,7 +27,17 @@ impl Adam {
         let zeros = |(_, v): &(String, Var)| v.as_tensor().zeros_like();
         let first = params.iter().map(zeros).collect::<Result<_>>()?;
         let second = params.iter().map(zeros).collect::<Result<_>>()?;
-        Ok(Self { params, first, second, step: 0, lr, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, epsilon: 1e-7 })
+        Ok(Self {
+            params,
+            first,
+            second,
+            step: 0,
+            lr,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-7,
+        })
     }
 
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
@@ -40,14 +50,40 @@ impl Adam {
         let t = self.step as i32;
         let step_size = self.lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t));
         for (i, (_, var)) in self.params.iter().enumerate() {
-            let Some(grad) = grads.get(var.as_tensor()) else { continue };
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             let grad = grad.contiguous()?;
             // In place: as separate tensor ops this was a dozen passes over every
             // parameter, each into a new tensor (a fifth of the naive CNN's step).
-            self.first[i].inplace_op2(&grad, &Moment { beta: self.beta1, squared: false })?;
-            self.second[i].inplace_op2(&grad, &Moment { beta: self.beta2, squared: true })?;
-            let decay = if var.rank() >= 2 { self.lr * self.weight_decay } else { 0.0 };
-            var.as_tensor().inplace_op3(&self.first[i], &self.second[i], &Update { step_size, epsilon: self.epsilon, decay })?;
+            self.first[i].inplace_op2(
+                &grad,
+                &Moment {
+                    beta: self.beta1,
+                    squared: false,
+                },
+            )?;
+            self.second[i].inplace_op2(
+                &grad,
+                &Moment {
+                    beta: self.beta2,
+                    squared: true,
+                },
+            )?;
+            let decay = if var.rank() >= 2 {
+                self.lr * self.weight_decay
+            } else {
+                0.0
+            };
+            var.as_tensor().inplace_op3(
+                &self.first[i],
+                &self.second[i],
+                &Update {
+                    step_size,
+                    epsilon: self.epsilon,
+                    decay,
+                },
+            )?;
         }
         Ok(())
     }
@@ -143,10 +179,28 @@ impl InplaceOp3 for Update {
         "adam-update"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
-        fn run<T: candle_core::WithDType + num_traits::Float + std::ops::SubAssign + std::ops::MulAssign>(op: &Update, weight: &mut [T], m: &[T], v: &[T]) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        fn run<T: candle_core::WithDType + num_traits::Float + std::ops::SubAssign + std::ops::MulAssign>(
+            op: &Update,
+            weight: &mut [T],
+            m: &[T],
+            v: &[T],
+        ) -> Result<()> {
             if weight.len() != m.len() || weight.len() != v.len() {
-                candle_core::bail!("adam-update: {} weights, {} and {} moments", weight.len(), m.len(), v.len());
+                candle_core::bail!(
+                    "adam-update: {} weights, {} and {} moments",
+                    weight.len(),
+                    m.len(),
+                    v.len()
+                );
             }
             let (step_size, epsilon) = (T::from_f64(op.step_size), T::from_f64(op.epsilon));
             let keep = T::from_f64(1.0 - op.decay);
@@ -177,7 +231,10 @@ mod tests {
         // With bias correction, Adam's first step is lr * g / (|g| + eps) ≈ lr * sign(g).
         let w = Var::new(&[1f32, -2.0, 3.0], &Device::Cpu).unwrap();
         let mut adam = Adam::new(vec![("w".into(), w.clone())], 0.1).unwrap();
-        let loss = (w.as_tensor() * Tensor::new(&[2f32, -3.0, 0.5], &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
+        let loss = (w.as_tensor() * Tensor::new(&[2f32, -3.0, 0.5], &Device::Cpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
         adam.backward_step(&loss).unwrap();
         let after: Vec<f32> = w.as_tensor().to_vec1().unwrap();
         for (a, e) in after.iter().zip([0.9f32, -1.9, 2.9]) {
@@ -228,7 +285,11 @@ mod tests {
         let mut restored = Adam::new(vec![("w".into(), w.clone())], 0.1).unwrap();
         restored.load_state(&state, 1).unwrap();
         restored.backward_step(&loss()).unwrap();
-        assert_eq!(state["adam.m.w"].to_vec1::<f32>().unwrap(), saved, "a restored optimiser wrote into its checkpoint");
+        assert_eq!(
+            state["adam.m.w"].to_vec1::<f32>().unwrap(),
+            saved,
+            "a restored optimiser wrote into its checkpoint"
+        );
     }
 
     /// AdamW: the same step with and without decay differs by lr·wd·w for a
@@ -243,12 +304,18 @@ mod tests {
             adam.weight_decay = weight_decay;
             let loss = (matrix.as_tensor().sum_all().unwrap() + bias.as_tensor().sum_all().unwrap()).unwrap();
             adam.backward_step(&loss).unwrap();
-            (matrix.as_tensor().to_vec2::<f32>().unwrap()[0].clone(), bias.as_tensor().to_vec1::<f32>().unwrap())
+            (
+                matrix.as_tensor().to_vec2::<f32>().unwrap()[0].clone(),
+                bias.as_tensor().to_vec1::<f32>().unwrap(),
+            )
         };
         let ((plain_matrix, plain_bias), (decayed_matrix, decayed_bias)) = (step(0.0), step(0.5));
         assert_eq!(plain_bias, decayed_bias);
         for ((plain, decayed), start) in plain_matrix.iter().zip(&decayed_matrix).zip([2f32, -4.0]) {
-            assert!((plain - decayed - 0.05 * start).abs() < 1e-6, "{plain_matrix:?} vs {decayed_matrix:?}");
+            assert!(
+                (plain - decayed - 0.05 * start).abs() < 1e-6,
+                "{plain_matrix:?} vs {decayed_matrix:?}"
+            );
         }
     }
 

@@ -3,8 +3,8 @@
 //! pre-filled from earlier weights.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
@@ -33,7 +33,11 @@ pub struct Params {
 
 impl Params {
     pub fn new(seed: u64) -> Self {
-        Self { varmap: VarMap::new(), seed, requested: Mutex::new(BTreeSet::new()) }
+        Self {
+            varmap: VarMap::new(),
+            seed,
+            requested: Mutex::new(BTreeSet::new()),
+        }
     }
 
     /// Tensors present (from initial weights) that no model layer asked for.
@@ -50,7 +54,11 @@ impl Params {
     pub fn with_tensors(seed: u64, tensors: &HashMap<String, Tensor>) -> Result<Self> {
         let params = Self::new(seed);
         {
-            let mut data = params.varmap.data().lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+            let mut data = params
+                .varmap
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
             for (name, tensor) in tensors {
                 data.insert(name.clone(), Var::from_tensor(&tensor.to_dtype(DType::F32)?.copy()?)?);
             }
@@ -81,7 +89,12 @@ impl Params {
         let mut tensors: Vec<(String, Tensor)> = self.tensors().into_iter().collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, tensor) in tensors {
-            let finite = tensor.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
+            let finite = tensor
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|v| v.is_finite());
             if !finite {
                 return Ok(Some(name));
             }
@@ -92,7 +105,9 @@ impl Params {
     /// A snapshot of every tensor, as written to the model file.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
         let data = self.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
-        data.iter().map(|(name, var)| (name.clone(), var.as_tensor().detach())).collect()
+        data.iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect()
     }
 
     fn draw(&self, shape: &Shape, name: &str, init: Init, device: &Device) -> Result<Tensor> {
@@ -116,7 +131,11 @@ impl SimpleBackend for &Params {
         if let Ok(mut requested) = self.requested.lock() {
             requested.insert(name.to_string());
         }
-        let mut data = self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         if let Some(var) = data.get(name) {
             if var.shape() != &shape {
                 candle_core::bail!(
@@ -133,7 +152,11 @@ impl SimpleBackend for &Params {
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        let data = self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         data.get(name)
             .map(|v| v.as_tensor().clone())
             .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{name}`")))
@@ -159,7 +182,13 @@ mod tests {
             params
         };
         let (a, b, c) = (build(1), build(1), build(2));
-        let w = |p: &Params| p.tensors()["features.conv0.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = |p: &Params| {
+            p.tensors()["features.conv0.weight"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         assert_eq!(w(&a), w(&b));
         assert_ne!(w(&a), w(&c));
         let trainable = a.trainable(None);

@@ -40,10 +40,8 @@ pub fn check_lengths(bytes: &[u8]) -> Result<(), Overlong> {
             b'.' => return Ok(()),
             // MARK, EMPTY_DICT/LIST/TUPLE, TUPLE(1-3), NEWTRUE/FALSE, NONE, REDUCE,
             // SETITEM(S), BUILD, APPEND(S), BINPERSID, MEMOIZE, STACK_GLOBAL, NEWOBJ, POP, DUP
-            b'(' | b'}' | b']' | b')' | b't' | 0x85 | 0x86 | 0x87 | 0x88 | 0x89 | b'N' | b'R'
-            | b'u' | b's' | b'b' | b'e' | b'a' | b'Q' | 0x94 | 0x93 | 0x81 | b'0' | b'2' => {
-                (fixed(0), None)
-            }
+            b'(' | b'}' | b']' | b')' | b't' | 0x85 | 0x86 | 0x87 | 0x88 | 0x89 | b'N' | b'R' | b'u' | b's' | b'b'
+            | b'e' | b'a' | b'Q' | 0x94 | 0x93 | 0x81 | b'0' | b'2' => (fixed(0), None),
             // PROTO, BINPUT, BINGET, BININT1
             0x80 | b'q' | b'h' | b'K' => (fixed(1), None),
             b'M' => (fixed(2), None),
@@ -113,18 +111,13 @@ pub fn check_lengths(bytes: &[u8]) -> Result<(), Overlong> {
 /// The `data.pkl` entry of a `torch.save` zip archive, read within a cap;
 /// None when the archive has none (candle will say what is wrong).
 pub fn zip_pickle(bytes: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| format!("not a readable zip archive ({e})"))?;
-    let Some(index) = archive
-        .file_names_raw()
-        .position(|name| name.ends_with(b"data.pkl"))
-    else {
+    let mut archive =
+        zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| format!("not a readable zip archive ({e})"))?;
+    let Some(index) = archive.file_names_raw().position(|name| name.ends_with(b"data.pkl")) else {
         return Ok(None);
     };
     let name = "data.pkl";
-    let entry = archive
-        .by_index(index)
-        .map_err(|e| format!("{name}: {e}"))?;
+    let entry = archive.by_index(index).map_err(|e| format!("{name}: {e}"))?;
     let mut pickle = Vec::new();
     entry
         .take(MAX_PICKLE_BYTES + 1)
@@ -152,10 +145,7 @@ mod tests {
         claims_4_gib[4..8].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
         let error = check_lengths(&claims_4_gib).unwrap_err();
         assert_eq!((error.at, error.claimed), (3, 0xFFFF_FFF0));
-        assert!(
-            check_lengths(b"\x80\x02X\x01\x00").is_err(),
-            "a cut length field"
-        );
+        assert!(check_lengths(b"\x80\x02X\x01\x00").is_err(), "a cut length field");
         assert!(
             check_lengths(b"\x80\x02cmodule").is_err(),
             "a GLOBAL without its newline"

@@ -62,15 +62,10 @@ impl History {
     pub fn load_json(path: impl AsRef<Path>) -> io::Result<History> {
         let path = path.as_ref();
         let bytes = fs::read(path)?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
-        })
+        serde_json::from_slice(&bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
     }
 }
-
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -150,11 +145,7 @@ struct Panel {
     legend_position: SeriesLabelPosition,
 }
 
-fn draw_panel(
-    area: &DrawingArea<SVGBackend<'_>, Shift>,
-    panel: &Panel,
-    phases: &[&str],
-) -> Result<(), ReportError> {
+fn draw_panel(area: &DrawingArea<SVGBackend<'_>, Shift>, panel: &Panel, phases: &[&str]) -> Result<(), ReportError> {
     let n = phases.len();
     let finite = || {
         panel
@@ -214,12 +205,7 @@ fn draw_panel(
 
     draw_line(&mut chart, &panel.training, "training", TRAINING_COLOUR)?;
     if panel.validation.iter().flatten().any(|&v| plottable(v)) {
-        draw_line(
-            &mut chart,
-            &panel.validation,
-            "validation",
-            VALIDATION_COLOUR,
-        )?;
+        draw_line(&mut chart, &panel.validation, "validation", VALIDATION_COLOUR)?;
     }
     if n == 0 {
         let note = (FONT, 16).into_font().color(&BLACK);
@@ -261,19 +247,11 @@ fn draw_line(
         .collect();
     for run in points.split(Option::is_none) {
         if run.len() > 1 {
-            chart.draw_series(LineSeries::new(
-                run.iter().flatten().copied(),
-                colour.stroke_width(2),
-            ))?;
+            chart.draw_series(LineSeries::new(run.iter().flatten().copied(), colour.stroke_width(2)))?;
         }
     }
     chart
-        .draw_series(
-            points
-                .iter()
-                .flatten()
-                .map(|&p| Circle::new(p, 3, colour.filled())),
-        )?
+        .draw_series(points.iter().flatten().map(|&p| Circle::new(p, 3, colour.filled())))?
         .label(name)
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
     Ok(())
@@ -323,21 +301,34 @@ fn unit_square_plot(
 /// Several ROC curves in one SVG with the chance diagonal, each named
 /// "name (AUC 0.83)" in the legend ("AUC n/a" when undefined).
 pub fn plot_roc(curves: &[(String, Vec<RocPoint>, Option<f64>)], path: &Path) -> Result<(), ReportError> {
-    let axes = ("false positive rate (1 - specificity)", "true positive rate (sensitivity)");
-    unit_square_plot(path, "ROC, abnormal vs normal", axes, "chance", SeriesLabelPosition::LowerRight, |chart| {
-        for (index, (name, points, auc)) in curves.iter().enumerate() {
-            let colour = Palette99::pick(index).to_rgba();
-            let label = match auc {
-                Some(auc) => format!("{name} (AUC {auc:.2})"),
-                None => format!("{name} (AUC n/a)"),
-            };
-            chart
-                .draw_series(LineSeries::new(points.iter().map(|p| (p.fpr, p.tpr)), colour.stroke_width(2)))?
-                .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
-        }
-        Ok(())
-    })
+    let axes = (
+        "false positive rate (1 - specificity)",
+        "true positive rate (sensitivity)",
+    );
+    unit_square_plot(
+        path,
+        "ROC, abnormal vs normal",
+        axes,
+        "chance",
+        SeriesLabelPosition::LowerRight,
+        |chart| {
+            for (index, (name, points, auc)) in curves.iter().enumerate() {
+                let colour = Palette99::pick(index).to_rgba();
+                let label = match auc {
+                    Some(auc) => format!("{name} (AUC {auc:.2})"),
+                    None => format!("{name} (AUC n/a)"),
+                };
+                chart
+                    .draw_series(LineSeries::new(
+                        points.iter().map(|p| (p.fpr, p.tpr)),
+                        colour.stroke_width(2),
+                    ))?
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+            }
+            Ok(())
+        },
+    )
 }
 
 /// A reliability diagram: for each named series, the observed positive rate
@@ -348,22 +339,32 @@ pub fn plot_reliability(
     path: &Path,
 ) -> Result<(), ReportError> {
     let axes = ("predicted P(abnormal), bin mean", "observed fraction abnormal");
-    unit_square_plot(path, "Reliability, P(abnormal)", axes, "perfectly calibrated", SeriesLabelPosition::UpperLeft, |chart| {
-        for (index, (name, bins, ece)) in series.iter().enumerate() {
-            let colour = Palette99::pick(index).to_rgba();
-            let total = bins.iter().map(|b| b.count).sum::<usize>().max(1) as f64;
-            let filled: Vec<_> = bins.iter().filter(|b| b.count > 0).collect();
-            chart
-                .draw_series(LineSeries::new(filled.iter().map(|b| (b.mean_probability, b.observed)), colour.stroke_width(2)))?
-                .label(format!("{name} (ECE {ece:.3})"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
-            chart.draw_series(filled.iter().map(|b| {
-                let radius = (3.0 + 12.0 * (b.count as f64 / total).sqrt()) as i32;
-                Circle::new((b.mean_probability, b.observed), radius, colour.mix(0.5).filled())
-            }))?;
-        }
-        Ok(())
-    })
+    unit_square_plot(
+        path,
+        "Reliability, P(abnormal)",
+        axes,
+        "perfectly calibrated",
+        SeriesLabelPosition::UpperLeft,
+        |chart| {
+            for (index, (name, bins, ece)) in series.iter().enumerate() {
+                let colour = Palette99::pick(index).to_rgba();
+                let total = bins.iter().map(|b| b.count).sum::<usize>().max(1) as f64;
+                let filled: Vec<_> = bins.iter().filter(|b| b.count > 0).collect();
+                chart
+                    .draw_series(LineSeries::new(
+                        filled.iter().map(|b| (b.mean_probability, b.observed)),
+                        colour.stroke_width(2),
+                    ))?
+                    .label(format!("{name} (ECE {ece:.3})"))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+                chart.draw_series(filled.iter().map(|b| {
+                    let radius = (3.0 + 12.0 * (b.count as f64 / total).sqrt()) as i32;
+                    Circle::new((b.mean_probability, b.observed), radius, colour.mix(0.5).filled())
+                }))?;
+            }
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]
@@ -474,11 +475,7 @@ mod tests {
         assert_eq!(count(&texts, "accuracy"), 2);
         assert_eq!(count(&texts, "no epochs recorded"), 0);
         // One phase boundary per panel, drawn as a grey vertical line.
-        assert_eq!(
-            svg.matches("stroke=\"#808080\"").count(),
-            2,
-            "phase markers"
-        );
+        assert_eq!(svg.matches("stroke=\"#808080\"").count(), 2, "phase markers");
     }
 
     #[test]
@@ -486,19 +483,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("history.svg");
         let history = History {
-            epochs: vec![
-                record("head", 1, 0.7, None),
-                record("head", 2, f64::NAN, None),
-            ],
+            epochs: vec![record("head", 1, 0.7, None), record("head", 2, f64::NAN, None)],
         };
         plot_history(&history, "no validation", &path).expect("plot");
         let texts = texts(&read(&path));
         assert_eq!(count(&texts, "training"), 2, "{texts:?}");
-        assert_eq!(
-            count(&texts, "validation"),
-            0,
-            "validation drawn without data"
-        );
+        assert_eq!(count(&texts, "validation"), 0, "validation drawn without data");
         assert_eq!(count(&texts, "head"), 2);
     }
 

@@ -78,7 +78,13 @@ pub struct Overrides {
 }
 
 /// The whole training configuration of a recipe, with the command line's overrides.
-pub fn config(architecture: &Architecture, recipe: Recipe, overrides: &Overrides, seed: u64, feature_bank: usize) -> FitConfig {
+pub fn config(
+    architecture: &Architecture,
+    recipe: Recipe,
+    overrides: &Overrides,
+    seed: u64,
+    feature_bank: usize,
+) -> FitConfig {
     FitConfig {
         phases: phases(architecture, recipe, overrides),
         batch_size: overrides.batch.unwrap_or(recipe.default_batch()),
@@ -104,7 +110,13 @@ pub fn phases(architecture: &Architecture, recipe: Recipe, overrides: &Overrides
     let first = |name: &str, epochs: usize, lr: f64, scope: Scope, batch_norm_stats: bool| Phase {
         lr_schedule,
         progressive: overrides.progressive,
-        ..Phase::constant(name, overrides.epochs.unwrap_or(epochs), overrides.lr.unwrap_or(lr), scope, batch_norm_stats)
+        ..Phase::constant(
+            name,
+            overrides.epochs.unwrap_or(epochs),
+            overrides.lr.unwrap_or(lr),
+            scope,
+            batch_norm_stats,
+        )
     };
     match (architecture, recipe) {
         (Architecture::Cnn(_), _) => vec![first("train", 35, 1e-3, Scope::All, true)],
@@ -115,7 +127,11 @@ pub fn phases(architecture: &Architecture, recipe: Recipe, overrides: &Overrides
                 "fine-tune",
                 overrides.fine_tune_epochs.unwrap_or(10),
                 overrides.fine_tune_lr.unwrap_or(1e-5),
-                if overrides.unfreeze.is_empty() { Scope::All } else { Scope::Prefixes(overrides.unfreeze.clone()) },
+                if overrides.unfreeze.is_empty() {
+                    Scope::All
+                } else {
+                    Scope::Prefixes(overrides.unfreeze.clone())
+                },
                 false,
             ),
         ],

@@ -16,11 +16,7 @@ pub fn mura_study(path: &Path) -> Option<String> {
     if !number.starts_with(|c: char| c.is_ascii_digit()) {
         return None;
     }
-    match study
-        .parent()
-        .and_then(Path::file_name)
-        .and_then(|p| p.to_str())
-    {
+    match study.parent().and_then(Path::file_name).and_then(|p| p.to_str()) {
         Some(patient) if patient.starts_with("patient") => Some(format!("{patient}/{name}")),
         _ => Some(study.display().to_string()),
     }
@@ -49,8 +45,7 @@ pub fn group(keys: &[String], probabilities: &[f64]) -> Vec<Study> {
         .into_iter()
         .map(|key| {
             let members = members.remove(key.as_str()).unwrap_or_default();
-            let probability = members.iter().map(|&i| probabilities[i]).sum::<f64>()
-                / members.len().max(1) as f64;
+            let probability = members.iter().map(|&i| probabilities[i]).sum::<f64>() / members.len().max(1) as f64;
             Study {
                 key,
                 members,
@@ -66,9 +61,7 @@ mod tests {
 
     #[test]
     fn mura_study_folders_name_the_study() {
-        let key = mura_study(Path::new(
-            "data/train/patient00012/study2_positive/image3.png",
-        ));
+        let key = mura_study(Path::new("data/train/patient00012/study2_positive/image3.png"));
         assert_eq!(key.as_deref(), Some("patient00012/study2_positive"));
         assert_eq!(mura_study(Path::new("data/Fracture/a.png")), None);
         assert_eq!(mura_study(Path::new("study_notes/a.png")), None);

@@ -89,12 +89,7 @@ impl FileFormat {
 ///
 /// Each image gets its own seed derived from `seed`, its class and its index,
 /// so the two classes are not pixel-for-pixel pairs.
-pub fn write_class_folders(
-    dir: &Path,
-    per_class: usize,
-    size: u32,
-    seed: u64,
-) -> io::Result<Vec<PathBuf>> {
+pub fn write_class_folders(dir: &Path, per_class: usize, size: u32, seed: u64) -> io::Result<Vec<PathBuf>> {
     write_class_folders_as(dir, per_class, size, seed, FileFormat::Png)
 }
 
@@ -108,25 +103,13 @@ pub fn write_class_folders_as(
     format: FileFormat,
 ) -> io::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
-    for (class_index, (folder, fractured)) in [("Fracture", true), ("Normal", false)]
-        .into_iter()
-        .enumerate()
-    {
+    for (class_index, (folder, fractured)) in [("Fracture", true), ("Normal", false)].into_iter().enumerate() {
         let class_dir = dir.join(folder);
         std::fs::create_dir_all(&class_dir)?;
         for index in 0..per_class {
             let image_seed = derive_seed(seed, class_index as u64, index as u64);
-            let path = class_dir.join(format!(
-                "{}_{index:05}.{}",
-                folder.to_lowercase(),
-                format.extension()
-            ));
-            save(
-                &render(size, fractured, image_seed),
-                &path,
-                format,
-                image_seed,
-            )?;
+            let path = class_dir.join(format!("{}_{index:05}.{}", folder.to_lowercase(), format.extension()));
+            save(&render(size, fractured, image_seed), &path, format, image_seed)?;
             written.push(path);
         }
     }
@@ -141,12 +124,7 @@ pub fn write_class_folders_as(
 /// As in MURA, patient folders, studies and images are numbered from 1
 /// (`patient00001/study1_positive/image1.png`); the returned patient index is
 /// 0-based, so patient index `i` lives in folder `patient{i+1:05}`.
-pub fn write_mura(
-    dir: &Path,
-    patients: usize,
-    size: u32,
-    seed: u64,
-) -> io::Result<Vec<(PathBuf, bool, usize)>> {
+pub fn write_mura(dir: &Path, patients: usize, size: u32, seed: u64) -> io::Result<Vec<(PathBuf, bool, usize)>> {
     write_mura_as(dir, patients, size, seed, FileFormat::Png)
 }
 
@@ -174,12 +152,7 @@ pub fn write_mura_as(
             for image in 1..=images {
                 let image_seed = derive_seed(seed, patient as u64, u64::from(study * 16 + image));
                 let path = study_dir.join(format!("image{image}.{}", format.extension()));
-                save(
-                    &render(size, positive, image_seed),
-                    &path,
-                    format,
-                    image_seed,
-                )?;
+                save(&render(size, positive, image_seed), &path, format, image_seed)?;
                 written.push((path, positive, patient));
             }
         }
@@ -225,15 +198,9 @@ pub fn encode_dicom(img: &GrayImage, uid_seed: u64) -> io::Result<Vec<u8>> {
     // 2.25.<128-bit number> is the UID form that needs no registered root.
     let uid = |kind: u64| {
         let high = u128::from(derive_seed(uid_seed, kind, 1));
-        format!(
-            "2.25.{}",
-            (high << 64) | u128::from(derive_seed(uid_seed, kind, 2))
-        )
+        format!("2.25.{}", (high << 64) | u128::from(derive_seed(uid_seed, kind, 2)))
     };
-    let pixels: Vec<u16> = img
-        .pixels()
-        .map(|p| u16::from(p[0]) * DICOM_SCALE)
-        .collect();
+    let pixels: Vec<u16> = img.pixels().map(|p| u16::from(p[0]) * DICOM_SCALE).collect();
     let us = |value: u16| PrimitiveValue::from(value);
     let object = InMemDicomObject::from_element_iter([
         DataElement::new(
@@ -274,18 +241,16 @@ pub fn encode_dicom(img: &GrayImage, uid_seed: u64) -> io::Result<Vec<u8>> {
 }
 
 fn save_png(img: &GrayImage, path: &Path) -> io::Result<()> {
-    img.save_with_format(path, ImageFormat::Png)
-        .map_err(|err| match err {
-            ImageError::IoError(io_err) => io_err,
-            other => io::Error::other(other),
-        })
+    img.save_with_format(path, ImageFormat::Png).map_err(|err| match err {
+        ImageError::IoError(io_err) => io_err,
+        other => io::Error::other(other),
+    })
 }
 
 /// Mixes a base seed with two indices (SplitMix64 finaliser) so that nearby
 /// indices give unrelated images.
 fn derive_seed(base: u64, a: u64, b: u64) -> u64 {
-    let mut z =
-        base ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mut z = base ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -404,10 +369,7 @@ impl Scene {
             axis_centre.0 + s * rng.random_range(-0.03..=0.03),
             axis_centre.1 + s * rng.random_range(-0.05..=0.05),
         );
-        let tissue_semi_axes = (
-            s * rng.random_range(0.33..0.40),
-            s * rng.random_range(0.70..0.85),
-        );
+        let tissue_semi_axes = (s * rng.random_range(0.33..0.40), s * rng.random_range(0.70..0.85));
 
         let bone_level = rng.random_range(0.62..0.74);
         let cortex_boost = rng.random_range(0.10..0.16);
@@ -418,14 +380,8 @@ impl Scene {
         let offset_along = s * rng.random_range(-0.35..=0.35);
         let crack_angle = rng.random_range(-30f32..=30.0).to_radians();
         let (sin_c, cos_c) = crack_angle.sin_cos();
-        let normal = (
-            cos_c * along.0 - sin_c * across.0,
-            cos_c * along.1 - sin_c * across.1,
-        );
-        let direction = (
-            sin_c * along.0 + cos_c * across.0,
-            sin_c * along.1 + cos_c * across.1,
-        );
+        let normal = (cos_c * along.0 - sin_c * across.0, cos_c * along.1 - sin_c * across.1);
+        let direction = (sin_c * along.0 + cos_c * across.0, sin_c * along.1 + cos_c * across.1);
         let crack = Crack {
             centre: (
                 axis_centre.0 + offset_along * along.0,
@@ -510,8 +466,7 @@ impl Scene {
         // middle and a brighter cortex towards both edges, as a hollow
         // cylinder projects.
         let q = (across.abs() / self.half_width).min(1.0);
-        let bone = self.bone_level - self.medulla_dip * (1.0 - q * q)
-            + self.cortex_boost * smoothstep(0.55, 0.85, q);
+        let bone = self.bone_level - self.medulla_dip * (1.0 - q * q) + self.cortex_boost * smoothstep(0.55, 0.85, q);
         let bone = match (crack, crack_location) {
             (Some(c), Some((distance, half_width))) => {
                 let in_crack = coverage(half_width - distance.abs());
@@ -569,10 +524,7 @@ mod tests {
             for size in [32, 64, 150] {
                 let normal = min_along_axis(size, false, seed);
                 let fractured = min_along_axis(size, true, seed);
-                assert!(
-                    normal > 0.45,
-                    "seed {seed} size {size}: normal axis min {normal}"
-                );
+                assert!(normal > 0.45, "seed {seed} size {size}: normal axis min {normal}");
                 assert!(
                     fractured < normal - 0.3,
                     "seed {seed} size {size}: fractured {fractured} vs normal {normal}"
@@ -593,8 +545,7 @@ mod tests {
 
     #[test]
     fn overall_brightness_does_not_give_the_class_away() {
-        let mean =
-            |img: &GrayImage| img.pixels().map(|p| f64::from(p[0])).sum::<f64>() / img.len() as f64;
+        let mean = |img: &GrayImage| img.pixels().map(|p| f64::from(p[0])).sum::<f64>() / img.len() as f64;
         let means = |fractured| {
             (0..60)
                 .map(|seed| mean(&render(64, fractured, 1000 + seed)))
@@ -606,14 +557,8 @@ mod tests {
         // between the classes' averages.
         let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let gap = (avg(&normal) - avg(&fractured)).abs();
-        assert!(
-            ranges[0].1 - ranges[0].0 > 3.0 * gap,
-            "{ranges:?} gap {gap}"
-        );
-        assert!(
-            ranges[1].1 - ranges[1].0 > 3.0 * gap,
-            "{ranges:?} gap {gap}"
-        );
+        assert!(ranges[0].1 - ranges[0].0 > 3.0 * gap, "{ranges:?} gap {gap}");
+        assert!(ranges[1].1 - ranges[1].0 > 3.0 * gap, "{ranges:?} gap {gap}");
     }
 
     fn lo_hi(v: &[f64]) -> (f64, f64) {
@@ -679,10 +624,7 @@ mod tests {
             let (study, label) = parts[1].split_once('_').unwrap_or(("", ""));
             assert!(matches!(study, "study1" | "study2"), "{rel:?}");
             assert_eq!(label, if *positive { "positive" } else { "negative" });
-            assert!(matches!(
-                parts[2].as_str(),
-                "image1.png" | "image2.png" | "image3.png"
-            ));
+            assert!(matches!(parts[2].as_str(), "image1.png" | "image2.png" | "image3.png"));
             let img = image::open(path).map_err(io::Error::other)?;
             assert_eq!((img.width(), img.height()), (36, 36));
             seen_patients.insert(*patient);
@@ -691,9 +633,7 @@ mod tests {
         }
         assert_eq!(seen_patients, (0..patients).collect());
         assert_eq!(labels.len(), 2, "both labels should occur with 12 patients");
-        assert!(studies_per_patient
-            .iter()
-            .all(|s| (1..=2).contains(&s.len())));
+        assert!(studies_per_patient.iter().all(|s| (1..=2).contains(&s.len())));
         // The files on disk are exactly the ones reported.
         let mut on_disk = 0;
         for patient in std::fs::read_dir(dir.path())? {
@@ -715,10 +655,8 @@ mod tests {
         for (dcm, png) in paths.iter().zip(&pngs) {
             assert_eq!(dcm.extension().and_then(|e| e.to_str()), Some("dcm"));
             assert_eq!(dcm.with_extension("png"), *png);
-            let from_dicom = fracture_core::preprocess::decode(&std::fs::read(dcm)?)
-                .map_err(io::Error::other)?;
-            let from_png = fracture_core::preprocess::decode(&std::fs::read(png)?)
-                .map_err(io::Error::other)?;
+            let from_dicom = fracture_core::preprocess::decode(&std::fs::read(dcm)?).map_err(io::Error::other)?;
+            let from_png = fracture_core::preprocess::decode(&std::fs::read(png)?).map_err(io::Error::other)?;
             assert_eq!(from_dicom.dimensions(), (40, 40));
             for (a, b) in from_dicom.as_raw().iter().zip(from_png.as_raw()) {
                 assert!((a - b).abs() < 1e-5, "{}: {a} vs {b}", dcm.display());
@@ -733,13 +671,7 @@ mod tests {
             encode_dicom(&render(32, true, 3), 3)?,
             encode_dicom(&render(32, true, 3), 4)?
         );
-        let mura = write_mura_as(
-            dir.path().join("mura").as_path(),
-            2,
-            36,
-            3,
-            FileFormat::Dicom,
-        )?;
+        let mura = write_mura_as(dir.path().join("mura").as_path(), 2, 36, 3, FileFormat::Dicom)?;
         assert!(mura
             .iter()
             .all(|(path, _, _)| path.extension().and_then(|e| e.to_str()) == Some("dcm")));
@@ -759,10 +691,7 @@ mod tests {
         for seed in 0..columns {
             for (row, fractured) in [(0, false), (1, true)] {
                 let img = render(tile, fractured, u64::from(seed));
-                let name = format!(
-                    "seed{seed}_{}.png",
-                    if fractured { "fracture" } else { "normal" }
-                );
+                let name = format!("seed{seed}_{}.png", if fractured { "fracture" } else { "normal" });
                 save_png(&img, &dir.join(name))?;
                 let (x, y) = (i64::from(seed * (tile + 4)), i64::from(row * (tile + 4)));
                 image::imageops::replace(&mut sheet, &img, x, y);
@@ -770,17 +699,11 @@ mod tests {
         }
         save_png(&sheet, &dir.join("sheet.png"))?;
         for size in [32u32, 64] {
-            let mut small =
-                GrayImage::from_pixel(columns * (size + 2), 2 * (size + 2), Luma([255]));
+            let mut small = GrayImage::from_pixel(columns * (size + 2), 2 * (size + 2), Luma([255]));
             for seed in 0..columns {
                 for (row, fractured) in [(0, false), (1, true)] {
                     let (x, y) = (i64::from(seed * (size + 2)), i64::from(row * (size + 2)));
-                    image::imageops::replace(
-                        &mut small,
-                        &render(size, fractured, u64::from(seed)),
-                        x,
-                        y,
-                    );
+                    image::imageops::replace(&mut small, &render(size, fractured, u64::from(seed)), x, y);
                 }
             }
             save_png(&small, &dir.join(format!("sheet{size}.png")))?;

@@ -7,10 +7,7 @@ use std::path::Path;
 fn pth_import_inputs_import_or_fail_cleanly() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
     let mut seen = 0;
-    for folder in [
-        fuzz.join("seeds/pth_import"),
-        fuzz.join("regressions/pth_import"),
-    ] {
+    for folder in [fuzz.join("seeds/pth_import"), fuzz.join("regressions/pth_import")] {
         let Ok(entries) = std::fs::read_dir(&folder) else {
             continue;
         };
@@ -20,8 +17,7 @@ fn pth_import_inputs_import_or_fail_cleanly() {
                 continue;
             }
             let bytes = std::fs::read(&path).unwrap();
-            let imported =
-                fracture_train::import::import_torchvision(&bytes, &path.display().to_string());
+            let imported = fracture_train::import::import_torchvision(&bytes, &path.display().to_string());
             if path
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("tiny"))

@@ -97,15 +97,7 @@ fn fifos_and_devices_are_refused_without_hanging_and_the_rest_of_the_batch_runs(
     mkfifo(&fifo);
 
     let out = fracture_within(
-        &[
-            "detect",
-            "--weights",
-            s(&model),
-            "-i",
-            s(&fifo),
-            "-i",
-            s(&image),
-        ],
+        &["detect", "--weights", s(&model), "-i", s(&fifo), "-i", s(&image)],
         Duration::from_secs(60),
     );
     // The named FIFO is an error (exit 1); the valid image still gets its row.
@@ -126,11 +118,7 @@ fn fifos_and_devices_are_refused_without_hanging_and_the_rest_of_the_batch_runs(
         Duration::from_secs(60),
     );
     assert_exit(&out, 1);
-    assert!(
-        text(&out.stderr).contains("it is a device"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("it is a device"), "{}", text(&out.stderr));
 
     let out = fracture_within(
         &["detect", "--weights", s(&fifo), "-i", s(&image)],
@@ -184,10 +172,7 @@ fn symlinked_images_count_and_an_unlistable_folder_is_skipped_by_name() {
     if locked_for_us {
         assert_exit(&out, 0);
         let stdout = text(&out.stdout);
-        assert!(
-            stdout.contains("a.png") && stdout.contains("linked.png"),
-            "{stdout}"
-        );
+        assert!(stdout.contains("a.png") && stdout.contains("linked.png"), "{stdout}");
         assert!(
             text(&out.stderr).contains("locked: cannot be listed"),
             "{}",
@@ -208,20 +193,13 @@ fn heat_maps_mirror_the_input_folders_so_mura_names_do_not_collide() {
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
         .collect();
-    let same_name = inputs
-        .iter()
-        .filter(|p| p.file_name().unwrap() == "image1.png")
-        .count();
+    let same_name = inputs.iter().filter(|p| p.file_name().unwrap() == "image1.png").count();
     assert!(same_name > 1, "the synthetic set needs several image1.png");
     let maps = dir.path().join("maps");
     let out = detect(&model, &["-i", s(&mura), "--heatmap", s(&maps)]);
     assert_exit(&out, 0);
     let written = walk(&maps);
-    assert_eq!(
-        written.len(),
-        inputs.len(),
-        "one heat map per image: {written:?}"
-    );
+    assert_eq!(written.len(), inputs.len(), "one heat map per image: {written:?}");
     for input in &inputs {
         let relative = input.strip_prefix(&mura).unwrap();
         let expected = maps.join(relative.with_file_name(format!(
@@ -237,23 +215,15 @@ fn heat_maps_mirror_the_input_folders_so_mura_names_do_not_collide() {
     }
 
     // Two named files with one name get two maps.
-    let a = inputs
-        .iter()
-        .find(|p| p.file_name().unwrap() == "image1.png")
-        .unwrap();
+    let a = inputs.iter().find(|p| p.file_name().unwrap() == "image1.png").unwrap();
     let b = inputs
         .iter()
         .filter(|p| p.file_name().unwrap() == "image1.png")
         .nth(1)
         .unwrap();
     let named = dir.path().join("named");
-    assert_exit(
-        &detect(&model, &["-i", s(a), "-i", s(b), "--heatmap", s(&named)]),
-        0,
-    );
-    assert!(
-        named.join("image1.heatmap.png").is_file() && named.join("image1-2.heatmap.png").is_file()
-    );
+    assert_exit(&detect(&model, &["-i", s(a), "-i", s(b), "--heatmap", s(&named)]), 0);
+    assert!(named.join("image1.heatmap.png").is_file() && named.join("image1-2.heatmap.png").is_file());
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -279,11 +249,7 @@ fn odd_file_names_stay_in_their_column_and_map_back() {
     let source = dir.path().join("train-data/Fracture/fracture_00000.png");
     let scans = dir.path().join("odd");
     std::fs::create_dir_all(&scans).unwrap();
-    for name in [
-        &b"carriage\rreturn.png"[..],
-        b"tab\there.png",
-        b"latin1-\xe9.png",
-    ] {
+    for name in [&b"carriage\rreturn.png"[..], b"tab\there.png", b"latin1-\xe9.png"] {
         std::fs::copy(&source, scans.join(std::ffi::OsStr::from_bytes(name))).unwrap();
     }
     let out = detect(&model, &["-i", s(&scans), "--format", "csv"]);
@@ -299,11 +265,7 @@ fn odd_file_names_stay_in_their_column_and_map_back() {
     let out = detect(&model, &["-i", s(&scans), "--format", "text"]);
     assert_exit(&out, 0);
     for line in text(&out.stdout).lines() {
-        assert_eq!(
-            line.split('\t').count(),
-            3,
-            "a name broke the columns: {line:?}"
-        );
+        assert_eq!(line.split('\t').count(), 3, "a name broke the columns: {line:?}");
     }
     assert!(text(&out.stdout).contains("tab\\there.png"));
 }
@@ -342,11 +304,7 @@ fn output_paths_are_checked_before_any_training() {
     );
     let out = train(dir.path());
     assert_exit(&out, 1);
-    assert!(
-        text(&out.stderr).contains("is a directory"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("is a directory"), "{}", text(&out.stderr));
 
     // kfold --report no longer creates folders that train would not.
     let report = dir.path().join("reports/kfold.json");
@@ -371,10 +329,6 @@ fn a_diverging_run_stops_with_an_error_and_writes_no_model() {
         s(&model)
     ));
     assert_exit(&out, 1);
-    assert!(
-        text(&out.stderr).contains("training diverged"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("training diverged"), "{}", text(&out.stderr));
     assert!(!model.exists(), "a diverged run wrote a model");
 }

@@ -23,7 +23,15 @@ const TOLERANCE: f32 = 1e-4;
 /// The same for feature maps, relative to their largest value: densenet121's
 /// reach ~70, where f32 rounding in a different summation order alone is ~1e-5.
 fn feature_tolerance(torch: &Tensor) -> f32 {
-    let scale = torch.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = torch
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     TOLERANCE * scale.max(1.0)
 }
 
@@ -46,7 +54,16 @@ fn torch_outputs(dir: &Path) -> HashMap<String, Tensor> {
 
 fn max_abs_diff(ours: &Tensor, torch: &Tensor) -> f32 {
     assert_eq!(ours.dims(), torch.dims(), "shapes differ");
-    (ours - torch).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (ours - torch)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn densenet(model: &Model) -> &DenseNet {
@@ -58,7 +75,10 @@ fn densenet(model: &Model) -> &DenseNet {
 
 /// Inputs in io.safetensors: `input` and, for tiny, `input_67`.
 fn input_suffixes(io: &HashMap<String, Tensor>) -> Vec<&'static str> {
-    ["", "_67"].into_iter().filter(|s| io.contains_key(&format!("input{s}"))).collect()
+    ["", "_67"]
+        .into_iter()
+        .filter(|s| io.contains_key(&format!("input{s}")))
+        .collect()
 }
 
 /// Our logits and rectified feature maps against torch's, asserting agreement.
@@ -77,7 +97,10 @@ fn check_binary(model: &Model, io: &HashMap<String, Tensor>, label: &str) {
             xs.dims(),
             torch_logits.to_vec1::<f32>().unwrap()
         );
-        assert!(dl <= TOLERANCE, "{label} input{suffix}: logits differ from torch by {dl:e}");
+        assert!(
+            dl <= TOLERANCE,
+            "{label} input{suffix}: logits differ from torch by {dl:e}"
+        );
         assert!(df <= tf, "{label} input{suffix}: features differ from torch by {df:e}");
     }
 }
@@ -115,15 +138,30 @@ fn tiny_densenet_matches_torch_from_every_format() {
         let path = dir.join(file);
         let imported = import(&path);
         assert_eq!(imported.config, DenseNetConfig::tiny(), "{file}");
-        assert_eq!(imported.card.architecture, Architecture::Densenet(DenseNetConfig::tiny()));
+        assert_eq!(
+            imported.card.architecture,
+            Architecture::Densenet(DenseNetConfig::tiny())
+        );
         assert_eq!(imported.format, format, "{file}");
         assert_eq!(imported.head, Head::Kept, "{file}");
-        assert_eq!(imported.renamed_legacy > 0, legacy, "{file}: renamed {}", imported.renamed_legacy);
-        assert!(imported.tensors.keys().all(|k| !k.contains("num_batches_tracked") && !k.contains(".norm.1.")));
+        assert_eq!(
+            imported.renamed_legacy > 0,
+            legacy,
+            "{file}: renamed {}",
+            imported.renamed_legacy
+        );
+        assert!(imported
+            .tensors
+            .keys()
+            .all(|k| !k.contains("num_batches_tracked") && !k.contains(".norm.1.")));
         let init = imported.card.init.as_ref().expect("the card names its source");
         assert_eq!(init.file, path.display().to_string());
         assert_eq!(init.sha256, sha256_hex(&read(&path)));
-        assert!(imported.card.notes.iter().any(|n| n.contains("classifier is kept")), "{:?}", imported.card.notes);
+        assert!(
+            imported.card.notes.iter().any(|n| n.contains("classifier is kept")),
+            "{:?}",
+            imported.card.notes
+        );
 
         check_binary(&through_model_file(&imported), &io, file);
     }
@@ -137,14 +175,23 @@ fn an_imagenet_head_is_dropped_and_the_backbone_matches_torch() {
         let imported = import(&dir.join(name));
         assert_eq!(imported.head, Head::Dropped { outputs: 10 }, "{name}");
         assert_eq!(imported.config, DenseNetConfig::tiny());
-        assert!(!imported.tensors.contains_key("classifier.weight") && !imported.tensors.contains_key("classifier.bias"));
+        assert!(
+            !imported.tensors.contains_key("classifier.weight") && !imported.tensors.contains_key("classifier.bias")
+        );
         let notes = &imported.card.notes;
-        assert!(notes.iter().any(|n| n.contains("10-output classifier was dropped")), "{notes:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("10-output classifier was dropped")),
+            "{notes:?}"
+        );
         assert!(imported.summary().contains("dropped"));
 
         // Such a file is for --init only: detect's loader names the missing head.
         let file = ModelFile::from_bytes(&imported.to_bytes().unwrap(), &Device::Cpu).unwrap();
-        let err = file.build_model(&Device::Cpu).err().expect("a headless file does not build").to_string();
+        let err = file
+            .build_model(&Device::Cpu)
+            .err()
+            .expect("a headless file does not build")
+            .to_string();
         assert!(err.contains("missing tensor `classifier.weight`"), "{err}");
 
         check_backbone(&through_init(&imported), &io, name);
@@ -161,9 +208,15 @@ fn check_backbone(model: &Model, io: &HashMap<String, Tensor>, label: &str) {
     for suffix in input_suffixes(io) {
         let torch_features = &io[&format!("imagenet_head_features{suffix}")];
         let features = densenet(model).features(&io[&format!("input{suffix}")], false).unwrap();
-        let (diff, allowed) = (max_abs_diff(&features, torch_features), feature_tolerance(torch_features));
+        let (diff, allowed) = (
+            max_abs_diff(&features, torch_features),
+            feature_tolerance(torch_features),
+        );
         println!("{label} input{suffix}: max |ours - torch| backbone features {diff:.3e} (allowed {allowed:.1e})");
-        assert!(diff <= allowed, "{label}: backbone features differ from torch by {diff:e}");
+        assert!(
+            diff <= allowed,
+            "{label}: backbone features differ from torch by {diff:e}"
+        );
     }
 }
 
@@ -229,13 +282,22 @@ fn other_files_are_rejected_with_reasons() {
     .map(|(k, s)| (k.to_string(), Tensor::zeros(s, DType::F32, &dev).unwrap()))
     .collect();
     let err = import_err(&resnet);
-    assert!(err.contains("not a torchvision DenseNet") && err.contains("`features.conv0.weight`"), "{err}");
+    assert!(
+        err.contains("not a torchvision DenseNet") && err.contains("`features.conv0.weight`"),
+        "{err}"
+    );
 
     // An unexpected extra tensor.
     let mut extra = tiny_state_dict();
-    extra.insert("features.denseblock1.denselayer1.extra.weight".into(), Tensor::zeros(3, DType::F32, &dev).unwrap());
+    extra.insert(
+        "features.denseblock1.denselayer1.extra.weight".into(),
+        Tensor::zeros(3, DType::F32, &dev).unwrap(),
+    );
     let err = import_err(&extra);
-    assert!(err.contains("unexpected tensor(s): features.denseblock1.denselayer1.extra.weight"), "{err}");
+    assert!(
+        err.contains("unexpected tensor(s): features.denseblock1.denselayer1.extra.weight"),
+        "{err}"
+    );
 
     // Garbage and truncated files give errors, never panics.
     let pth = read(&fixtures().join("tiny.pth"));
@@ -246,10 +308,22 @@ fn other_files_are_rejected_with_reasons() {
         ("empty", b"", "not a PyTorch checkpoint"),
         ("text", b"hello, world", "not a PyTorch checkpoint"),
         ("a plain pickle", b"\x80\x02}q\x00.", "not a PyTorch checkpoint"),
-        ("truncated .pth", &pth[..pth.len() / 2], "cannot read the PyTorch checkpoint"),
+        (
+            "truncated .pth",
+            &pth[..pth.len() / 2],
+            "cannot read the PyTorch checkpoint",
+        ),
         ("truncated legacy .pth", &legacy[..legacy.len() - 100], "truncated"),
-        ("cut legacy pickle", &legacy[..300], "cannot read the PyTorch checkpoint"),
-        ("truncated safetensors", &safetensors[..safetensors.len() - 10], "not a PyTorch checkpoint"),
+        (
+            "cut legacy pickle",
+            &legacy[..300],
+            "cannot read the PyTorch checkpoint",
+        ),
+        (
+            "truncated safetensors",
+            &safetensors[..safetensors.len() - 10],
+            "not a PyTorch checkpoint",
+        ),
         // candle's unpickler panics on this one (its panic message is printed); we must not.
         ("malformed pickle", &malformed, "malformed pickle"),
     ];
@@ -261,11 +335,17 @@ fn other_files_are_rejected_with_reasons() {
         println!("{what}: {err}");
         assert!(err.to_string().contains(expected), "{what}: {err}");
     }
-    assert!(matches!(import_torchvision(b"", "empty"), Err(ImportError::UnknownFormat(_))));
+    assert!(matches!(
+        import_torchvision(b"", "empty"),
+        Err(ImportError::UnknownFormat(_))
+    ));
 }
 
 fn fracture(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fracture")).args(args).output().expect("the fracture binary runs")
+    Command::new(env!("CARGO_BIN_EXE_fracture"))
+        .args(args)
+        .output()
+        .expect("the fracture binary runs")
 }
 
 fn assert_exit(output: &Output, code: i32) {
@@ -286,7 +366,10 @@ fn cli_import_writes_a_loadable_model_file() {
     let run = fracture(&["import", "--from", from.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert_exit(&run, 0);
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(stdout.contains("growth rate 4, blocks [2, 2]") && stdout.contains("classifier kept"), "{stdout}");
+    assert!(
+        stdout.contains("growth rate 4, blocks [2, 2]") && stdout.contains("classifier kept"),
+        "{stdout}"
+    );
     let file = ModelFile::from_bytes(&read(&out), &Device::Cpu).unwrap();
     assert_eq!(file.card.architecture, Architecture::Densenet(DenseNetConfig::tiny()));
     assert_eq!(file.card.init.as_ref().unwrap().sha256, sha256_hex(&read(&from)));
@@ -298,9 +381,18 @@ fn cli_import_writes_a_loadable_model_file() {
     let run = fracture(&["import", "--from", bad.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert_exit(&run, 1);
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(stderr.contains("notes.pth") && stderr.contains("not a PyTorch checkpoint"), "{stderr}");
+    assert!(
+        stderr.contains("notes.pth") && stderr.contains("not a PyTorch checkpoint"),
+        "{stderr}"
+    );
     let missing = dir.path().join("missing.pth");
-    let run = fracture(&["import", "--from", missing.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let run = fracture(&[
+        "import",
+        "--from",
+        missing.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert_exit(&run, 1);
     assert!(String::from_utf8_lossy(&run.stderr).contains("missing.pth"));
 
@@ -313,16 +405,39 @@ fn cli_train_starts_from_a_headless_import() {
     let dir = tempfile::tempdir().unwrap();
     let imported = dir.path().join("backbone.safetensors");
     let from = fixtures().join("tiny_imagenet_head.pth");
-    let run = fracture(&["import", "--from", from.to_str().unwrap(), "-o", imported.to_str().unwrap()]);
+    let run = fracture(&[
+        "import",
+        "--from",
+        from.to_str().unwrap(),
+        "-o",
+        imported.to_str().unwrap(),
+    ]);
     assert_exit(&run, 0);
     assert!(String::from_utf8_lossy(&run.stdout).contains("10-output classifier dropped"));
 
     let data = dir.path().join("data");
-    assert_exit(&fracture(&["synth", "-o", data.to_str().unwrap(), "--count", "6", "--size", "48"]), 0);
+    assert_exit(
+        &fracture(&["synth", "-o", data.to_str().unwrap(), "--count", "6", "--size", "48"]),
+        0,
+    );
     let model = dir.path().join("model.safetensors");
     let run = fracture(&[
-        "train", "-i", data.to_str().unwrap(), "--model", "densenet121", "--init", imported.to_str().unwrap(),
-        "-o", model.to_str().unwrap(), "--epochs", "1", "--fine-tune-epochs", "1", "--size", "48", "--quiet",
+        "train",
+        "-i",
+        data.to_str().unwrap(),
+        "--model",
+        "densenet121",
+        "--init",
+        imported.to_str().unwrap(),
+        "-o",
+        model.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--fine-tune-epochs",
+        "1",
+        "--size",
+        "48",
+        "--quiet",
     ]);
     assert_exit(&run, 0);
     let file = ModelFile::from_bytes(&read(&model), &Device::Cpu).unwrap();
@@ -338,14 +453,22 @@ fn cli_train_starts_from_a_headless_import() {
 fn full_densenet121_matches_torch() {
     let dir = PathBuf::from(std::env::var("FRACTURE_PARITY_DIR").expect("FRACTURE_PARITY_DIR is set"));
     let io = torch_outputs(&dir);
-    for file in ["densenet121.pth", "densenet121_legacy.pth", "densenet121_legacy_format.pth", "densenet121.safetensors"] {
+    for file in [
+        "densenet121.pth",
+        "densenet121_legacy.pth",
+        "densenet121_legacy_format.pth",
+        "densenet121.safetensors",
+    ] {
         let imported = import(&dir.join(file));
         assert_eq!(imported.config, DenseNetConfig::densenet121(), "{file}");
         assert_eq!(imported.head, Head::Kept);
         check_binary(&through_model_file(&imported), &io, file);
     }
     // ImageNet's 1000 classes; the legacy one is laid out as torchvision's published files.
-    for file in ["densenet121_imagenet_head.pth", "densenet121_imagenet_head_legacy_format.pth"] {
+    for file in [
+        "densenet121_imagenet_head.pth",
+        "densenet121_imagenet_head_legacy_format.pth",
+    ] {
         let imported = import(&dir.join(file));
         assert_eq!(imported.head, Head::Dropped { outputs: 1000 }, "{file}");
         check_backbone(&through_init(&imported), &io, file);

@@ -46,10 +46,7 @@ fn kfold_args(data: &Path, seed: &str) -> Vec<String> {
 }
 
 fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(
-        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap()
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 
 /// Every number within 1e-9 and everything else equal, wall-clock seconds aside
@@ -98,12 +95,7 @@ fn three_fold_shards_run_at_once_merge_into_the_unsharded_report() {
         .map(|i| {
             Command::new(env!("CARGO_BIN_EXE_fracture"))
                 .args(&args)
-                .args([
-                    "--fold",
-                    &i.to_string(),
-                    "--report",
-                    shard(i).to_str().unwrap(),
-                ])
+                .args(["--fold", &i.to_string(), "--report", shard(i).to_str().unwrap()])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -132,21 +124,14 @@ fn three_fold_shards_run_at_once_merge_into_the_unsharded_report() {
         merged.to_str().unwrap(),
     ]);
     assert_exit(&out, 0);
-    assert!(
-        text(&out.stdout).contains("Pooled ROC AUC"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).contains("Pooled ROC AUC"), "{}", text(&out.stdout));
     let (whole, merged_report) = (read_json(&whole), read_json(&merged));
     assert_eq!(
         whole["predictions"], merged_report["predictions"],
         "out-of-fold predictions differ"
     );
     assert_same_report(&whole, &merged_report, "report");
-    assert!(
-        dir.path().join("merged.roc.svg").is_file()
-            && dir.path().join("merged.reliability.svg").is_file()
-    );
+    assert!(dir.path().join("merged.roc.svg").is_file() && dir.path().join("merged.reliability.svg").is_file());
 
     check_bad_shard_sets(dir.path(), &data, &shard);
 }
@@ -182,8 +167,7 @@ fn check_bad_shard_sets(dir: &Path, data: &Path, shard: &dyn Fn(usize) -> PathBu
     assert_exit(&fracture(&command), 0);
     let foreign = merge(&[&one, &two, &other_seed]);
     assert!(
-        foreign.contains("seed7-fold3.json: belongs to another run")
-            && foreign.contains("seed 42 against 7"),
+        foreign.contains("seed7-fold3.json: belongs to another run") && foreign.contains("seed 42 against 7"),
         "{foreign}"
     );
 
@@ -197,8 +181,7 @@ fn check_bad_shard_sets(dir: &Path, data: &Path, shard: &dyn Fn(usize) -> PathBu
     assert_exit(&fracture(&command), 0);
     let foreign = merge(&[&other_set, &two, &three]);
     assert!(
-        foreign.contains("other-fold1.json: belongs to another run")
-            && foreign.contains("data set"),
+        foreign.contains("other-fold1.json: belongs to another run") && foreign.contains("data set"),
         "{foreign}"
     );
 
@@ -219,9 +202,7 @@ fn check_bad_shard_sets(dir: &Path, data: &Path, shard: &dyn Fn(usize) -> PathBu
 
 #[test]
 fn fold_outside_the_folds_and_fold_without_a_report_are_refused() {
-    let out = fracture(&[
-        "kfold", "-i", ".", "--folds", "3", "--fold", "4", "--report", "x.json",
-    ]);
+    let out = fracture(&["kfold", "-i", ".", "--folds", "3", "--fold", "4", "--report", "x.json"]);
     assert_exit(&out, 1);
     assert!(
         text(&out.stderr).contains("--fold 4 must be between 1 and --folds 3"),
@@ -238,8 +219,7 @@ fn threads_come_from_the_flag_or_the_schedulers_allocation() {
     let bench = |threads: Option<&str>, slurm: Option<&str>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_fracture"));
         command.args([
-            "bench", "--model", "cnn", "--batch", "2", "--size", "32", "--reps", "1", "--warmup",
-            "0",
+            "bench", "--model", "cnn", "--batch", "2", "--size", "32", "--reps", "1", "--warmup", "0",
         ]);
         if let Some(n) = threads {
             command.args(["--threads", n]);
@@ -264,26 +244,19 @@ fn threads_come_from_the_flag_or_the_schedulers_allocation() {
         let out = Command::new("taskset")
             .args(["-c", "0", env!("CARGO_BIN_EXE_fracture")])
             .args([
-                "bench", "--model", "cnn", "--batch", "2", "--size", "32", "--reps", "1",
-                "--warmup", "0",
+                "bench", "--model", "cnn", "--batch", "2", "--size", "32", "--reps", "1", "--warmup", "0",
             ])
             .env_remove("SLURM_CPUS_PER_TASK")
             .env_remove("RAYON_NUM_THREADS")
             .output()
             .unwrap();
         assert_exit(&out, 0);
-        assert!(
-            text(&out.stdout).contains(", 1 threads)"),
-            "{}",
-            text(&out.stdout)
-        );
+        assert!(text(&out.stdout).contains(", 1 threads)"), "{}", text(&out.stdout));
     }
 }
 
 fn deploy(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../deploy")
-        .join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy").join(path)
 }
 
 fn read(path: &Path) -> String {
@@ -292,11 +265,7 @@ fn read(path: &Path) -> String {
 
 #[test]
 fn slurm_scripts_are_valid_bash_and_pass_the_array_index_as_the_fold() {
-    for script in [
-        "slurm/kfold.sbatch",
-        "slurm/merge.sbatch",
-        "slurm/submit.sh",
-    ] {
+    for script in ["slurm/kfold.sbatch", "slurm/merge.sbatch", "slurm/submit.sh"] {
         let out = Command::new("bash")
             .arg("-n")
             .arg(deploy(script))
@@ -306,9 +275,7 @@ fn slurm_scripts_are_valid_bash_and_pass_the_array_index_as_the_fold() {
     }
     let array = read(&deploy("slurm/kfold.sbatch"));
     assert!(
-        array.contains("#SBATCH --array=1-10")
-            && array.contains("--folds \"$FOLDS\"")
-            && array.contains("FOLDS=10")
+        array.contains("#SBATCH --array=1-10") && array.contains("--folds \"$FOLDS\"") && array.contains("FOLDS=10")
     );
     assert!(
         array.contains("--fold \"$SLURM_ARRAY_TASK_ID\""),
@@ -322,8 +289,7 @@ fn slurm_scripts_are_valid_bash_and_pass_the_array_index_as_the_fold() {
 fn kubernetes_manifests_parse_as_an_indexed_job_and_its_merge() {
     use yaml_rust2::{Yaml, YamlLoader};
     let load = |name: &str| {
-        let docs = YamlLoader::load_from_str(&read(&deploy(name)))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let docs = YamlLoader::load_from_str(&read(&deploy(name))).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(docs.len(), 1, "{name}: one document");
         docs.into_iter().next().unwrap()
     };
@@ -348,10 +314,7 @@ fn kubernetes_manifests_parse_as_an_indexed_job_and_its_merge() {
         command.contains("fracture kfold merge /work/shards/fold*.json"),
         "{command}"
     );
-    assert!(!matches!(
-        merge["spec"]["template"]["spec"]["volumes"],
-        Yaml::BadValue
-    ));
+    assert!(!matches!(merge["spec"]["template"]["spec"]["volumes"], Yaml::BadValue));
 
     let containerfile = read(&deploy("Containerfile"));
     assert_eq!(

@@ -51,7 +51,13 @@ fn held_out_accuracy_with(architecture: Architecture, config: &FitConfig, per_cl
     let (test_images, test_labels) = synthetic_set(60, 900_000);
     let card = ModelCard::new(architecture, SIZE);
     let device = Device::Cpu;
-    let spec = TrainSpec { card: &card, init: None, config, device: &device, show_progress: false };
+    let spec = TrainSpec {
+        card: &card,
+        init: None,
+        config,
+        device: &device,
+        show_progress: false,
+    };
     let data = FitData {
         images: &train_images,
         labels: &train_labels,
@@ -61,7 +67,11 @@ fn held_out_accuracy_with(architecture: Architecture, config: &FitConfig, per_cl
     let trained = fit::train(&spec, &data, None, &mut |r| eprintln!("{r:?}")).unwrap();
     let indices: Vec<usize> = (0..test_images.len()).collect();
     let probabilities = fit::predict(&trained.model, &test_images, &indices, &card.preprocessing, 64, &device).unwrap();
-    let correct = probabilities.iter().zip(&test_labels).filter(|(p, l)| (**p >= 0.5) == **l).count();
+    let correct = probabilities
+        .iter()
+        .zip(&test_labels)
+        .filter(|(p, l)| (**p >= 0.5) == **l)
+        .count();
     correct as f64 / test_labels.len() as f64
 }
 
@@ -83,7 +93,10 @@ fn tiny_densenet_learns_cracks() {
 #[test]
 fn densenet121_scratch_defaults_learn_cracks() {
     let architecture = Architecture::Densenet(DenseNetConfig::densenet121());
-    let overrides = Overrides { epochs: Some(15), ..Overrides::default() };
+    let overrides = Overrides {
+        epochs: Some(15),
+        ..Overrides::default()
+    };
     let config = schedule::config(&architecture, Recipe::Scratch, &overrides, 7, 0);
     let accuracy = held_out_accuracy_with(architecture, &config, 100);
     assert!(accuracy >= 0.9, "held-out accuracy {accuracy}");
@@ -116,8 +129,19 @@ fn interrupted_training_resumes_to_identical_weights() {
         // The weight average is state of its own that a resume must restore.
         weight_average: 0.9,
     };
-    let spec = TrainSpec { card: &card, init: None, config: &config, device: &device, show_progress: false };
-    let data = || FitData { images: &images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
+    let spec = TrainSpec {
+        card: &card,
+        init: None,
+        config: &config,
+        device: &device,
+        show_progress: false,
+    };
+    let data = || FitData {
+        images: &images,
+        labels: &labels,
+        train: (0..20).collect(),
+        validation: (20..24).collect(),
+    };
 
     let reference = fit::train(&spec, &data(), None, &mut |_| {}).unwrap();
 
@@ -125,7 +149,9 @@ fn interrupted_training_resumes_to_identical_weights() {
     let checkpoint_path = dir.path().join("run.checkpoint");
     let mut epochs_seen = 0;
     let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let checkpoint = Checkpoint { path: checkpoint_path.clone() };
+        let checkpoint = Checkpoint {
+            path: checkpoint_path.clone(),
+        };
         fit::train(&spec, &data(), Some(checkpoint), &mut |_| {
             epochs_seen += 1;
             // Dies in the last head epoch, before its checkpoint is written: the
@@ -141,9 +167,24 @@ fn interrupted_training_resumes_to_identical_weights() {
     // Other images with the same count and labels are another run's data: the
     // checkpoint is refused, not resumed (and left as it was).
     let other_images: Vec<Rgb32FImage> = images.iter().map(image::imageops::flip_horizontal).collect();
-    let other = FitData { images: &other_images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
-    let refused = fit::train(&spec, &other, Some(Checkpoint { path: checkpoint_path.clone() }), &mut |_| {});
-    let error = refused.err().expect("another data set must not resume this checkpoint").to_string();
+    let other = FitData {
+        images: &other_images,
+        labels: &labels,
+        train: (0..20).collect(),
+        validation: (20..24).collect(),
+    };
+    let refused = fit::train(
+        &spec,
+        &other,
+        Some(Checkpoint {
+            path: checkpoint_path.clone(),
+        }),
+        &mut |_| {},
+    );
+    let error = refused
+        .err()
+        .expect("another data set must not resume this checkpoint")
+        .to_string();
     assert!(error.contains("belongs to a different run"), "{error}");
 
     let mut replayed = Vec::new();
@@ -152,7 +193,11 @@ fn interrupted_training_resumes_to_identical_weights() {
     })
     .unwrap();
     assert_eq!(resumed.history.epochs.len(), 5);
-    assert_eq!(replayed.len(), 5, "finished epochs are reported again, then the rest run");
+    assert_eq!(
+        replayed.len(),
+        5,
+        "finished epochs are reported again, then the rest run"
+    );
 
     let (a, b) = (reference.params.tensors(), resumed.params.tensors());
     assert_eq!(a.len(), b.len());
@@ -205,7 +250,11 @@ fn kfold_keeps_each_patient_in_one_fold_and_its_metrics_add_up() {
     let mut fold_of_patient: HashMap<&str, usize> = HashMap::new();
     for p in &report.predictions {
         let fold = *fold_of_patient.entry(p.group.as_str()).or_insert(p.fold);
-        assert_eq!(fold, p.fold, "patient {} appears in folds {fold} and {}", p.group, p.fold);
+        assert_eq!(
+            fold, p.fold,
+            "patient {} appears in folds {fold} and {}",
+            p.group, p.fold
+        );
     }
     assert_eq!(fold_of_patient.len(), 30);
 
@@ -251,10 +300,21 @@ fn banked_head_phase_trains_like_running_the_frozen_base() {
         mixup: 0.0,
         weight_average: 0.0,
     };
-    let data = || FitData { images: &images, labels: &labels, train: (0..20).collect(), validation: (20..24).collect() };
+    let data = || FitData {
+        images: &images,
+        labels: &labels,
+        train: (0..20).collect(),
+        validation: (20..24).collect(),
+    };
     let run = |feature_bank| {
         let config = config(feature_bank);
-        let spec = TrainSpec { card: &card, init: None, config: &config, device: &device, show_progress: false };
+        let spec = TrainSpec {
+            card: &card,
+            init: None,
+            config: &config,
+            device: &device,
+            show_progress: false,
+        };
         fit::train(&spec, &data(), None, &mut |_| {}).unwrap()
     };
     let (plain, banked) = (run(0), run(4));
@@ -269,7 +329,14 @@ fn banked_head_phase_trains_like_running_the_frozen_base() {
     };
     assert_ne!(classifier(&plain_tensors), classifier(&start), "the head did not train");
     for (name, tensor) in &plain_tensors {
-        let diff = (tensor - &banked_tensors[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = (tensor - &banked_tensors[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{name} differs");
     }
     for (a, b) in plain.history.epochs.iter().zip(&banked.history.epochs) {

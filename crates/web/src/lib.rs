@@ -55,7 +55,10 @@ impl Detector {
     /// warnings, width, height, input_size, input_rgba }`, where `input_rgba`
     /// is what the model saw, for the page to draw (browsers cannot show TIFF or DICOM).
     pub fn detect(&self, image_bytes: &[u8]) -> Result<JsValue, JsError> {
-        let detection = self.predictor.detect(image_bytes).map_err(|e| JsError::new(&e.to_string()))?;
+        let detection = self
+            .predictor
+            .detect(image_bytes)
+            .map_err(|e| JsError::new(&e.to_string()))?;
         let rgba = DynamicImage::ImageRgb32F(detection.input.clone()).to_rgba8();
         to_js(&BrowserDetection {
             input_size: rgba.width(),

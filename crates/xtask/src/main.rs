@@ -119,12 +119,18 @@ fn site() -> Result<PathBuf, String> {
 fn serve_site(args: &[String]) -> Result<(), String> {
     let port = match args {
         [] => 8080,
-        [flag, value] if flag == "--port" => value.parse().map_err(|_| format!("--port {value}: not a port number"))?,
+        [flag, value] if flag == "--port" => value
+            .parse()
+            .map_err(|_| format!("--port {value}: not a port number"))?,
         _ => return Err(format!("serve takes [--port N]\n\n{}", usage())),
     };
     let dist = site()?;
-    let listener = TcpListener::bind(("127.0.0.1", port)).map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
-    println!("serving {} on http://127.0.0.1:{port}/ (Ctrl-C to stop)", dist.display());
+    let listener =
+        TcpListener::bind(("127.0.0.1", port)).map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
+    println!(
+        "serving {} on http://127.0.0.1:{port}/ (Ctrl-C to stop)",
+        dist.display()
+    );
     serve::serve(listener, dist);
     Ok(())
 }
@@ -143,10 +149,19 @@ fn fuzz(args: &[String]) -> Result<(), String> {
         match arg.as_str() {
             "--seconds" => {
                 let value = rest.next().ok_or("--seconds needs a number")?;
-                seconds = value.parse().map_err(|_| format!("--seconds {value}: not a number of seconds"))?;
+                seconds = value
+                    .parse()
+                    .map_err(|_| format!("--seconds {value}: not a number of seconds"))?;
             }
-            target if FUZZ_TARGETS.contains(&target) => targets.push(FUZZ_TARGETS.iter().find(|t| **t == target).unwrap()),
-            other => return Err(format!("unknown fuzz target or flag `{other}` (targets: {})", FUZZ_TARGETS.join(", "))),
+            target if FUZZ_TARGETS.contains(&target) => {
+                targets.push(FUZZ_TARGETS.iter().find(|t| **t == target).unwrap())
+            }
+            other => {
+                return Err(format!(
+                    "unknown fuzz target or flag `{other}` (targets: {})",
+                    FUZZ_TARGETS.join(", ")
+                ))
+            }
         }
     }
     if targets.is_empty() {
@@ -167,7 +182,13 @@ fn fuzz(args: &[String]) -> Result<(), String> {
             .arg(&corpus)
             .arg(fuzz_dir.join("seeds").join(target))
             // Out of memory at 2 GiB, a hang at 10 s an input: both count as crashes.
-            .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-timeout=10", "-print_final_stats=1"]);
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=2048",
+                "-timeout=10",
+                "-print_final_stats=1",
+            ]);
         run(command, &format!("fuzzing {target} for {seconds} s"))?;
     }
     Ok(())

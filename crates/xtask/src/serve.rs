@@ -47,7 +47,11 @@ fn respond(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
     }
     let mut parts = request_line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
-    let found = if method == "GET" || method == "HEAD" { resolve(root, target) } else { None };
+    let found = if method == "GET" || method == "HEAD" {
+        resolve(root, target)
+    } else {
+        None
+    };
     match found.and_then(|path| std::fs::read(&path).ok().map(|body| (path, body))) {
         Some((path, body)) => {
             write!(
@@ -62,7 +66,11 @@ fn respond(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
         }
         None => {
             let body = b"not found\n";
-            write!(stream, "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+            write!(
+                stream,
+                "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
             stream.write_all(body)?;
         }
     }

@@ -19,7 +19,13 @@ pub const FUZZ_NIGHTLY: &str = "nightly-2026-05-20";
 /// First line of `program --version`, if it runs.
 fn version_of(program: &Path) -> Option<String> {
     let output = Command::new(program).arg("--version").output().ok()?;
-    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).lines().next().unwrap_or("").to_string())
+    output.status.success().then(|| {
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    })
 }
 
 fn cargo_bin(name: &str) -> PathBuf {
@@ -39,7 +45,11 @@ pub fn ensure_wasm_target() -> Result<(), String> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == WASM_TARGET))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == WASM_TARGET)
+        })
         .unwrap_or(false);
     if installed {
         return Ok(());
@@ -72,11 +82,19 @@ fn ensure_cargo_tool(binary: &str, package: &str, version: &str, flags: &[&str])
     command.args(["install", package, "--version", version]);
     // Build tools, not shipped code: their own release profiles (LTO, one
     // codegen unit) cost minutes on two cores for speed nobody waits on here.
-    for (setting, value) in [("LTO", "off"), ("CODEGEN_UNITS", "16"), ("OPT_LEVEL", "1"), ("DEBUG", "0")] {
+    for (setting, value) in [
+        ("LTO", "off"),
+        ("CODEGEN_UNITS", "16"),
+        ("OPT_LEVEL", "1"),
+        ("DEBUG", "0"),
+    ] {
         command.env(format!("CARGO_PROFILE_RELEASE_{setting}"), value);
     }
     command.args(flags);
-    run(command, &format!("installing {package} {version} (once; this takes minutes)"))?;
+    run(
+        command,
+        &format!("installing {package} {version} (once; this takes minutes)"),
+    )?;
     Ok(path)
 }
 
@@ -95,7 +113,10 @@ pub fn ensure_fuzz_toolchain() -> Result<&'static str, String> {
     if !installed {
         let mut command = Command::new("rustup");
         command.args(["toolchain", "install", FUZZ_NIGHTLY, "--profile", "minimal"]);
-        run(command, &format!("installing the {FUZZ_NIGHTLY} toolchain for fuzzing (once)"))?;
+        run(
+            command,
+            &format!("installing the {FUZZ_NIGHTLY} toolchain for fuzzing (once)"),
+        )?;
     }
     Ok(FUZZ_NIGHTLY)
 }
@@ -118,7 +139,10 @@ fn npm_install(packages: &[String], what: &str) -> Result<(), String> {
     let dir = node_tools_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut command = Command::new("npm");
-    command.args(["install", "--no-audit", "--no-fund", "--prefix"]).arg(&dir).args(packages);
+    command
+        .args(["install", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&dir)
+        .args(packages);
     run(command, what)
 }
 
@@ -129,18 +153,28 @@ pub fn ensure_wasm_opt() -> Result<PathBuf, String> {
     if version_of(&bin.join("wasm-opt")).is_some_and(|v| v.contains(&format!("version {major}"))) {
         return Ok(bin);
     }
-    npm_install(&[format!("binaryen@{BINARYEN_VERSION}")], "installing wasm-opt (npm binaryen)")?;
+    npm_install(
+        &[format!("binaryen@{BINARYEN_VERSION}")],
+        "installing wasm-opt (npm binaryen)",
+    )?;
     Ok(bin)
 }
 
 /// playwright-core for the browser tests (it drives Debian's Chromium; it never downloads a browser).
 pub fn ensure_playwright() -> Result<(), String> {
-    let package = node_tools_dir().join("node_modules").join("playwright-core").join("package.json");
-    let installed = std::fs::read_to_string(&package).is_ok_and(|p| p.contains(&format!("\"version\": \"{PLAYWRIGHT_VERSION}\"")));
+    let package = node_tools_dir()
+        .join("node_modules")
+        .join("playwright-core")
+        .join("package.json");
+    let installed =
+        std::fs::read_to_string(&package).is_ok_and(|p| p.contains(&format!("\"version\": \"{PLAYWRIGHT_VERSION}\"")));
     if installed {
         return Ok(());
     }
-    npm_install(&[format!("playwright-core@{PLAYWRIGHT_VERSION}")], "installing playwright-core (npm)")
+    npm_install(
+        &[format!("playwright-core@{PLAYWRIGHT_VERSION}")],
+        "installing playwright-core (npm)",
+    )
 }
 
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -166,5 +200,8 @@ pub fn ensure_chromium() -> Result<(), String> {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

@@ -111,7 +111,10 @@ mod tests {
         let ys = bn.forward_relu(&xs, true).unwrap();
         let ys: Vec<f32> = ys.flatten_all().unwrap().to_vec1().unwrap();
         // mean 2.5, biased var 1.25
-        let expected0: Vec<f32> = [1f32, 2., 3., 4.].iter().map(|v| ((v - 2.5) / (1.25f32 + 1e-5).sqrt()).max(0.0)).collect();
+        let expected0: Vec<f32> = [1f32, 2., 3., 4.]
+            .iter()
+            .map(|v| ((v - 2.5) / (1.25f32 + 1e-5).sqrt()).max(0.0))
+            .collect();
         for (y, e) in ys[..4].iter().zip(&expected0) {
             assert!((y - e).abs() < 1e-5, "{y} vs {e}");
         }
@@ -122,7 +125,10 @@ mod tests {
         let rv: Vec<f32> = data["running_var"].as_tensor().to_vec1().unwrap();
         // torch: 0.9 * 0 + 0.1 * 2.5; 0.9 * 1 + 0.1 * (5 / 3) with the unbiased variance.
         assert!((rm[0] - 0.25).abs() < 1e-6 && (rm[1] - 1.0).abs() < 1e-6, "{rm:?}");
-        assert!((rv[0] - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6 && (rv[1] - 0.9).abs() < 1e-6, "{rv:?}");
+        assert!(
+            (rv[0] - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6 && (rv[1] - 0.9).abs() < 1e-6,
+            "{rv:?}"
+        );
     }
 
     #[test]
@@ -135,7 +141,10 @@ mod tests {
         let rm: Vec<f32> = data["running_mean"].as_tensor().to_vec1().unwrap();
         let rv: Vec<f32> = data["running_var"].as_tensor().to_vec1().unwrap();
         assert!((rm[0] - 0.2).abs() < 1e-6 && (rm[1] + 0.1).abs() < 1e-6, "{rm:?}");
-        assert!((rv[0] - (0.9 + 0.1 * 1.25)).abs() < 1e-6 && (rv[1] - (0.9 + 0.1 * 0.5)).abs() < 1e-6, "{rv:?}");
+        assert!(
+            (rv[0] - (0.9 + 0.1 * 1.25)).abs() < 1e-6 && (rv[1] - (0.9 + 0.1 * 0.5)).abs() < 1e-6,
+            "{rv:?}"
+        );
     }
 
     #[test]
@@ -148,7 +157,13 @@ mod tests {
         tensors.insert("running_var".to_string(), Tensor::new(&[4f32], &dev).unwrap());
         let bn = batch_norm2d(1, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap();
         let xs = Tensor::new(&[[[[5f32]]]], &dev).unwrap();
-        let y: Vec<f32> = bn.forward_relu(&xs, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = bn
+            .forward_relu(&xs, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let expected = (5.0 - 3.0) / (4f32 + 1e-5).sqrt() * 2.0 + 1.0;
         assert!((y[0] - expected).abs() < 1e-6);
     }

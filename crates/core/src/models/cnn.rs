@@ -22,11 +22,19 @@ pub struct CnnConfig {
 
 impl CnnConfig {
     pub fn study() -> Self {
-        Self { kernel_size: 1, filters: vec![16, 32, 64], hidden: 128, dropout: 0.2 }
+        Self {
+            kernel_size: 1,
+            filters: vec![16, 32, 64],
+            hidden: 128,
+            dropout: 0.2,
+        }
     }
 
     pub fn with_kernel(kernel_size: usize) -> Self {
-        Self { kernel_size, ..Self::study() }
+        Self {
+            kernel_size,
+            ..Self::study()
+        }
     }
 
     /// Side of the last feature map: each pool halves it, rounding down (Keras' "valid").
@@ -36,7 +44,10 @@ impl CnnConfig {
 
     pub fn validate(&self, input_size: usize) -> CoreResult<()> {
         if self.kernel_size.is_multiple_of(2) || self.kernel_size > 7 {
-            return Err(Error::Card(format!("cnn kernel_size {} must be odd and at most 7", self.kernel_size)));
+            return Err(Error::Card(format!(
+                "cnn kernel_size {} must be odd and at most 7",
+                self.kernel_size
+            )));
         }
         if self.filters.is_empty() || self.filters.contains(&0) || self.hidden == 0 {
             return Err(Error::Card("cnn filters and hidden units must be non-zero".into()));
@@ -77,7 +88,11 @@ impl SameConv {
             glorot(in_channels * area, out_channels * area),
         )?;
         let bias = vb.get_with_hints(out_channels, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias, kernel_size })
+        Ok(Self {
+            weight,
+            bias,
+            kernel_size,
+        })
     }
 }
 
@@ -111,17 +126,28 @@ fn dense(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Line
 
 impl Cnn {
     pub fn new(cfg: &CnnConfig, input_size: usize, vb: VarBuilder) -> Result<Self> {
-        cfg.validate(input_size).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        cfg.validate(input_size)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let mut in_channels = 3;
         let mut convs = Vec::with_capacity(cfg.filters.len());
         for (i, &filters) in cfg.filters.iter().enumerate() {
-            convs.push(SameConv::new(in_channels, filters, cfg.kernel_size, vb.pp(format!("conv{}", i + 1)))?);
+            convs.push(SameConv::new(
+                in_channels,
+                filters,
+                cfg.kernel_size,
+                vb.pp(format!("conv{}", i + 1)),
+            )?);
             in_channels = filters;
         }
         let side = cfg.final_side(input_size);
         let fc = dense(in_channels * side * side, cfg.hidden, vb.pp("fc"))?;
         let classifier = dense(cfg.hidden, 1, vb.pp("classifier"))?;
-        Ok(Self { convs, fc, classifier, dropout: cfg.dropout })
+        Ok(Self {
+            convs,
+            fc,
+            classifier,
+            dropout: cfg.dropout,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
@@ -173,7 +199,14 @@ mod tests {
             .unwrap()
             .broadcast_add(&conv.bias.reshape((1, 4, 1, 1)).unwrap())
             .unwrap();
-        let diff = (fast - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (fast - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
 }

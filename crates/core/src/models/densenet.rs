@@ -50,7 +50,13 @@ impl DenseNetConfig {
 
     /// A few thousand parameters, for tests: same structure, every code path.
     pub fn tiny() -> Self {
-        Self { growth_rate: 4, block_config: vec![2, 2], num_init_features: 8, bn_size: 2, head_dropout: 0.2 }
+        Self {
+            growth_rate: 4,
+            block_config: vec![2, 2],
+            num_init_features: 8,
+            bn_size: 2,
+            head_dropout: 0.2,
+        }
     }
 
     pub fn from_depth(depth: usize) -> Option<Self> {
@@ -96,13 +102,21 @@ impl DenseNetConfig {
             return Err(Error::Card("densenet sizes must be non-zero".into()));
         }
         if self.block_config.is_empty() || self.block_config.contains(&0) {
-            return Err(Error::Card(format!("invalid densenet block_config {:?}", self.block_config)));
+            return Err(Error::Card(format!(
+                "invalid densenet block_config {:?}",
+                self.block_config
+            )));
         }
         if !(0.0..1.0).contains(&self.head_dropout) {
-            return Err(Error::Card(format!("densenet head_dropout {} is outside [0, 1)", self.head_dropout)));
+            return Err(Error::Card(format!(
+                "densenet head_dropout {} is outside [0, 1)",
+                self.head_dropout
+            )));
         }
         if input_size < 7 || self.final_side(input_size) == 0 {
-            return Err(Error::Card(format!("input size {input_size} is too small for this densenet")));
+            return Err(Error::Card(format!(
+                "input size {input_size} is too small for this densenet"
+            )));
         }
         Ok(())
     }
@@ -114,7 +128,10 @@ fn conv_weight(in_channels: usize, out_channels: usize, kernel: usize, vb: &VarB
     vb.get_with_hints(
         (out_channels, in_channels, kernel, kernel),
         "weight",
-        Init::Randn { mean: 0.0, stdev: (2.0 / fan_in).sqrt() },
+        Init::Randn {
+            mean: 0.0,
+            stdev: (2.0 / fan_in).sqrt(),
+        },
     )
 }
 
@@ -158,13 +175,22 @@ struct DenseBlock {
 impl DenseBlock {
     fn new(layers: usize, in_channels: usize, growth: usize, bn_size: usize, vb: VarBuilder) -> Result<Self> {
         let layers = (0..layers)
-            .map(|i| DenseLayer::new(in_channels + i * growth, growth, bn_size, vb.pp(format!("denselayer{}", i + 1))))
+            .map(|i| {
+                DenseLayer::new(
+                    in_channels + i * growth,
+                    growth,
+                    bn_size,
+                    vb.pp(format!("denselayer{}", i + 1)),
+                )
+            })
             .collect::<Result<_>>()?;
         Ok(Self { layers })
     }
 
     fn forward(&self, xs: &Tensor, batch_stats: bool, keep_graph: bool) -> Result<Tensor> {
-        let Some(first) = self.layers.first() else { return Ok(xs.clone()) };
+        let Some(first) = self.layers.first() else {
+            return Ok(xs.clone());
+        };
         let tensors: Vec<LayerTensors> = self.layers.iter().map(DenseLayer::tensors).collect();
         let eps = first.norm1.eps();
         let (out, stats) = dense_block(xs, &tensors, batch_stats, eps, keep_graph)?;
@@ -221,8 +247,13 @@ impl DenseNet {
         let mut channels = cfg.num_init_features;
         let mut blocks = Vec::with_capacity(cfg.block_config.len());
         for (i, &layers) in cfg.block_config.iter().enumerate() {
-            let block =
-                DenseBlock::new(layers, channels, cfg.growth_rate, cfg.bn_size, features.pp(format!("denseblock{}", i + 1)))?;
+            let block = DenseBlock::new(
+                layers,
+                channels,
+                cfg.growth_rate,
+                cfg.bn_size,
+                features.pp(format!("denseblock{}", i + 1)),
+            )?;
             channels += layers * cfg.growth_rate;
             let transition = if i + 1 != cfg.block_config.len() {
                 let t = Transition::new(channels, channels / 2, features.pp(format!("transition{}", i + 1)))?;
@@ -363,7 +394,10 @@ mod tests {
             assert_eq!(model.forward(&xs, mode).unwrap().dims(), &[2]);
         }
         let features = model.features(&xs, false).unwrap();
-        assert_eq!(features.dims(), &[2, cfg.num_features(), cfg.final_side(33), cfg.final_side(33)]);
+        assert_eq!(
+            features.dims(),
+            &[2, cfg.num_features(), cfg.final_side(33), cfg.final_side(33)]
+        );
 
         // Batch statistics move the dense layers' running statistics; inference mode does not.
         let running = |name: &str| -> Vec<f32> { varmap.data().lock().unwrap()[name].as_tensor().to_vec1().unwrap() };
@@ -385,9 +419,23 @@ mod tests {
         let xs = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1., (2, 6, 7, 7), &Device::Cpu).unwrap()).unwrap();
         for batch_stats in [false, true] {
             let ours = t.forward(&xs, batch_stats).unwrap();
-            let torchvision = pool::avg_pool2d(&conv2d(&t.norm.forward_relu(&xs, batch_stats).unwrap(), &t.conv, 0, 1).unwrap(), 2, 2).unwrap();
+            let torchvision = pool::avg_pool2d(
+                &conv2d(&t.norm.forward_relu(&xs, batch_stats).unwrap(), &t.conv, 0, 1).unwrap(),
+                2,
+                2,
+            )
+            .unwrap();
             assert_eq!(ours.dims(), &[2, 3, 3, 3]);
-            let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
             assert!(diff(&ours, &torchvision) < 1e-12);
             let probe = Tensor::randn(0f64, 1., ours.dims(), &Device::Cpu).unwrap();
             let g_ours = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();

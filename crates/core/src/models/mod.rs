@@ -21,15 +21,24 @@ pub struct Mode {
 }
 
 impl Mode {
-    pub const EVAL: Mode = Mode { dropout_seed: None, batch_stats: false };
+    pub const EVAL: Mode = Mode {
+        dropout_seed: None,
+        batch_stats: false,
+    };
 
     pub fn train(step_seed: u64) -> Mode {
-        Mode { dropout_seed: Some(step_seed), batch_stats: true }
+        Mode {
+            dropout_seed: Some(step_seed),
+            batch_stats: true,
+        }
     }
 
     /// Training with BatchNorm kept in inference mode (Keras' `training=False` on the base).
     pub fn train_frozen_bn(step_seed: u64) -> Mode {
-        Mode { dropout_seed: Some(step_seed), batch_stats: false }
+        Mode {
+            dropout_seed: Some(step_seed),
+            batch_stats: false,
+        }
     }
 }
 

@@ -148,16 +148,28 @@ pub(crate) struct Mat<T> {
 
 impl<T> Mat<T> {
     pub(crate) fn rows(ptr: *const T, cols: usize) -> Self {
-        Self { ptr, row_stride: cols as isize, col_stride: 1 }
+        Self {
+            ptr,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
     }
 
     /// The transpose of a row-major matrix with `cols` columns stored at `ptr`.
     pub(crate) fn transposed(ptr: *const T, cols: usize) -> Self {
-        Self { ptr, row_stride: 1, col_stride: cols as isize }
+        Self {
+            ptr,
+            row_stride: 1,
+            col_stride: cols as isize,
+        }
     }
 
     pub(crate) fn strided(ptr: *const T, row_stride: usize, col_stride: usize) -> Self {
-        Self { ptr, row_stride: row_stride as isize, col_stride: col_stride as isize }
+        Self {
+            ptr,
+            row_stride: row_stride as isize,
+            col_stride: col_stride as isize,
+        }
     }
 }
 
@@ -196,7 +208,11 @@ pub(crate) fn matmul_strided<T: Float>(
         return;
     }
     let last = (m - 1) * dst_row_stride + (n - 1) * dst_col_stride;
-    assert!(last < dst.len(), "destination of {} elements, {m}x{n} with strides ({dst_row_stride}, {dst_col_stride})", dst.len());
+    assert!(
+        last < dst.len(),
+        "destination of {} elements, {m}x{n} with strides ({dst_row_stride}, {dst_col_stride})",
+        dst.len()
+    );
     // SAFETY: every destination element lies in `dst` (checked above) and the
     // callers build `lhs` and `rhs` from slices that hold m×k and k×n elements at
     // their strides.
@@ -229,7 +245,9 @@ pub(crate) fn matmul_strided<T: Float>(
 /// image: a contiguous range, so rows are copied as slices instead of element by element.
 fn valid_columns(g: &Geometry, kx: usize) -> std::ops::Range<usize> {
     let first = g.padding.saturating_sub(kx).div_ceil(g.stride);
-    let last = (g.in_w + g.padding).checked_sub(kx + 1).map_or(0, |max_shifted| max_shifted / g.stride + 1);
+    let last = (g.in_w + g.padding)
+        .checked_sub(kx + 1)
+        .map_or(0, |max_shifted| max_shifted / g.stride + 1);
     first.min(g.out_w)..last.min(g.out_w).max(first.min(g.out_w))
 }
 
@@ -304,9 +322,15 @@ pub(crate) fn col2im<T: Float>(g: &Geometry, cols: &[T], image: &mut [T], par: P
     };
     let plane_len = g.in_h * g.in_w;
     if is_parallel(par) {
-        image.par_chunks_exact_mut(plane_len).zip(cols.par_chunks_exact(taps * out_pixels)).for_each(fold_channel);
+        image
+            .par_chunks_exact_mut(plane_len)
+            .zip(cols.par_chunks_exact(taps * out_pixels))
+            .for_each(fold_channel);
     } else {
-        image.chunks_exact_mut(plane_len).zip(cols.chunks_exact(taps * out_pixels)).for_each(fold_channel);
+        image
+            .chunks_exact_mut(plane_len)
+            .zip(cols.chunks_exact(taps * out_pixels))
+            .for_each(fold_channel);
     }
 }
 
@@ -316,7 +340,11 @@ fn for_each_image<T: Float, F>(g: &Geometry, outputs: &mut [T], out_len: usize, 
 where
     F: Fn(usize, &mut [T], &mut Vec<T>, Parallelism) + Sync,
 {
-    let scratch_len = if g.is_pointwise() { 0 } else { g.patch_len() * g.out_pixels() };
+    let scratch_len = if g.is_pointwise() {
+        0
+    } else {
+        g.patch_len() * g.out_pixels()
+    };
     if split_by_image(g.batch) {
         outputs.par_chunks_mut(out_len).enumerate().for_each_init(
             || vec![T::zero(); scratch_len],
@@ -357,7 +385,16 @@ fn input_grad<T: Float>(g: &Geometry, grad: &[T], weight: &[T]) -> Vec<T> {
         if g.is_pointwise() {
             matmul(dx, g.patch_len(), g.out_pixels(), g.out_channels, w_t, dy, false, par);
         } else {
-            matmul(scratch, g.patch_len(), g.out_pixels(), g.out_channels, w_t, dy, false, par);
+            matmul(
+                scratch,
+                g.patch_len(),
+                g.out_pixels(),
+                g.out_channels,
+                w_t,
+                dy,
+                false,
+                par,
+            );
             col2im(g, scratch, dx, par);
         }
     });
@@ -379,10 +416,23 @@ fn weight_grad<T: Float>(g: &Geometry, xs: &[T], grad: &[T]) -> Vec<T> {
             };
             let dy = Mat::rows(grad[n * g.out_image_len()..].as_ptr(), g.out_pixels());
             let cols_t = Mat::transposed(cols.as_ptr(), g.out_pixels());
-            matmul(dw, g.out_channels, g.patch_len(), g.out_pixels(), dy, cols_t, n > images.start, par);
+            matmul(
+                dw,
+                g.out_channels,
+                g.patch_len(),
+                g.out_pixels(),
+                dy,
+                cols_t,
+                n > images.start,
+                par,
+            );
         }
     };
-    let scratch_len = if g.is_pointwise() { 0 } else { g.patch_len() * g.out_pixels() };
+    let scratch_len = if g.is_pointwise() {
+        0
+    } else {
+        g.patch_len() * g.out_pixels()
+    };
     if split_by_image(g.batch) {
         let parts = threads();
         let per_part = g.batch.div_ceil(parts);
@@ -392,7 +442,12 @@ fn weight_grad<T: Float>(g: &Geometry, xs: &[T], grad: &[T]) -> Vec<T> {
                 let images = part * per_part..((part + 1) * per_part).min(g.batch);
                 let mut dw = vec![T::zero(); weight_len];
                 if !images.is_empty() {
-                    accumulate(&mut dw, images, &mut vec![T::zero(); scratch_len], gemm_parallelism(true));
+                    accumulate(
+                        &mut dw,
+                        images,
+                        &mut vec![T::zero(); scratch_len],
+                        gemm_parallelism(true),
+                    );
                 }
                 dw
             })
@@ -400,7 +455,12 @@ fn weight_grad<T: Float>(g: &Geometry, xs: &[T], grad: &[T]) -> Vec<T> {
         add_up(partials)
     } else {
         let mut dw = vec![T::zero(); weight_len];
-        accumulate(&mut dw, 0..g.batch, &mut vec![T::zero(); scratch_len], gemm_parallelism(false));
+        accumulate(
+            &mut dw,
+            0..g.batch,
+            &mut vec![T::zero(); scratch_len],
+            gemm_parallelism(false),
+        );
         dw
     }
 }
@@ -416,13 +476,17 @@ pub(crate) fn add_up<T: Copy + std::ops::AddAssign>(parts: impl IntoIterator<Ite
 }
 
 fn unsupported(op: &str, dtype: DType) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{op}: unsupported dtype {dtype:?}, only f32 and f64 are supported"))
+    candle_core::Error::Msg(format!(
+        "{op}: unsupported dtype {dtype:?}, only f32 and f64 are supported"
+    ))
 }
 
 /// Contiguous data of a CPU storage of one float type, or an error naming the op.
 macro_rules! contiguous {
     ($op:expr, $storage:expr, $layout:expr, $variant:ident) => {{
-        let CpuStorage::$variant(data) = $storage else { unreachable!() };
+        let CpuStorage::$variant(data) = $storage else {
+            unreachable!()
+        };
         match $layout.contiguous_offsets() {
             Some((start, end)) => &data[start..end],
             None => bail!("{}: expects contiguous tensors", $op),
@@ -445,7 +509,12 @@ macro_rules! dispatch {
                 CpuStorage::F64($body)
             }
             (a, b) if a.dtype() != b.dtype() => {
-                bail!("{}: operands have different dtypes {:?} and {:?}", $op, a.dtype(), b.dtype())
+                bail!(
+                    "{}: operands have different dtypes {:?} and {:?}",
+                    $op,
+                    a.dtype(),
+                    b.dtype()
+                )
             }
             (a, _) => return Err(unsupported($op, a.dtype())),
         }
@@ -465,12 +534,24 @@ impl CustomOp2 for Conv2d {
         Ok((out, g.out_shape()))
     }
 
-    fn bwd(&self, xs: &Tensor, weight: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         // A network's first convolution reads the images, which need no gradient:
         // skipping it spares a product and a col2im as large as the forward pass.
-        let dx = xs.track_op().then(|| grad.apply_op2_no_bwd(weight, &Conv2dInputGrad(self.0))).transpose()?;
-        let dw = weight.track_op().then(|| xs.apply_op2_no_bwd(&grad, &Conv2dWeightGrad(self.0))).transpose()?;
+        let dx = xs
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(weight, &Conv2dInputGrad(self.0)))
+            .transpose()?;
+        let dw = weight
+            .track_op()
+            .then(|| xs.apply_op2_no_bwd(&grad, &Conv2dWeightGrad(self.0)))
+            .transpose()?;
         Ok((dx, dw))
     }
 }
@@ -514,17 +595,41 @@ pub(crate) mod tests {
     /// Uniform values in [-1, 1) from `seed`, as `dtype`.
     pub(crate) fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let data: Vec<f64> = (0..shape.iter().product::<usize>()).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        let data: Vec<f64> = (0..shape.iter().product::<usize>())
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 
     pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Ours against candle's reference convolution (and its autograd), in f64 so that
     /// the comparison measures the algorithm and not rounding: 1e-10.
-    fn check(batch: usize, channels: usize, side: (usize, usize), out: usize, kernel: usize, padding: usize, stride: usize) {
+    fn check(
+        batch: usize,
+        channels: usize,
+        side: (usize, usize),
+        out: usize,
+        kernel: usize,
+        padding: usize,
+        stride: usize,
+    ) {
         let dtype = DType::F64;
         let xs = Var::from_tensor(&random(&[batch, channels, side.0, side.1], 1, dtype)).unwrap();
         let w = Var::from_tensor(&random(&[out, channels, kernel, kernel], 2, dtype)).unwrap();
@@ -588,11 +693,17 @@ pub(crate) mod tests {
             for kernel in 1..6 {
                 for padding in 0..4 {
                     for stride in 1..4 {
-                        let Ok(g) = Geometry::new(&[1, 1, in_w, in_w], &[1, 1, kernel, kernel], padding, stride) else { continue };
+                        let Ok(g) = Geometry::new(&[1, 1, in_w, in_w], &[1, 1, kernel, kernel], padding, stride) else {
+                            continue;
+                        };
                         for kx in 0..kernel {
-                            let expected: Vec<usize> = (0..g.out_w).filter(|&ox| g.source(ox, kx, in_w).is_some()).collect();
+                            let expected: Vec<usize> =
+                                (0..g.out_w).filter(|&ox| g.source(ox, kx, in_w).is_some()).collect();
                             let got: Vec<usize> = valid_columns(&g, kx).collect();
-                            assert_eq!(got, expected, "in {in_w} kernel {kernel} padding {padding} stride {stride} kx {kx}");
+                            assert_eq!(
+                                got, expected,
+                                "in {in_w} kernel {kernel} padding {padding} stride {stride} kx {kx}"
+                            );
                         }
                     }
                 }
@@ -606,6 +717,12 @@ pub(crate) mod tests {
         assert!(conv2d(&xs, &random(&[2, 4, 3, 3], 2, DType::F32), 1, 1).is_err());
         assert!(conv2d(&xs, &random(&[2, 3, 7, 7], 2, DType::F32), 1, 1).is_err());
         assert!(conv2d(&xs, &random(&[2, 3, 3, 3], 2, DType::F32), 1, 0).is_err());
-        assert!(conv2d(&random(&[3, 4, 4], 1, DType::F32), &random(&[2, 3, 3, 3], 2, DType::F32), 1, 1).is_err());
+        assert!(conv2d(
+            &random(&[3, 4, 4], 1, DType::F32),
+            &random(&[2, 3, 3, 3], 2, DType::F32),
+            1,
+            1
+        )
+        .is_err());
     }
 }

@@ -25,7 +25,9 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{self, add_up, col2im, gemm_parallelism, im2col, is_parallel, matmul, split_by_image, threads, Geometry, Mat};
+use super::conv::{
+    self, add_up, col2im, gemm_parallelism, im2col, is_parallel, matmul, split_by_image, threads, Geometry, Mat,
+};
 use super::{contiguous_slice, lane_dot, simd_fn};
 
 /// `max_pool2d(relu(conv2d(xs, weight, padding) + bias), 2, 2)`: stride 1, `bias` of
@@ -33,15 +35,24 @@ use super::{contiguous_slice, lane_dot, simd_fn};
 pub fn conv_relu_pool(xs: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Result<Tensor> {
     let g = Geometry::new(xs.dims(), weight.dims(), padding, 1)?;
     if bias.dims() != [g.out_channels] {
-        bail!("conv-relu-pool: bias has shape {:?}, expected ({},)", bias.dims(), g.out_channels)
+        bail!(
+            "conv-relu-pool: bias has shape {:?}, expected ({},)",
+            bias.dims(),
+            g.out_channels
+        )
     }
     if g.batch == 0 {
         bail!("conv-relu-pool: the batch is empty")
     }
     if g.out_h < 2 || g.out_w < 2 {
-        bail!("conv-relu-pool: a {}x{} convolution output is smaller than the 2x2 pool", g.out_h, g.out_w)
+        bail!(
+            "conv-relu-pool: a {}x{} convolution output is smaller than the 2x2 pool",
+            g.out_h,
+            g.out_w
+        )
     }
-    xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, ConvReluPool(g))
+    xs.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, ConvReluPool(g))
 }
 
 trait Float: conv::Float + Send + Sync {}
@@ -141,7 +152,14 @@ impl<T: Float> Scratch<T> {
     fn new(g: &Geometry, backward: bool) -> Self {
         let conv_len = g.out_channels * g.out_pixels();
         Self {
-            cols: vec![T::zero(); if g.is_pointwise() { 0 } else { g.patch_len() * g.out_pixels() }],
+            cols: vec![
+                T::zero();
+                if g.is_pointwise() {
+                    0
+                } else {
+                    g.patch_len() * g.out_pixels()
+                }
+            ],
             conv: vec![T::zero(); conv_len],
             d_conv: vec![T::zero(); if backward { conv_len } else { 0 }],
         }
@@ -149,7 +167,14 @@ impl<T: Float> Scratch<T> {
 }
 
 /// `scratch.conv = W · unfold(image)`; returns the unfolded image.
-fn convolve<'a, T: Float>(g: &Geometry, image: &'a [T], weight: &[T], cols: &'a mut [T], conv_out: &mut [T], par: Parallelism) -> &'a [T] {
+fn convolve<'a, T: Float>(
+    g: &Geometry,
+    image: &'a [T],
+    weight: &[T],
+    cols: &'a mut [T],
+    conv_out: &mut [T],
+    par: Parallelism,
+) -> &'a [T] {
     let cols: &[T] = if g.is_pointwise() {
         image
     } else {
@@ -157,7 +182,16 @@ fn convolve<'a, T: Float>(g: &Geometry, image: &'a [T], weight: &[T], cols: &'a 
         cols
     };
     let w = Mat::rows(weight.as_ptr(), g.patch_len());
-    matmul(conv_out, g.out_channels, g.out_pixels(), g.patch_len(), w, Mat::rows(cols.as_ptr(), g.out_pixels()), false, par);
+    matmul(
+        conv_out,
+        g.out_channels,
+        g.out_pixels(),
+        g.patch_len(),
+        w,
+        Mat::rows(cols.as_ptr(), g.out_pixels()),
+        false,
+        par,
+    );
     cols
 }
 
@@ -170,16 +204,23 @@ fn forward<T: Float>(g: &Geometry, xs: &[T], weight: &[T], bias: &[T]) -> Vec<T>
         let pool = |(c, (conv, out)): (usize, (&[T], &mut [T]))| pool_plane(conv, g.out_w, bias[c], out);
         let (conv, plane) = (&scratch.conv, pooled_h * pooled_w);
         if is_parallel(par) {
-            conv.par_chunks_exact(g.out_pixels()).zip(out.par_chunks_exact_mut(plane)).enumerate().for_each(pool);
+            conv.par_chunks_exact(g.out_pixels())
+                .zip(out.par_chunks_exact_mut(plane))
+                .enumerate()
+                .for_each(pool);
         } else {
-            conv.chunks_exact(g.out_pixels()).zip(out.chunks_exact_mut(plane)).enumerate().for_each(pool);
+            conv.chunks_exact(g.out_pixels())
+                .zip(out.chunks_exact_mut(plane))
+                .enumerate()
+                .for_each(pool);
         }
     };
     let mut out = vec![T::zero(); g.batch * out_len];
     if split_by_image(g.batch) {
-        out.par_chunks_mut(out_len)
-            .enumerate()
-            .for_each_init(|| Scratch::new(g, false), |scratch, (n, out)| run(n, out, scratch, gemm_parallelism(true)));
+        out.par_chunks_mut(out_len).enumerate().for_each_init(
+            || Scratch::new(g, false),
+            |scratch, (n, out)| run(n, out, scratch, gemm_parallelism(true)),
+        );
     } else {
         let mut scratch = Scratch::new(g, false);
         for (n, out) in out.chunks_mut(out_len).enumerate() {
@@ -194,8 +235,10 @@ fn backward<T: Float>(g: &Geometry, xs: &[T], grad: &[T], weight: &[T], bias: &[
     let parts = if split_by_image(g.batch) { threads() } else { 1 };
     let per_part = g.batch.div_ceil(parts);
     let par = gemm_parallelism(parts > 1);
-    let ranges: Vec<Range<usize>> =
-        (0..parts).map(|p| p * per_part..((p + 1) * per_part).min(g.batch)).filter(|r| !r.is_empty()).collect();
+    let ranges: Vec<Range<usize>> = (0..parts)
+        .map(|p| p * per_part..((p + 1) * per_part).min(g.batch))
+        .filter(|r| !r.is_empty())
+        .collect();
     let mut dx = vec![T::zero(); if want_dx { g.batch * g.image_len() } else { 0 }];
     let dx_parts: Vec<&mut [T]> = if want_dx {
         dx.chunks_mut(per_part * g.image_len()).collect()
@@ -216,20 +259,52 @@ fn backward<T: Float>(g: &Geometry, xs: &[T], grad: &[T], weight: &[T], bias: &[
                 let image = &xs[n * g.image_len()..][..g.image_len()];
                 let cols = convolve(g, image, weight, &mut scratch.cols, &mut scratch.conv, par);
                 let grad = &grad[n * pooled_len..][..pooled_len];
-                let planes = scratch.conv.chunks_exact(g.out_pixels()).zip(grad.chunks_exact(pooled_plane));
-                for (c, ((conv, grad), d_conv)) in planes.zip(scratch.d_conv.chunks_exact_mut(g.out_pixels())).enumerate() {
+                let planes = scratch
+                    .conv
+                    .chunks_exact(g.out_pixels())
+                    .zip(grad.chunks_exact(pooled_plane));
+                for (c, ((conv, grad), d_conv)) in
+                    planes.zip(scratch.d_conv.chunks_exact_mut(g.out_pixels())).enumerate()
+                {
                     db[c] += unpool_plane(conv, g.out_w, bias[c], grad, d_conv);
                 }
                 let d_conv = Mat::rows(scratch.d_conv.as_ptr(), g.out_pixels());
                 let cols_t = Mat::transposed(cols.as_ptr(), g.out_pixels());
-                matmul(&mut dw, g.out_channels, g.patch_len(), g.out_pixels(), d_conv, cols_t, k > 0, par);
+                matmul(
+                    &mut dw,
+                    g.out_channels,
+                    g.patch_len(),
+                    g.out_pixels(),
+                    d_conv,
+                    cols_t,
+                    k > 0,
+                    par,
+                );
                 if want_dx {
                     let dx = &mut dx_part[k * g.image_len()..][..g.image_len()];
                     let w_t = Mat::transposed(weight.as_ptr(), g.patch_len());
                     if g.is_pointwise() {
-                        matmul(dx, g.patch_len(), g.out_pixels(), g.out_channels, w_t, d_conv, false, par);
+                        matmul(
+                            dx,
+                            g.patch_len(),
+                            g.out_pixels(),
+                            g.out_channels,
+                            w_t,
+                            d_conv,
+                            false,
+                            par,
+                        );
                     } else {
-                        matmul(&mut scratch.cols, g.patch_len(), g.out_pixels(), g.out_channels, w_t, d_conv, false, par);
+                        matmul(
+                            &mut scratch.cols,
+                            g.patch_len(),
+                            g.out_pixels(),
+                            g.out_channels,
+                            w_t,
+                            d_conv,
+                            false,
+                            par,
+                        );
                         col2im(g, &scratch.cols, dx, par);
                     }
                 }
@@ -253,7 +328,11 @@ fn with_floats(
     let [a, b, c] = operands;
     for (storage, _) in [b, c] {
         if storage.dtype() != a.0.dtype() {
-            bail!("{op}: operands have different dtypes {:?} and {:?}", a.0.dtype(), storage.dtype())
+            bail!(
+                "{op}: operands have different dtypes {:?} and {:?}",
+                a.0.dtype(),
+                storage.dtype()
+            )
         }
     }
     Ok(match a.0.dtype() {
@@ -289,7 +368,12 @@ impl CustomOp3 for ConvReluPool {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let operands = [(s1, l1), (s2, l2), (s3, l3)];
-        let out = with_floats(self.name(), operands, |[x, w, b]| forward(g, x, w, b), |[x, w, b]| forward(g, x, w, b))?;
+        let out = with_floats(
+            self.name(),
+            operands,
+            |[x, w, b]| forward(g, x, w, b),
+            |[x, w, b]| forward(g, x, w, b),
+        )?;
         let (h, w) = pooled(g);
         Ok((out, Shape::from((g.batch, g.out_channels, h, w))))
     }
@@ -305,9 +389,18 @@ impl CustomOp3 for ConvReluPool {
         // The first layer reads the images, which need no gradient.
         let want_dx = xs.track_op();
         let params = Tensor::cat(&[weight.flatten_all()?, bias.clone()], 0)?;
-        let grads = xs.apply_op3_no_bwd(&grad.contiguous()?, &params, &ConvReluPoolGrad { geometry: self.0, want_dx })?;
+        let grads = xs.apply_op3_no_bwd(
+            &grad.contiguous()?,
+            &params,
+            &ConvReluPoolGrad {
+                geometry: self.0,
+                want_dx,
+            },
+        )?;
         let dx_len = if want_dx { xs.elem_count() } else { 0 };
-        let dx = want_dx.then(|| grads.narrow(0, 0, dx_len)?.reshape(xs.shape())).transpose()?;
+        let dx = want_dx
+            .then(|| grads.narrow(0, 0, dx_len)?.reshape(xs.shape()))
+            .transpose()?;
         let dw = grads.narrow(0, dx_len, weight.elem_count())?.reshape(weight.shape())?;
         let db = grads.narrow(0, dx_len + weight.elem_count(), bias.elem_count())?;
         Ok((dx, Some(dw), Some(db)))
@@ -365,7 +458,15 @@ mod tests {
     }
 
     /// Outputs and the gradients of input, weight and bias against [`unfused`].
-    fn check(batch: usize, channels: usize, side: (usize, usize), out: usize, kernel: usize, dtype: DType, tolerance: f64) {
+    fn check(
+        batch: usize,
+        channels: usize,
+        side: (usize, usize),
+        out: usize,
+        kernel: usize,
+        dtype: DType,
+        tolerance: f64,
+    ) {
         let what = format!("batch {batch} channels {channels} side {side:?} out {out} kernel {kernel} {dtype:?}");
         let xs = Var::from_tensor(&random(&[batch, channels, side.0, side.1], 1, dtype)).unwrap();
         let w = Var::from_tensor(&random(&[out, channels, kernel, kernel], 2, dtype)).unwrap();
@@ -382,7 +483,16 @@ mod tests {
         for (name, var) in [("input", &xs), ("weight", &w), ("bias", &b)] {
             let expected = g_ref.get(var).unwrap();
             // Relative to the largest gradient: the bias's sums hundreds of terms.
-            let scale = expected.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap().max(1.0);
+            let scale = expected
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                .max(1.0);
             let diff = max_abs_diff(g_ours.get(var).unwrap(), expected) / scale;
             assert!(diff < tolerance, "{name} gradient {what}: {diff} relative");
         }
@@ -412,7 +522,11 @@ mod tests {
         // One channel, identity weight: the convolution is the image. Tile 1 ties at
         // 2 in its second and fourth place, tile 3 at 3 in its first three; tile 2 is
         // all negative (the ReLU blocks it).
-        let image = Tensor::new(&[[[[1f64, 2., -1., -2., 3., 3.], [0., 2., -3., -4., 3., 1.]]]], &Device::Cpu).unwrap();
+        let image = Tensor::new(
+            &[[[[1f64, 2., -1., -2., 3., 3.], [0., 2., -3., -4., 3., 1.]]]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let xs = Var::from_tensor(&image).unwrap();
         let w = Var::from_tensor(&Tensor::ones((1, 1, 1, 1), DType::F64, &Device::Cpu).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::zeros(1, DType::F64, &Device::Cpu).unwrap()).unwrap();
@@ -430,7 +544,12 @@ mod tests {
         let xs = random(&[2, 3, 6, 6], 1, DType::F64);
         let w = Var::from_tensor(&random(&[4, 3, 1, 1], 2, DType::F64)).unwrap();
         let b = Var::from_tensor(&random(&[4], 3, DType::F64)).unwrap();
-        let grads = conv_relu_pool(&xs, &w, &b, 0).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = conv_relu_pool(&xs, &w, &b, 0)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert!(grads.get(&xs).is_none());
         let expected = unfused(&xs, &w, &b, 0).sum_all().unwrap().backward().unwrap();
         assert!(max_abs_diff(grads.get(&w).unwrap(), expected.get(&w).unwrap()) < 1e-10);
@@ -440,10 +559,24 @@ mod tests {
     fn bad_shapes_are_errors_naming_the_op() {
         let xs = random(&[1, 3, 4, 4], 1, DType::F32);
         let w = random(&[2, 3, 1, 1], 2, DType::F32);
-        let err = conv_relu_pool(&xs, &w, &random(&[3], 3, DType::F32), 0).unwrap_err().to_string();
+        let err = conv_relu_pool(&xs, &w, &random(&[3], 3, DType::F32), 0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("conv-relu-pool") && err.contains("bias"), "{err}");
-        assert!(conv_relu_pool(&random(&[1, 3, 1, 4], 1, DType::F32), &w, &random(&[2], 3, DType::F32), 0).is_err());
+        assert!(conv_relu_pool(
+            &random(&[1, 3, 1, 4], 1, DType::F32),
+            &w,
+            &random(&[2], 3, DType::F32),
+            0
+        )
+        .is_err());
         assert!(conv_relu_pool(&random(&[3, 4, 4], 1, DType::F32), &w, &random(&[2], 3, DType::F32), 0).is_err());
-        assert!(conv_relu_pool(&xs, &random(&[2, 3, 1, 1], 2, DType::F64), &random(&[2], 3, DType::F32), 0).is_err());
+        assert!(conv_relu_pool(
+            &xs,
+            &random(&[2, 3, 1, 1], 2, DType::F64),
+            &random(&[2], 3, DType::F32),
+            0
+        )
+        .is_err());
     }
 }

@@ -53,13 +53,31 @@ pub struct LayerTensors {
 impl LayerTensors {
     /// The trainable tensors, in the order of the packed parameter tensor.
     fn trainable(&self) -> [&Tensor; 6] {
-        [&self.norm1.weight, &self.norm1.bias, &self.conv1, &self.norm2.weight, &self.norm2.bias, &self.conv2]
+        [
+            &self.norm1.weight,
+            &self.norm1.bias,
+            &self.conv1,
+            &self.norm2.weight,
+            &self.norm2.bias,
+            &self.conv2,
+        ]
     }
 
     /// Every tensor the forward pass reads: the trainable ones, then the running statistics.
     fn all(&self) -> [&Tensor; 10] {
         let [a, b, c, d, e, f] = self.trainable();
-        [a, b, c, d, e, f, &self.norm1.running_mean, &self.norm1.running_var, &self.norm2.running_mean, &self.norm2.running_var]
+        [
+            a,
+            b,
+            c,
+            d,
+            e,
+            f,
+            &self.norm1.running_mean,
+            &self.norm1.running_var,
+            &self.norm2.running_mean,
+            &self.norm2.running_var,
+        ]
     }
 }
 
@@ -87,23 +105,38 @@ pub fn dense_block(
 ) -> Result<(Tensor, Option<Vec<LayerBatchStats>>)> {
     let block = Block::new(xs.dims(), layers)?;
     if xs.dtype() != layers[0].conv1.dtype() {
-        bail!("dense block: the input is {:?}, the parameters {:?}", xs.dtype(), layers[0].conv1.dtype());
+        bail!(
+            "dense block: the input is {:?}, the parameters {:?}",
+            xs.dtype(),
+            layers[0].conv1.dtype()
+        );
     }
     if batch_stats && block.batch * block.pixels() < 2 {
         bail!("batch norm in training mode needs more than one value per channel");
     }
     let saved = Arc::new(Mutex::new(None));
-    let op = DenseBlock { block, layers: layers.to_vec(), batch_stats, eps, saved: saved.clone() };
+    let op = DenseBlock {
+        block,
+        layers: layers.to_vec(),
+        batch_stats,
+        eps,
+        saved: saved.clone(),
+    };
     let xs = xs.contiguous()?;
     let tracked = xs.track_op() || layers.iter().flat_map(|l| l.trainable()).any(|t| t.track_op());
     let out = if keep_graph && tracked {
-        let packed: Vec<Tensor> =
-            layers.iter().flat_map(|l| l.trainable()).map(|t| t.flatten_all()).collect::<Result<_>>()?;
+        let packed: Vec<Tensor> = layers
+            .iter()
+            .flat_map(|l| l.trainable())
+            .map(|t| t.flatten_all())
+            .collect::<Result<_>>()?;
         xs.apply_op2(&Tensor::cat(&packed, 0)?, op)?
     } else {
         xs.apply_op1_no_bwd(&op)?
     };
-    let stats = batch_stats.then(|| lock(&saved).as_ref().map(|s| s.batch_stats())).flatten();
+    let stats = batch_stats
+        .then(|| lock(&saved).as_ref().map(|s| s.batch_stats()))
+        .flatten();
     Ok((out, stats))
 }
 
@@ -128,9 +161,19 @@ impl Block {
         let &[batch, in_channels, h, w] = dims else {
             bail!("dense block: expected an NCHW (rank 4) input, got shape {dims:?}")
         };
-        let Some(first) = layers.first() else { bail!("dense block: no layers") };
+        let Some(first) = layers.first() else {
+            bail!("dense block: no layers")
+        };
         let (bottleneck, growth) = (first.conv1.dim(0)?, first.conv2.dim(0)?);
-        let block = Self { batch, in_channels, growth, bottleneck, layers: layers.len(), h, w };
+        let block = Self {
+            batch,
+            in_channels,
+            growth,
+            bottleneck,
+            layers: layers.len(),
+            h,
+            w,
+        };
         for (l, layer) in layers.iter().enumerate() {
             let c = block.layer_in(l);
             let expected: [(&str, &Tensor, &[usize]); 10] = [
@@ -147,10 +190,19 @@ impl Block {
             ];
             for (name, tensor, dims) in expected {
                 if tensor.dims() != dims {
-                    bail!("dense block: layer {} {name} has shape {:?}, expected {dims:?}", l + 1, tensor.dims())
+                    bail!(
+                        "dense block: layer {} {name} has shape {:?}, expected {dims:?}",
+                        l + 1,
+                        tensor.dims()
+                    )
                 }
                 if tensor.dtype() != layers[0].conv1.dtype() {
-                    bail!("dense block: layer {} {name} is {:?}, not {:?}", l + 1, tensor.dtype(), layers[0].conv1.dtype())
+                    bail!(
+                        "dense block: layer {} {name} is {:?}, not {:?}",
+                        l + 1,
+                        tensor.dtype(),
+                        layers[0].conv1.dtype()
+                    )
                 }
             }
         }
@@ -192,8 +244,13 @@ impl Block {
     /// channels swapped ([`flipped_transposed`]), so it needs no col2im and its product
     /// sums over growth·9 terms instead of growth.
     fn conv2_input_grad(&self) -> Geometry {
-        Geometry::new(&[1, self.growth, self.h, self.w], &[self.bottleneck, self.growth, 3, 3], 1, 1)
-            .expect("a padded 3x3 kernel fits every image")
+        Geometry::new(
+            &[1, self.growth, self.h, self.w],
+            &[self.bottleneck, self.growth, 3, 3],
+            1,
+            1,
+        )
+        .expect("a padded 3x3 kernel fits every image")
     }
 
     fn out_shape(&self) -> Shape {
@@ -225,19 +282,38 @@ impl Affine {
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
         let weight: Vec<f64> = weight.iter().map(|&w| w.into()).collect();
         let scale: Vec<f64> = weight.iter().zip(&inv_std).map(|(w, s)| w * s).collect();
-        let shift = bias.iter().zip(mean).zip(&scale).map(|((&b, m), s)| b.into() - m * s).collect();
-        Self { mean: mean.to_vec(), inv_std, weight, scale, shift }
+        let shift = bias
+            .iter()
+            .zip(mean)
+            .zip(&scale)
+            .map(|((&b, m), s)| b.into() - m * s)
+            .collect();
+        Self {
+            mean: mean.to_vec(),
+            inv_std,
+            weight,
+            scale,
+            shift,
+        }
     }
 
     fn in_type<T: Float>(&self) -> (Vec<T>, Vec<T>) {
-        (self.scale.iter().map(|&v| cast(v)).collect(), self.shift.iter().map(|&v| cast(v)).collect())
+        (
+            self.scale.iter().map(|&v| cast(v)).collect(),
+            self.shift.iter().map(|&v| cast(v)).collect(),
+        )
     }
 }
 
 /// Runs `f(c, plane)` on each `pixels`-long plane of `dst` and collects the results;
 /// planes across threads when `par` is parallel (the products are, so nothing
 /// outside them is).
-fn each_plane<T: Send, R: Send>(par: Parallelism, dst: &mut [T], pixels: usize, f: impl Fn(usize, &mut [T]) -> R + Sync) -> Vec<R> {
+fn each_plane<T: Send, R: Send>(
+    par: Parallelism,
+    dst: &mut [T],
+    pixels: usize,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
+) -> Vec<R> {
     let f = |(c, plane): (usize, &mut [T])| f(c, plane);
     if is_parallel(par) {
         dst.par_chunks_exact_mut(pixels).enumerate().map(f).collect()
@@ -256,19 +332,29 @@ fn scale_shift_relu<T: Float>(src: &[T], (scale, shift): (&[T], &[T]), pixels: u
             }
         }
     }
-    each_plane(par, &mut dst[..src.len()], pixels, |c, dst| plane(dst, &src[c * pixels..][..pixels], scale[c], shift[c]));
+    each_plane(par, &mut dst[..src.len()], pixels, |c, dst| {
+        plane(dst, &src[c * pixels..][..pixels], scale[c], shift[c])
+    });
 }
 
 /// Mean and biased variance over the batch of `channels` of images stored
 /// `image_len` apart; two passes, as in `norm`.
-fn channel_stats<T: Float>(data: &[T], image_len: usize, channels: Range<usize>, pixels: usize) -> (Vec<f64>, Vec<f64>) {
+fn channel_stats<T: Float>(
+    data: &[T],
+    image_len: usize,
+    channels: Range<usize>,
+    pixels: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let batch = data.len() / image_len;
     let count = (batch * pixels) as f64;
     let plane = |n: usize, c: usize| &data[n * image_len + c * pixels..][..pixels];
     channels
         .into_par_iter()
         .map(|c| {
-            let mean = (0..batch).map(|n| plane(n, c).iter().map(|&v| v.into()).sum::<f64>()).sum::<f64>() / count;
+            let mean = (0..batch)
+                .map(|n| plane(n, c).iter().map(|&v| v.into()).sum::<f64>())
+                .sum::<f64>()
+                / count;
             let var = (0..batch)
                 .map(|n| plane(n, c).iter().map(|&v| (v.into() - mean).powi(2)).sum::<f64>())
                 .sum::<f64>()
@@ -293,7 +379,11 @@ unsafe impl<T: Send> Sync for Images<T> {}
 
 impl<T> Images<T> {
     fn new(buffer: &mut [T], image_len: usize) -> Self {
-        Self { ptr: buffer.as_mut_ptr(), image_len, batch: buffer.len() / image_len }
+        Self {
+            ptr: buffer.as_mut_ptr(),
+            image_len,
+            batch: buffer.len() / image_len,
+        }
     }
 
     /// # Safety
@@ -310,7 +400,11 @@ impl<T> Images<T> {
     /// No other reference to these elements may be alive while the returned one is.
     #[allow(clippy::mut_from_ref)]
     unsafe fn part(&self, n: usize, range: Range<usize>) -> &mut [T] {
-        assert!(n < self.batch && range.start <= range.end && range.end <= self.image_len, "image {n} of {}, {range:?}", self.batch);
+        assert!(
+            n < self.batch && range.start <= range.end && range.end <= self.image_len,
+            "image {n} of {}, {range:?}",
+            self.batch
+        );
         // SAFETY: in bounds (checked above); exclusivity is the caller's promise.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(n * self.image_len + range.start), range.len()) }
     }
@@ -346,8 +440,16 @@ impl Share {
 
 impl Parts {
     fn new(batch: usize) -> Self {
-        let count = if conv::split_by_image(batch) { conv::threads().min(batch) } else { 1 };
-        Self { batch, count, split_channels: false }
+        let count = if conv::split_by_image(batch) {
+            conv::threads().min(batch)
+        } else {
+            1
+        };
+        Self {
+            batch,
+            count,
+            split_channels: false,
+        }
     }
 
     /// Inference at batch 1 is a long chain of small products (a 4×4 image in the
@@ -360,7 +462,11 @@ impl Parts {
         if conv::split_by_image(batch) || threads == 1 {
             Self::new(batch)
         } else {
-            Self { batch, count: threads, split_channels: true }
+            Self {
+                batch,
+                count: threads,
+                split_channels: true,
+            }
         }
     }
 
@@ -368,7 +474,10 @@ impl Parts {
     fn run<R: Send>(&self, work: impl Fn(usize, Range<usize>, Share, Parallelism) -> R + Sync) -> Vec<R> {
         if self.split_channels {
             let count = self.count;
-            return (0..count).into_par_iter().map(|p| work(p, 0..self.batch, Share { index: p, count }, Parallelism::None)).collect();
+            return (0..count)
+                .into_par_iter()
+                .map(|p| work(p, 0..self.batch, Share { index: p, count }, Parallelism::None))
+                .collect();
         }
         if self.count == 1 {
             return vec![work(0, 0..self.batch, Share::WHOLE, conv::gemm_parallelism(false))];
@@ -376,7 +485,14 @@ impl Parts {
         let per_part = self.batch.div_ceil(self.count);
         (0..self.count)
             .into_par_iter()
-            .map(|p| work(p, p * per_part..((p + 1) * per_part).min(self.batch), Share::WHOLE, conv::gemm_parallelism(true)))
+            .map(|p| {
+                work(
+                    p,
+                    p * per_part..((p + 1) * per_part).min(self.batch),
+                    Share::WHOLE,
+                    conv::gemm_parallelism(true),
+                )
+            })
             .collect()
     }
 }
@@ -508,9 +624,17 @@ fn relu_grad_and_sums<T: Float>(
             let dst = &mut dst[..dy.len()];
             let f = |(c, (dy, dst)): (usize, (&mut [T], &mut [T]))| plane(c, dy, Some(dst));
             if is_parallel(par) {
-                dy.par_chunks_exact_mut(pixels).zip(dst.par_chunks_exact_mut(pixels)).enumerate().map(f).collect()
+                dy.par_chunks_exact_mut(pixels)
+                    .zip(dst.par_chunks_exact_mut(pixels))
+                    .enumerate()
+                    .map(f)
+                    .collect()
             } else {
-                dy.chunks_exact_mut(pixels).zip(dst.chunks_exact_mut(pixels)).enumerate().map(f).collect()
+                dy.chunks_exact_mut(pixels)
+                    .zip(dst.chunks_exact_mut(pixels))
+                    .enumerate()
+                    .map(f)
+                    .collect()
             }
         }
         _ => each_plane(par, dy, pixels, |c, dy| plane(c, dy, None)),
@@ -540,7 +664,15 @@ fn norm_input_grad_coefficients(norm: &Affine, sums: &[f64], batch_stats: bool, 
 }
 
 /// `dst (=|+=) k·dy + on_x·x + constant`, plane by plane.
-fn apply_input_grad<T: Float>(dy: &[T], x: &[T], coefficients: &[[f64; 3]], pixels: usize, dst: &mut [T], add: bool, par: Parallelism) {
+fn apply_input_grad<T: Float>(
+    dy: &[T],
+    x: &[T],
+    coefficients: &[[f64; 3]],
+    pixels: usize,
+    dst: &mut [T],
+    add: bool,
+    par: Parallelism,
+) {
     simd_fn! {
         fn plane<T: Float>(dst: &mut [T], dy: &[T], x: &[T], coefficients: [T; 3], add: bool) {
             let [k, on_x, constant] = coefficients;
@@ -607,7 +739,13 @@ impl Padded {
 
 /// `dst = relu(src·scale + shift)` into the interior of padded planes; their border
 /// is never written, so it stays zero.
-fn scale_shift_relu_padded<T: Float>(src: &[T], (scale, shift): (&[T], &[T]), pad: Padded, dst: &mut [T], par: Parallelism) {
+fn scale_shift_relu_padded<T: Float>(
+    src: &[T],
+    (scale, shift): (&[T], &[T]),
+    pad: Padded,
+    dst: &mut [T],
+    par: Parallelism,
+) {
     simd_fn! {
         fn plane<T: Float>(dst: &mut [T], src: &[T], a: T, b: T, w: usize) {
             for (dst_row, src_row) in dst.chunks_exact_mut(w + 2).skip(1).zip(src.chunks_exact(w)) {
@@ -628,7 +766,11 @@ fn scale_shift_relu_padded<T: Float>(src: &[T], (scale, shift): (&[T], &[T]), pa
 /// `dst (out_channels × wide rows) = conv3x3(weight, src)`, `src` padded, one product per tap.
 fn conv3x3<T: Float>(weight: &[T], in_channels: usize, src: &[T], pad: Padded, dst: &mut [T], par: Parallelism) {
     let out_channels = weight.len() / (9 * in_channels);
-    assert!(src.len() >= pad.len(in_channels), "padded input of {} elements for {in_channels} channels", src.len());
+    assert!(
+        src.len() >= pad.len(in_channels),
+        "padded input of {} elements for {in_channels} channels",
+        src.len()
+    );
     for tap in 0..9 {
         let w = Mat::strided(weight[tap..].as_ptr(), in_channels * 9, 9);
         let x = Mat::strided(src[pad.tap_offset(tap)..].as_ptr(), pad.plane(), 1);
@@ -638,15 +780,36 @@ fn conv3x3<T: Float>(weight: &[T], in_channels: usize, src: &[T], pad: Padded, d
 
 /// The gradient of [`conv3x3`]'s weight, `(+)= d_wide · tapᵀ` for each tap, from the
 /// output gradient in wide rows whose discarded columns are zero.
-fn conv3x3_weight_grad<T: Float>(d_wide: &[T], src: &[T], pad: Padded, d_weight: &mut [T], accumulate: bool, par: Parallelism) {
+fn conv3x3_weight_grad<T: Float>(
+    d_wide: &[T],
+    src: &[T],
+    pad: Padded,
+    d_weight: &mut [T],
+    accumulate: bool,
+    par: Parallelism,
+) {
     let out_channels = d_wide.len() / pad.wide();
     let in_channels = d_weight.len() / (9 * out_channels);
-    assert!(src.len() >= pad.len(in_channels), "padded input of {} elements for {in_channels} channels", src.len());
+    assert!(
+        src.len() >= pad.len(in_channels),
+        "padded input of {} elements for {in_channels} channels",
+        src.len()
+    );
     for tap in 0..9 {
         let dy = Mat::rows(d_wide.as_ptr(), pad.wide());
         let x_t = Mat::strided(src[pad.tap_offset(tap)..].as_ptr(), 1, pad.plane());
         let dst = &mut d_weight[tap..];
-        matmul_strided(dst, (in_channels * 9, 9), out_channels, in_channels, pad.wide(), dy, x_t, accumulate, par);
+        matmul_strided(
+            dst,
+            (in_channels * 9, 9),
+            out_channels,
+            in_channels,
+            pad.wide(),
+            dy,
+            x_t,
+            accumulate,
+            par,
+        );
     }
 }
 
@@ -695,8 +858,12 @@ fn with_slices<T: Float, R>(tensors: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Resu
     let slices = guards
         .iter()
         .map(|(storage, layout)| {
-            let Storage::Cpu(cpu) = &**storage else { bail!("dense block: runs on the CPU only") };
-            let Some((start, end)) = layout.contiguous_offsets() else { bail!("dense block: expects contiguous parameters") };
+            let Storage::Cpu(cpu) = &**storage else {
+                bail!("dense block: runs on the CPU only")
+            };
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                bail!("dense block: expects contiguous parameters")
+            };
             Ok(&T::cpu_storage_as_slice(cpu)?[start..end])
         })
         .collect::<Result<Vec<_>>>()?;
@@ -747,7 +914,12 @@ impl DenseBlock {
     }
 
     /// The BatchNorm over `channels`, from the batch's `stats` or the running statistics.
-    fn affine<T: Float>(&self, [weight, bias]: [&[T]; 2], [rmean, rvar]: [&[T]; 2], stats: Option<(&[f64], &[f64])>) -> (Affine, Vec<f64>) {
+    fn affine<T: Float>(
+        &self,
+        [weight, bias]: [&[T]; 2],
+        [rmean, rvar]: [&[T]; 2],
+        stats: Option<(&[f64], &[f64])>,
+    ) -> (Affine, Vec<f64>) {
         let (mean, var) = match stats {
             Some((mean, var)) => (mean.to_vec(), var.to_vec()),
             None => (to_f64(rmean), to_f64(rvar)),
@@ -756,7 +928,9 @@ impl DenseBlock {
     }
 
     fn forward<T: Float>(&self, xs: &[T], save: bool) -> Result<Vec<T>> {
-        with_slices::<T, _>(&self.all_tensors(), |slices| Ok(self.forward_with(xs, &LayerSlices::of(slices), save)))
+        with_slices::<T, _>(&self.all_tensors(), |slices| {
+            Ok(self.forward_with(xs, &LayerSlices::of(slices), save))
+        })
     }
 
     fn forward_with<T: Float>(&self, xs: &[T], params: &[LayerSlices<T>], save: bool) -> Vec<T> {
@@ -776,7 +950,11 @@ impl DenseBlock {
         };
         let parts = Parts::for_forward(b.batch);
         let scratch = Scratch::<T>::for_parts(&parts, &b, Pass::Forward);
-        let mut saved = Saved { bottlenecks: Vec::new(), norms: Vec::new(), variances: Vec::new() };
+        let mut saved = Saved {
+            bottlenecks: Vec::new(),
+            norms: Vec::new(),
+            variances: Vec::new(),
+        };
         let mut bottleneck = Vec::new();
         for (l, p) in params.iter().enumerate() {
             // A saved bottleneck moves into `saved`; otherwise one buffer serves every layer.
@@ -792,14 +970,25 @@ impl DenseBlock {
                 let normed = &mut lock(&scratch[part]).normed;
                 let rows = share.of(b.bottleneck);
                 for n in images {
-                    scale_shift_relu(&out[n * image_len..][..c_in * pixels], (&scale1, &shift1), pixels, normed, par);
+                    scale_shift_relu(
+                        &out[n * image_len..][..c_in * pixels],
+                        (&scale1, &shift1),
+                        pixels,
+                        normed,
+                        par,
+                    );
                     // SAFETY: each (image, share of channels) belongs to one part.
                     let dst = unsafe { bottlenecks.part(n, rows.start * pixels..rows.end * pixels) };
-                    let (w, x) = (Mat::rows(p.conv1[rows.start * c_in..].as_ptr(), c_in), Mat::rows(normed.as_ptr(), pixels));
+                    let (w, x) = (
+                        Mat::rows(p.conv1[rows.start * c_in..].as_ptr(), c_in),
+                        Mat::rows(normed.as_ptr(), pixels),
+                    );
                     matmul(dst, rows.len(), pixels, c_in, w, x, false, par);
                 }
             });
-            let stats2 = self.batch_stats.then(|| channel_stats(&bottleneck, bottleneck_len, 0..b.bottleneck, pixels));
+            let stats2 = self
+                .batch_stats
+                .then(|| channel_stats(&bottleneck, bottleneck_len, 0..b.bottleneck, pixels));
             let (norm2, var2) = self.affine(p.norm2, p.running2, stats2.as_ref().map(|(m, v)| (&m[..], &v[..])));
             let (scale2, shift2) = norm2.in_type::<T>();
             let images = Images::new(&mut out, image_len);
@@ -809,7 +998,13 @@ impl DenseBlock {
                 let conv2 = &p.conv2[rows.start * b.bottleneck * 9..rows.end * b.bottleneck * 9];
                 let wide = &mut wide[..rows.len() * pad.wide()];
                 for n in range {
-                    scale_shift_relu_padded(&bottleneck[n * bottleneck_len..][..bottleneck_len], (&scale2, &shift2), pad, padded, par);
+                    scale_shift_relu_padded(
+                        &bottleneck[n * bottleneck_len..][..bottleneck_len],
+                        (&scale2, &shift2),
+                        pad,
+                        padded,
+                        par,
+                    );
                     conv3x3(conv2, b.bottleneck, padded, pad, wide, par);
                     // SAFETY: each (image, share of channels) belongs to one part.
                     let dst = unsafe { images.part(n, (c_in + rows.start) * pixels..(c_in + rows.end) * pixels) };
@@ -822,7 +1017,9 @@ impl DenseBlock {
                 vars.extend(v);
             }
             if save {
-                saved.bottlenecks.push(T::to_cpu_storage_owned(std::mem::take(&mut bottleneck)));
+                saved
+                    .bottlenecks
+                    .push(T::to_cpu_storage_owned(std::mem::take(&mut bottleneck)));
             }
             saved.norms.push((norm1, norm2));
             saved.variances.push((var1, var2));
@@ -838,14 +1035,26 @@ impl DenseBlock {
         let Some(saved) = saved.as_ref().filter(|s| s.bottlenecks.len() == self.block.layers) else {
             bail!("dense block: backward without a saved forward pass")
         };
-        with_slices::<T, _>(&self.all_tensors(), |slices| self.backward_with(out, grad, &LayerSlices::of(slices), saved))
+        with_slices::<T, _>(&self.all_tensors(), |slices| {
+            self.backward_with(out, grad, &LayerSlices::of(slices), saved)
+        })
     }
 
-    fn backward_with<T: Float>(&self, out: &[T], grad: &[T], params: &[LayerSlices<T>], saved: &Saved) -> Result<(Vec<T>, Vec<T>)> {
+    fn backward_with<T: Float>(
+        &self,
+        out: &[T],
+        grad: &[T],
+        params: &[LayerSlices<T>],
+        saved: &Saved,
+    ) -> Result<(Vec<T>, Vec<T>)> {
         let b = self.block;
         let (pixels, image_len, bottleneck_len) = (b.pixels(), b.image_len(), b.bottleneck_len());
         let parts = Parts::new(b.batch);
-        let pass = if self.batch_stats { Pass::Backward } else { Pass::InferenceBackward };
+        let pass = if self.batch_stats {
+            Pass::Backward
+        } else {
+            Pass::InferenceBackward
+        };
         let scratch = Scratch::<T>::for_parts(&parts, &b, pass);
         // The gradient of the whole block, completed layer by layer from the last:
         // a layer's own channels have all their gradient once the later layers are done.
@@ -854,7 +1063,10 @@ impl DenseBlock {
         // sums over the whole batch, so a layer runs in three passes over the batch,
         // with its gradients kept between them. In inference mode a layer is one pass.
         let (mut d_bottleneck, mut d_normed1) = if self.batch_stats {
-            (vec![T::zero(); b.batch * bottleneck_len], vec![T::zero(); b.batch * image_len])
+            (
+                vec![T::zero(); b.batch * bottleneck_len],
+                vec![T::zero(); b.batch * image_len],
+            )
         } else {
             (Vec::new(), Vec::new())
         };
@@ -896,7 +1108,11 @@ impl DenseBlock {
                 let d_n1 = Images::new(&mut d_normed1, image_len);
                 let d_bn = &d_bottleneck;
                 let results = parts.run(|part, images, _, par| {
-                    let Scratch { normed, d_bottleneck: d_x2, .. } = &mut *lock(&scratch[part]);
+                    let Scratch {
+                        normed,
+                        d_bottleneck: d_x2,
+                        ..
+                    } = &mut *lock(&scratch[part]);
                     let mut d_w1 = vec![T::zero(); b.bottleneck * c_in];
                     let mut sums = vec![0f64; 2 * c_in];
                     for n in images.clone() {
@@ -935,7 +1151,15 @@ impl DenseBlock {
                         // SAFETY: each image belongs to one part.
                         let (d_read, d_new) = unsafe { d_all.image(n) }.split_at_mut(c_in * pixels);
                         let mut d_x2 = std::mem::take(&mut scratch.d_bottleneck);
-                        layer.conv2_backward(n, &d_new[..b.growth * pixels], scratch, &mut d_w2, n > images.start, &mut d_x2, par);
+                        layer.conv2_backward(
+                            n,
+                            &d_new[..b.growth * pixels],
+                            scratch,
+                            &mut d_w2,
+                            n > images.start,
+                            &mut d_x2,
+                            par,
+                        );
                         layer.relu_backward2(n, &mut d_x2, &mut sums2, ThenNorm::Overwrite, par);
                         let mut d_y = std::mem::take(&mut scratch.d_input);
                         let d_y1 = &mut d_y[..c_in * pixels];
@@ -945,7 +1169,8 @@ impl DenseBlock {
                     }
                     (d_w1, sums1, d_w2, sums2)
                 });
-                let (conv1, conv2): (Vec<_>, Vec<_>) = results.into_iter().map(|(w1, s1, w2, s2)| ((w1, s1), (w2, s2))).unzip();
+                let (conv1, conv2): (Vec<_>, Vec<_>) =
+                    results.into_iter().map(|(w1, s1, w2, s2)| ((w1, s1), (w2, s2))).unzip();
                 let ((d_w1, sums1), (d_w2, sums2)) = (sum_weight_parts(conv1), sum_weight_parts(conv2));
                 (d_w1, sums1, d_w2, sums2)
             };
@@ -954,7 +1179,10 @@ impl DenseBlock {
             layer_grads.push([d_gamma1, d_beta1, d_w1, d_gamma2, d_beta2, d_w2]);
         }
         let input_len = b.in_channels * pixels;
-        let d_xs: Vec<T> = d_out.chunks_exact(image_len).flat_map(|image| image[..input_len].iter().copied()).collect();
+        let d_xs: Vec<T> = d_out
+            .chunks_exact(image_len)
+            .flat_map(|image| image[..input_len].iter().copied())
+            .collect();
         let d_params: Vec<T> = layer_grads.into_iter().rev().flatten().flatten().collect();
         Ok((d_xs, d_params))
     }
@@ -988,41 +1216,107 @@ impl<T: Float> LayerBackward<'_, T> {
     /// conv2's weight gradient (`(+)=` into `d_w2`) and the gradient of its input
     /// (norm2's ReLU output) into `d_y`, from the layer's output gradient `d_new`.
     #[allow(clippy::too_many_arguments)]
-    fn conv2_backward(&self, n: usize, d_new: &[T], scratch: &mut Scratch<T>, d_w2: &mut [T], accumulate: bool, d_y: &mut [T], par: Parallelism) {
+    fn conv2_backward(
+        &self,
+        n: usize,
+        d_new: &[T],
+        scratch: &mut Scratch<T>,
+        d_w2: &mut [T],
+        accumulate: bool,
+        d_y: &mut [T],
+        par: Parallelism,
+    ) {
         let b = self.block;
         let (pad, geometry) = (b.padded(), b.conv2_input_grad());
         let Scratch { cols, padded, wide, .. } = scratch;
-        scale_shift_relu_padded(self.bottleneck_of(n), (&self.affine2.0, &self.affine2.1), pad, padded, par);
+        scale_shift_relu_padded(
+            self.bottleneck_of(n),
+            (&self.affine2.0, &self.affine2.1),
+            pad,
+            padded,
+            par,
+        );
         widen_rows(d_new, b.w, wide);
         conv3x3_weight_grad(wide, padded, pad, d_w2, accumulate, par);
         let d_cols = &mut cols[..geometry.patch_len() * b.pixels()];
         im2col(&geometry, d_new, d_cols, par);
-        let (w, dy) = (Mat::rows(self.w2_flipped.as_ptr(), geometry.patch_len()), Mat::rows(d_cols.as_ptr(), b.pixels()));
-        matmul(&mut d_y[..b.bottleneck_len()], b.bottleneck, b.pixels(), geometry.patch_len(), w, dy, false, par);
+        let (w, dy) = (
+            Mat::rows(self.w2_flipped.as_ptr(), geometry.patch_len()),
+            Mat::rows(d_cols.as_ptr(), b.pixels()),
+        );
+        matmul(
+            &mut d_y[..b.bottleneck_len()],
+            b.bottleneck,
+            b.pixels(),
+            geometry.patch_len(),
+            w,
+            dy,
+            false,
+            par,
+        );
     }
 
     /// conv1's weight gradient (`(+)=` into `d_w1`) and the gradient of its input (norm1's
     /// ReLU output) into `d_y`, from the bottleneck's gradient `d_x2`.
     #[allow(clippy::too_many_arguments)]
-    fn conv1_backward(&self, n: usize, d_x2: &[T], normed: &mut [T], d_w1: &mut [T], accumulate: bool, d_y: &mut [T], par: Parallelism) {
+    fn conv1_backward(
+        &self,
+        n: usize,
+        d_x2: &[T],
+        normed: &mut [T],
+        d_w1: &mut [T],
+        accumulate: bool,
+        d_y: &mut [T],
+        par: Parallelism,
+    ) {
         let (b, c_in) = (self.block, self.c_in);
         let pixels = b.pixels();
         let normed = &mut normed[..c_in * pixels];
-        scale_shift_relu(self.input_of(n), (&self.affine1.0, &self.affine1.1), pixels, normed, par);
-        let (dy, x_t) = (Mat::rows(d_x2.as_ptr(), pixels), Mat::transposed(normed.as_ptr(), pixels));
+        scale_shift_relu(
+            self.input_of(n),
+            (&self.affine1.0, &self.affine1.1),
+            pixels,
+            normed,
+            par,
+        );
+        let (dy, x_t) = (
+            Mat::rows(d_x2.as_ptr(), pixels),
+            Mat::transposed(normed.as_ptr(), pixels),
+        );
         matmul(d_w1, b.bottleneck, c_in, pixels, dy, x_t, accumulate, par);
-        let (w_t, dy) = (Mat::transposed(self.p.conv1.as_ptr(), c_in), Mat::rows(d_x2.as_ptr(), pixels));
+        let (w_t, dy) = (
+            Mat::transposed(self.p.conv1.as_ptr(), c_in),
+            Mat::rows(d_x2.as_ptr(), pixels),
+        );
         matmul(d_y, c_in, pixels, b.bottleneck, w_t, dy, false, par);
     }
 
     fn relu_backward2(&self, n: usize, d_y: &mut [T], sums: &mut [f64], then: ThenNorm<T>, par: Parallelism) {
         let affine = (&self.affine2.0[..], &self.affine2.1[..]);
-        relu_grad_and_sums(d_y, self.bottleneck_of(n), &self.norms.1, affine, self.block.pixels(), sums, then, par);
+        relu_grad_and_sums(
+            d_y,
+            self.bottleneck_of(n),
+            &self.norms.1,
+            affine,
+            self.block.pixels(),
+            sums,
+            then,
+            par,
+        );
     }
 
     fn relu_backward1(&self, n: usize, d_y: &mut [T], sums: &mut [f64], then: ThenNorm<T>, par: Parallelism) {
         let affine = (&self.affine1.0[..], &self.affine1.1[..]);
-        relu_grad_and_sums(d_y, self.input_of(n), &self.norms.0, affine, self.block.pixels(), sums, then, par);
+        relu_grad_and_sums(
+            d_y,
+            self.input_of(n),
+            &self.norms.0,
+            affine,
+            self.block.pixels(),
+            sums,
+            then,
+            par,
+        );
     }
 }
 
@@ -1040,7 +1334,9 @@ fn norm_param_grads<T: Float>(sums: &[f64]) -> (Vec<T>, Vec<T>) {
 }
 
 fn contiguous<'a, T: Float>(data: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else { bail!("dense block: expects contiguous tensors") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("dense block: expects contiguous tensors")
+    };
     Ok(&T::cpu_storage_as_slice(data)?[start..end])
 }
 
@@ -1049,7 +1345,10 @@ impl DenseBlock {
         let out = match storage {
             CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(contiguous(storage, layout)?, save)?),
             CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(contiguous(storage, layout)?, save)?),
-            other => bail!("dense block: unsupported dtype {:?}, only f32 and f64 are supported", other.dtype()),
+            other => bail!(
+                "dense block: unsupported dtype {:?}, only f32 and f64 are supported",
+                other.dtype()
+            ),
         };
         Ok((out, self.block.out_shape()))
     }
@@ -1070,12 +1369,24 @@ impl CustomOp2 for DenseBlock {
         "dense-block"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout, _packed: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        _packed: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         // The parameters are read from `self.layers`; the packed tensor only carries their gradient.
         self.run_forward(storage, layout, true)
     }
 
-    fn bwd(&self, xs: &Tensor, packed: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        packed: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grads = out.apply_op2_no_bwd(&grad.contiguous()?, &DenseBlockGrad(self))?;
         let d_xs = grads.narrow(0, 0, xs.elem_count())?.reshape(xs.shape())?;
         let d_packed = grads.narrow(0, xs.elem_count(), packed.elem_count())?;
@@ -1092,7 +1403,13 @@ impl CustomOp2 for DenseBlockGrad<'_> {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Float>(op: &DenseBlock, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<Vec<T>> {
+        fn run<T: Float>(
+            op: &DenseBlock,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> Result<Vec<T>> {
             let (mut d_xs, d_params) = op.backward(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?)?;
             d_xs.extend(d_params);
             Ok(d_xs)
@@ -1122,21 +1439,49 @@ mod tests {
 
     fn random(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Tensor {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let data: Vec<f64> = (0..shape.iter().product::<usize>()).map(|_| rng.random_range(lo..hi)).collect();
+        let data: Vec<f64> = (0..shape.iter().product::<usize>())
+            .map(|_| rng.random_range(lo..hi))
+            .collect();
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     fn max_abs(a: &Tensor) -> f64 {
-        a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        a.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Random layers whose trainable tensors are variables; running statistics are
     /// plain tensors away from 0 and 1 so that inference mode is not the identity.
-    fn layers(in_channels: usize, growth: usize, bottleneck: usize, count: usize, seed: u64) -> (Vec<LayerTensors>, Vec<Var>) {
+    fn layers(
+        in_channels: usize,
+        growth: usize,
+        bottleneck: usize,
+        count: usize,
+        seed: u64,
+    ) -> (Vec<LayerTensors>, Vec<Var>) {
         let mut vars = Vec::new();
         let mut var = |shape: &[usize], seed: u64, lo: f64, hi: f64| {
             let v = Var::from_tensor(&random(shape, seed, lo, hi)).unwrap();
@@ -1173,12 +1518,25 @@ mod tests {
         let c = xs.dim(1).unwrap();
         let (mean, var) = if batch_stats {
             let mean = xs.mean_keepdim((0, 2, 3)).unwrap();
-            let var = xs.broadcast_sub(&mean).unwrap().sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
+            let var = xs
+                .broadcast_sub(&mean)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_keepdim((0, 2, 3))
+                .unwrap();
             (mean, var)
         } else {
-            (norm.running_mean.reshape((1, c, 1, 1)).unwrap(), norm.running_var.reshape((1, c, 1, 1)).unwrap())
+            (
+                norm.running_mean.reshape((1, c, 1, 1)).unwrap(),
+                norm.running_var.reshape((1, c, 1, 1)).unwrap(),
+            )
         };
-        let normed = xs.broadcast_sub(&mean).unwrap().broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
+        let normed = xs
+            .broadcast_sub(&mean)
+            .unwrap()
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap();
         normed
             .broadcast_mul(&norm.weight.reshape((1, c, 1, 1)).unwrap())
             .unwrap()
@@ -1193,8 +1551,12 @@ mod tests {
         let mut features = vec![xs.clone()];
         for layer in layers {
             let input = Tensor::cat(&features, 1).unwrap();
-            let h = reference_norm_relu(&input, &layer.norm1, batch_stats, eps).conv2d(&layer.conv1, 0, 1, 1, 1).unwrap();
-            let h = reference_norm_relu(&h, &layer.norm2, batch_stats, eps).conv2d(&layer.conv2, 1, 1, 1, 1).unwrap();
+            let h = reference_norm_relu(&input, &layer.norm1, batch_stats, eps)
+                .conv2d(&layer.conv1, 0, 1, 1, 1)
+                .unwrap();
+            let h = reference_norm_relu(&h, &layer.norm2, batch_stats, eps)
+                .conv2d(&layer.conv2, 1, 1, 1, 1)
+                .unwrap();
             features.push(h);
         }
         Tensor::cat(&features, 1).unwrap()
@@ -1202,7 +1564,15 @@ mod tests {
 
     /// Ours against the reference in f64, outputs and the gradients of the input and
     /// of every trainable tensor: 1e-9 (the sums differ in order only).
-    fn check(batch: usize, in_channels: usize, growth: usize, bottleneck: usize, count: usize, side: (usize, usize), batch_stats: bool) {
+    fn check(
+        batch: usize,
+        in_channels: usize,
+        growth: usize,
+        bottleneck: usize,
+        count: usize,
+        side: (usize, usize),
+        batch_stats: bool,
+    ) {
         let what = format!(
             "batch {batch} in {in_channels} growth {growth} bottleneck {bottleneck} layers {count} side {side:?} batch_stats {batch_stats}"
         );
@@ -1212,7 +1582,11 @@ mod tests {
         let (ours, stats) = dense_block(&xs, &layers, batch_stats, eps, true).unwrap();
         let expected = reference(&xs, &layers, batch_stats, eps);
         assert_eq!(ours.dims(), expected.dims(), "{what}");
-        assert!(max_abs_diff(&ours, &expected) < 1e-9, "forward {what}: {}", max_abs_diff(&ours, &expected));
+        assert!(
+            max_abs_diff(&ours, &expected) < 1e-9,
+            "forward {what}: {}",
+            max_abs_diff(&ours, &expected)
+        );
         assert_eq!(stats.is_some(), batch_stats);
 
         let probe = random(ours.dims(), 3, -1.0, 1.0);
@@ -1221,7 +1595,11 @@ mod tests {
         for (i, var) in std::iter::once(&xs).chain(&vars).enumerate() {
             let (a, b) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
             assert!(max_abs(b) > 1e-6, "tensor {i} has no reference gradient ({what})");
-            assert!(max_abs_diff(a, b) < 1e-9, "gradient of tensor {i} {what}: {}", max_abs_diff(a, b));
+            assert!(
+                max_abs_diff(a, b) < 1e-9,
+                "gradient of tensor {i} {what}: {}",
+                max_abs_diff(a, b)
+            );
         }
     }
 
@@ -1245,9 +1623,23 @@ mod tests {
         let stats = stats.unwrap();
         // Layer 2 reads the input and layer 1's channels; norm2 sees its own bottleneck.
         let input = out.narrow(1, 0, 5).unwrap();
-        let mean: Vec<f64> = input.mean_keepdim((0, 2, 3)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let mean: Vec<f64> = input
+            .mean_keepdim((0, 2, 3))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let centred = input.broadcast_sub(&input.mean_keepdim((0, 2, 3)).unwrap()).unwrap();
-        let var: Vec<f64> = centred.sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let var: Vec<f64> = centred
+            .sqr()
+            .unwrap()
+            .mean_keepdim((0, 2, 3))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for c in 0..5 {
             assert!((stats[1].mean1[c] - mean[c]).abs() < 1e-12 && (stats[1].var1[c] - var[c]).abs() < 1e-12);
         }
@@ -1269,7 +1661,12 @@ mod tests {
                     running_mean: to_f32(&n.running_mean),
                     running_var: to_f32(&n.running_var),
                 };
-                LayerTensors { norm1: norm(&l.norm1), conv1: to_f32(&l.conv1), norm2: norm(&l.norm2), conv2: to_f32(&l.conv2) }
+                LayerTensors {
+                    norm1: norm(&l.norm1),
+                    conv1: to_f32(&l.conv1),
+                    norm2: norm(&l.norm2),
+                    conv2: to_f32(&l.conv2),
+                }
             })
             .collect();
         for batch_stats in [true, false] {
@@ -1285,12 +1682,21 @@ mod tests {
         let (layers, _) = layers(3, 2, 4, 2, 1);
         assert!(dense_block(&random(&[1, 4, 5, 5], 1, 0.0, 1.0), &layers, false, 1e-5, false).is_err());
         assert!(dense_block(&random(&[3, 5, 5], 1, 0.0, 1.0), &layers, false, 1e-5, false).is_err());
-        assert!(dense_block(&random(&[1, 3, 5, 5], 1, 0.0, 1.0).to_dtype(DType::F32).unwrap(), &layers, false, 1e-5, false).is_err());
+        assert!(dense_block(
+            &random(&[1, 3, 5, 5], 1, 0.0, 1.0).to_dtype(DType::F32).unwrap(),
+            &layers,
+            false,
+            1e-5,
+            false
+        )
+        .is_err());
         assert!(dense_block(&random(&[1, 3, 1, 1], 1, 0.0, 1.0), &layers, true, 1e-5, false).is_err());
         assert!(dense_block(&random(&[1, 3, 5, 5], 1, 0.0, 1.0), &[], false, 1e-5, false).is_err());
         let mut wrong = layers.clone();
         wrong[1].conv1 = random(&[4, 4, 1, 1], 1, 0.0, 1.0);
-        let message = dense_block(&random(&[1, 3, 5, 5], 1, 0.0, 1.0), &wrong, false, 1e-5, false).unwrap_err().to_string();
+        let message = dense_block(&random(&[1, 3, 5, 5], 1, 0.0, 1.0), &wrong, false, 1e-5, false)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("layer 2 conv1.weight"), "{message}");
     }
 }

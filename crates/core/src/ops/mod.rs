@@ -70,8 +70,14 @@ pub(crate) fn lane_dot<T: WithDType>(a: &[T], b: Option<&[T]>) -> f64 {
 }
 
 /// The contiguous data of a CPU storage as `&[T]`, or an error naming the op.
-pub(crate) fn contiguous_slice<'a, T: WithDType>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: expects contiguous tensors") };
+pub(crate) fn contiguous_slice<'a, T: WithDType>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op}: expects contiguous tensors")
+    };
     Ok(&T::cpu_storage_as_slice(storage)?[start..end])
 }
 

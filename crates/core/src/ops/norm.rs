@@ -17,7 +17,8 @@ use rayon::prelude::*;
 /// `relu(xs · scale + shift)` with per-channel `scale` and `shift` of shape (C,).
 pub fn scale_shift_relu(xs: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
     let planes = Planes::new("scale-shift-relu", xs.dims(), &[scale.dims(), shift.dims()])?;
-    xs.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ScaleShiftRelu(planes))
+    xs.contiguous()?
+        .apply_op3(&scale.contiguous()?, &shift.contiguous()?, ScaleShiftRelu(planes))
 }
 
 /// `relu(batch_norm(xs))` normalised with the batch's statistics over (N, H, W), then
@@ -31,7 +32,11 @@ pub fn batch_norm_relu(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) ->
     let xs = xs.contiguous()?;
     let stats = xs.apply_op1_no_bwd(&ChannelStats(planes))?;
     let (mean, var) = (stats.get(0)?, stats.get(1)?);
-    let op = BatchNormRelu { planes, stats: stats.to_dtype(DType::F64)?.to_vec2()?, eps };
+    let op = BatchNormRelu {
+        planes,
+        stats: stats.to_dtype(DType::F64)?.to_vec2()?,
+        eps,
+    };
     let ys = xs.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
     Ok((ys, mean, var))
 }
@@ -54,7 +59,11 @@ impl Planes {
                 bail!("{op}: per-channel parameters must have shape [{channels}], got {dims:?}")
             }
         }
-        Ok(Self { batch, channels, pixels: h * w })
+        Ok(Self {
+            batch,
+            channels,
+            pixels: h * w,
+        })
     }
 
     fn channel(&self, plane: usize) -> usize {
@@ -86,7 +95,9 @@ fn contiguous<'a, T: Float>(op: &str, data: &'a [T], layout: &Layout) -> Result<
 }
 
 fn unsupported(op: &str, dtype: DType) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{op}: unsupported dtype {dtype:?}, only f32 and f64 are supported"))
+    candle_core::Error::Msg(format!(
+        "{op}: unsupported dtype {dtype:?}, only f32 and f64 are supported"
+    ))
 }
 
 /// Runs `$body` on contiguous `f32` or `f64` slices of three CPU storages of one dtype.
@@ -94,11 +105,19 @@ macro_rules! float_op3 {
     ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
         match ($s1, $s2, $s3) {
             (CpuStorage::F32($a), CpuStorage::F32($b), CpuStorage::F32($c)) => {
-                let ($a, $b, $c) = (contiguous($name, $a, $l1)?, contiguous($name, $b, $l2)?, contiguous($name, $c, $l3)?);
+                let ($a, $b, $c) = (
+                    contiguous($name, $a, $l1)?,
+                    contiguous($name, $b, $l2)?,
+                    contiguous($name, $c, $l3)?,
+                );
                 CpuStorage::F32($body)
             }
             (CpuStorage::F64($a), CpuStorage::F64($b), CpuStorage::F64($c)) => {
-                let ($a, $b, $c) = (contiguous($name, $a, $l1)?, contiguous($name, $b, $l2)?, contiguous($name, $c, $l3)?);
+                let ($a, $b, $c) = (
+                    contiguous($name, $a, $l1)?,
+                    contiguous($name, $b, $l2)?,
+                    contiguous($name, $c, $l3)?,
+                );
                 CpuStorage::F64($body)
             }
             (x, ..) => return Err(unsupported($name, x.dtype())),
@@ -161,13 +180,15 @@ fn channel_sums<const K: usize>(planes: Planes, f: impl Fn(usize) -> [f64; K] + 
 /// Writes `f(index)` for every element, plane by plane across threads.
 fn map_planes<T: Float>(planes: Planes, len: usize, f: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); len];
-    out.par_chunks_mut(planes.pixels.max(1)).enumerate().for_each(|(plane, chunk)| {
-        let c = planes.channel(plane);
-        let base = plane * planes.pixels;
-        for (i, v) in chunk.iter_mut().enumerate() {
-            *v = f(base + i, c);
-        }
-    });
+    out.par_chunks_mut(planes.pixels.max(1))
+        .enumerate()
+        .for_each(|(plane, chunk)| {
+            let c = planes.channel(plane);
+            let base = plane * planes.pixels;
+            for (i, v) in chunk.iter_mut().enumerate() {
+                *v = f(base + i, c);
+            }
+        });
     out
 }
 
@@ -200,7 +221,9 @@ impl CustomOp3 for ScaleShiftRelu {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = float_op3!(name, (s1, l1), (s2, l2), (s3, l3), |x, a, b| scale_shift_fwd(self.0, x, a, b));
+        let out = float_op3!(name, (s1, l1), (s2, l2), (s3, l3), |x, a, b| scale_shift_fwd(
+            self.0, x, a, b
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -232,11 +255,13 @@ impl candle_core::CustomOp2 for ReluMask {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         fn mask<T: Float>(g: &[T], y: &[T]) -> Vec<T> {
             let mut out = vec![T::zero(); g.len()];
-            out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(y.par_chunks(4096))).for_each(|(o, (g, y))| {
-                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                    *o = if y > T::zero() { g } else { T::zero() };
-                }
-            });
+            out.par_chunks_mut(4096)
+                .zip(g.par_chunks(4096).zip(y.par_chunks(4096)))
+                .for_each(|(o, (g, y))| {
+                    for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                        *o = if y > T::zero() { g } else { T::zero() };
+                    }
+                });
             out
         }
         let name = self.name();
@@ -256,7 +281,10 @@ impl candle_core::CustomOp2 for ScaleShiftParamGrads {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         fn sums<T: Float>(p: Planes, x: &[T], g: &[T]) -> Vec<T> {
             let sums = channel_sums(p, |i| [(g[i] * x[i]).into(), g[i].into()]);
-            sums.iter().map(|s| cast(s[0])).chain(sums.iter().map(|s| cast(s[1]))).collect()
+            sums.iter()
+                .map(|s| cast(s[0]))
+                .chain(sums.iter().map(|s| cast(s[1])))
+                .collect()
         }
         let (p, name) = (self.0, self.name());
         let out = float_op2!(name, (s1, l1), (s2, l2), |x, g| sums(p, x, g));
@@ -275,13 +303,20 @@ impl CustomOp1 for ChannelStats {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn stats<T: Float>(p: Planes, x: &[T]) -> Vec<T> {
             let count = (p.batch * p.pixels) as f64;
-            let means: Vec<f64> = channel_sums(p, |i| [x[i].into()]).iter().map(|s| s[0] / count).collect();
+            let means: Vec<f64> = channel_sums(p, |i| [x[i].into()])
+                .iter()
+                .map(|s| s[0] / count)
+                .collect();
             // Two passes: the centred sum of squares does not cancel catastrophically.
             let vars = channel_sums(p, |i| {
                 let d = x[i].into() - means[(i / p.pixels) % p.channels];
                 [d * d]
             });
-            means.iter().map(|&m| cast(m)).chain(vars.iter().map(|v| cast(v[0] / count))).collect()
+            means
+                .iter()
+                .map(|&m| cast(m))
+                .chain(vars.iter().map(|v| cast(v[0] / count)))
+                .collect()
         }
         let (p, name) = (self.0, self.name());
         let out = float_op1!(name, (s, l), |x| stats(p, x));
@@ -342,10 +377,15 @@ impl CustomOp3 for BatchNormRelu {
         let grad = grad.contiguous()?;
         let passed = grad.apply_op2_no_bwd(ys, &ReluMask)?;
         // With x̂ = (x - mean)·inv_std: dbias = Σg, dweight = Σg·x̂ = inv_std·(Σg·x - mean·Σg).
-        let raw = xs.apply_op2_no_bwd(&passed, &ScaleShiftParamGrads(p))?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let raw = xs
+            .apply_op2_no_bwd(&passed, &ScaleShiftParamGrads(p))?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
         let inv_std = self.inv_std();
         let dbias = raw[1].clone();
-        let dweight: Vec<f64> = (0..p.channels).map(|c| inv_std[c] * (raw[0][c] - self.stats[0][c] * raw[1][c])).collect();
+        let dweight: Vec<f64> = (0..p.channels)
+            .map(|c| inv_std[c] * (raw[0][c] - self.stats[0][c] * raw[1][c]))
+            .collect();
         // dx = weight·inv_std/M · (M·g - dbias - x̂·dweight), per channel an affine map of (g, x).
         let count = (p.batch * p.pixels) as f64;
         let weight = weight.to_dtype(DType::F64)?.to_vec1::<f64>()?;
@@ -357,7 +397,13 @@ impl CustomOp3 for BatchNormRelu {
                 [k, on_x, constant]
             })
             .collect();
-        let dx = xs.apply_op2_no_bwd(&passed, &AffineGrad { planes: p, coefficients })?;
+        let dx = xs.apply_op2_no_bwd(
+            &passed,
+            &AffineGrad {
+                planes: p,
+                coefficients,
+            },
+        )?;
         let dtype = xs.dtype();
         let device = xs.device();
         let dweight = Tensor::from_vec(dweight, p.channels, device)?.to_dtype(dtype)?;
@@ -396,12 +442,23 @@ mod tests {
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let data: Vec<f64> = (0..shape.iter().product::<usize>()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let data: Vec<f64> = (0..shape.iter().product::<usize>())
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Gradients of `sum(ours · probe)` and `sum(reference · probe)` with respect to
@@ -421,11 +478,31 @@ mod tests {
 
     /// candle's own ops, the reference: BatchNorm with batch statistics, then ReLU.
     fn reference_batch_norm_relu(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Tensor {
-        let mean = xs.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+        let mean = xs
+            .mean_keepdim(0)
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap()
+            .mean_keepdim(3)
+            .unwrap();
         let centred = xs.broadcast_sub(&mean).unwrap();
-        let var = centred.sqr().unwrap().mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+        let var = centred
+            .sqr()
+            .unwrap()
+            .mean_keepdim(0)
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap()
+            .mean_keepdim(3)
+            .unwrap();
         let normed = centred.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
-        normed.broadcast_mul(&per_channel(weight)).unwrap().broadcast_add(&per_channel(bias)).unwrap().relu().unwrap()
+        normed
+            .broadcast_mul(&per_channel(weight))
+            .unwrap()
+            .broadcast_add(&per_channel(bias))
+            .unwrap()
+            .relu()
+            .unwrap()
     }
 
     /// Ours against candle's composed ops in f64, outputs and the gradients of a random
@@ -442,11 +519,23 @@ mod tests {
 
             let flat = xs.transpose(0, 1).unwrap().flatten_from(1).unwrap();
             assert!(max_abs_diff(&mean, &flat.mean(D::Minus1).unwrap()) < 1e-12);
-            let biased = flat.broadcast_sub(&flat.mean_keepdim(D::Minus1).unwrap()).unwrap().sqr().unwrap().mean(D::Minus1).unwrap();
+            let biased = flat
+                .broadcast_sub(&flat.mean_keepdim(D::Minus1).unwrap())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean(D::Minus1)
+                .unwrap();
             assert!(max_abs_diff(&var, &biased) < 1e-12);
 
             let probe = random(&shape, seed + 30);
-            assert_same_gradients(&ours, &reference, &probe, &[("input", &xs), ("weight", &weight), ("bias", &bias)], 1e-9);
+            assert_same_gradients(
+                &ours,
+                &reference,
+                &probe,
+                &[("input", &xs), ("weight", &weight), ("bias", &bias)],
+                1e-9,
+            );
         }
     }
 
@@ -457,10 +546,22 @@ mod tests {
         let scale = Var::from_tensor(&random(&[7], 5)).unwrap();
         let shift = Var::from_tensor(&random(&[7], 6)).unwrap();
         let ours = scale_shift_relu(&xs, &scale, &shift).unwrap();
-        let reference = xs.broadcast_mul(&per_channel(&scale)).unwrap().broadcast_add(&per_channel(&shift)).unwrap().relu().unwrap();
+        let reference = xs
+            .broadcast_mul(&per_channel(&scale))
+            .unwrap()
+            .broadcast_add(&per_channel(&shift))
+            .unwrap()
+            .relu()
+            .unwrap();
         assert!(max_abs_diff(&ours, &reference) < 1e-12);
         let probe = random(&shape, 7);
-        assert_same_gradients(&ours, &reference, &probe, &[("input", &xs), ("scale", &scale), ("shift", &shift)], 1e-12);
+        assert_same_gradients(
+            &ours,
+            &reference,
+            &probe,
+            &[("input", &xs), ("scale", &scale), ("shift", &shift)],
+            1e-12,
+        );
     }
 
     #[test]

@@ -14,10 +14,8 @@ use std::ops::Range;
 use candle_core::backend::BackendStorage;
 
 use super::simd_fn;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
-};
 
 /// PyTorch `MaxPool2d(kernel, stride, padding)` semantics, floor mode, padding counts as -inf.
 pub fn max_pool2d(xs: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
@@ -170,12 +168,7 @@ fn unsupported_dtype(op: &str, dtype: DType) -> candle_core::Error {
 
 /// Position of the window's maximum. Strict `>` keeps the first maximum in scan order on
 /// ties, as PyTorch does, so forward and backward agree on which element gets the gradient.
-fn window_argmax<T: PoolFloat>(
-    xs: &[T],
-    plane: Plane,
-    rows: Range<usize>,
-    cols: Range<usize>,
-) -> (usize, usize) {
+fn window_argmax<T: PoolFloat>(xs: &[T], plane: Plane, rows: Range<usize>, cols: Range<usize>) -> (usize, usize) {
     let mut best = (rows.start, cols.start);
     let mut best_val = xs[plane.at(rows.start, cols.start)];
     for h in rows {
@@ -195,7 +188,9 @@ fn window_argmax<T: PoolFloat>(
 fn per_plane<T: PoolFloat>(g: Geometry, plane_len: usize, fill: impl Fn(usize, usize, &mut [T]) + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); g.batch * g.channels * plane_len];
     if plane_len > 0 {
-        out.par_chunks_mut(plane_len).enumerate().for_each(|(i, plane)| fill(i / g.channels, i % g.channels, plane));
+        out.par_chunks_mut(plane_len)
+            .enumerate()
+            .for_each(|(i, plane)| fill(i / g.channels, i % g.channels, plane));
     }
     out
 }
@@ -264,7 +259,10 @@ fn max_pool_plane<T: PoolFloat>(data: &[T], pool: Pool, g: Geometry, acc: &mut [
         }
         for (ow, o) in out_row.iter_mut().enumerate() {
             let cols = pool.window(ow, g.in_w);
-            *o = acc[cols.clone()].iter().skip(1).fold(acc[cols.start], |m, &v| nan_max(m, v));
+            *o = acc[cols.clone()]
+                .iter()
+                .skip(1)
+                .fold(acc[cols.start], |m, &v| nan_max(m, v));
         }
     }
 }
@@ -304,7 +302,9 @@ fn max_pool_bwd<T: PoolFloat>(
         let x_plane = Plane::new(xs_layout, n, c);
         let grad_plane = Plane::new(grad_layout, n, c);
         if tiles(pool, g, x_plane) {
-            return tile_argmax(xs, x_plane, pool, g, |oh, ow, at| grad_in[at] += grad[grad_plane.at(oh, ow)]);
+            return tile_argmax(xs, x_plane, pool, g, |oh, ow, at| {
+                grad_in[at] += grad[grad_plane.at(oh, ow)]
+            });
         }
         for oh in 0..g.out_h {
             let rows = pool.window(oh, g.in_h);
@@ -596,18 +596,32 @@ mod tests {
         for kernel in [2, 3] {
             let contiguous = Var::from_tensor(&Tensor::from_vec(data.clone(), (2, 3, 7, 9), &dev).unwrap()).unwrap();
             // Stored as (N, C, W, H) and viewed back: same values, strided planes.
-            let transposed = Tensor::from_vec(data.clone(), (2, 3, 7, 9), &dev).unwrap().transpose(2, 3).unwrap().contiguous().unwrap();
+            let transposed = Tensor::from_vec(data.clone(), (2, 3, 7, 9), &dev)
+                .unwrap()
+                .transpose(2, 3)
+                .unwrap()
+                .contiguous()
+                .unwrap();
             let strided = Var::from_tensor(&transposed).unwrap();
             let strided_view = strided.transpose(2, 3).unwrap();
             assert!(!strided_view.is_contiguous());
             let fast = max_pool2d(&contiguous, kernel, kernel, 0).unwrap();
             let general = max_pool2d(&strided_view, kernel, kernel, 0).unwrap();
             assert_eq!(values(&fast), values(&general), "kernel {kernel} forward");
-            let probe = Tensor::from_vec((0..fast.elem_count()).map(|i| i as f64).collect::<Vec<_>>(), fast.shape(), &dev).unwrap();
+            let probe = Tensor::from_vec(
+                (0..fast.elem_count()).map(|i| i as f64).collect::<Vec<_>>(),
+                fast.shape(),
+                &dev,
+            )
+            .unwrap();
             let g_fast = (&fast * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let g_general = (&general * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let g_general = g_general.get(&strided).unwrap().transpose(2, 3).unwrap();
-            assert_eq!(values(g_fast.get(&contiguous).unwrap()), values(&g_general), "kernel {kernel} gradient");
+            assert_eq!(
+                values(g_fast.get(&contiguous).unwrap()),
+                values(&g_general),
+                "kernel {kernel} gradient"
+            );
         }
     }
 
@@ -626,11 +640,7 @@ mod tests {
     #[test]
     fn max_pool_padding_counts_as_negative_infinity() {
         // All inputs negative: zero padding would leak 0.0 into the border windows.
-        let x = arange(&[1, 1, 4, 4])
-            .neg()
-            .unwrap()
-            .affine(1.0, -1.0)
-            .unwrap();
+        let x = arange(&[1, 1, 4, 4]).neg().unwrap().affine(1.0, -1.0).unwrap();
         let y = max_pool2d(&x, 3, 2, 1).unwrap();
         assert_eq!(y.dims(), &[1, 1, 2, 2]);
         assert_eq!(values(&y), [-1.0, -2.0, -5.0, -6.0]);
@@ -647,9 +657,18 @@ mod tests {
         let mut data = uniform(&mut rng, 7 * 9);
         (data[10], data[40]) = (f64::NAN, f64::NAN);
         let x = tensor(&data, &[1, 1, 7, 9]);
-        let view = x.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
+        let view = x
+            .transpose(2, 3)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
         assert!(!view.is_contiguous());
-        let (fast, scanned) = (values(&max_pool2d(&x, 3, 2, 1).unwrap()), values(&max_pool2d(&view, 3, 2, 1).unwrap()));
+        let (fast, scanned) = (
+            values(&max_pool2d(&x, 3, 2, 1).unwrap()),
+            values(&max_pool2d(&view, 3, 2, 1).unwrap()),
+        );
         assert!(fast.iter().any(|v| v.is_nan()) && fast.iter().any(|v| !v.is_nan()));
         for (a, b) in fast.iter().zip(&scanned) {
             assert!(a == b || (a.is_nan() && b.is_nan()), "{fast:?} vs {scanned:?}");
@@ -679,11 +698,7 @@ mod tests {
                     let theirs = x.max_pool2d_with_stride(kernel, stride).unwrap();
                     assert_eq!(ours.dtype(), dtype);
                     assert_eq!(ours.dims(), theirs.dims());
-                    assert_eq!(
-                        values(&ours),
-                        values(&theirs),
-                        "max {dims:?} {kernel}/{stride}"
-                    );
+                    assert_eq!(values(&ours), values(&theirs), "max {dims:?} {kernel}/{stride}");
 
                     let ours = avg_pool2d(&x, kernel, stride).unwrap();
                     let theirs = x.avg_pool2d_with_stride(kernel, stride).unwrap();
@@ -762,10 +777,7 @@ mod tests {
     #[test]
     fn max_pool_gradient_accumulates_over_overlapping_windows() {
         // The centre is the maximum of all nine 3x3 windows.
-        let x = tensor(
-            &[0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
-            &[1, 1, 3, 3],
-        );
+        let x = tensor(&[0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0], &[1, 1, 3, 3]);
         let grad = grad_of(&|x: &Tensor| max_pool2d(x, 3, 1, 1), &x);
         let mut expected = [0.0; 9];
         expected[4] = 9.0;
@@ -811,10 +823,7 @@ mod tests {
             ("output size 0", max_pool2d(&x, 5, 1, 0)),
             ("rank 3", max_pool2d(&x.squeeze(0).unwrap(), 2, 2, 0)),
             ("rank 5", max_pool2d(&x.unsqueeze(0).unwrap(), 2, 2, 0)),
-            (
-                "empty spatial dim",
-                max_pool2d(&x.narrow(3, 0, 0).unwrap(), 2, 2, 1),
-            ),
+            ("empty spatial dim", max_pool2d(&x.narrow(3, 0, 0).unwrap(), 2, 2, 1)),
             ("avg kernel 0", avg_pool2d(&x, 0, 1)),
             ("avg stride 0", avg_pool2d(&x, 2, 0)),
             ("avg output size 0", avg_pool2d(&x, 5, 5)),
