@@ -36,7 +36,7 @@ fn main() -> ExitCode {
 fn usage() -> &'static str {
     "usage: cargo xtask <command>\n\n\
      commands:\n  \
-     test            every test: cargo test --workspace, then the site's wasm32 build and the browser suite in headless Chromium\n  \
+     test            every test: cargo fmt --check and clippy -D warnings first, then cargo test --workspace, then the site's wasm32 build and the browser suite in headless Chromium\n  \
      test-browser    the browser suite alone\n  \
      site            build the static site into dist/ (trunk build --release)\n  \
      serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)\n  \
@@ -195,11 +195,28 @@ fn fuzz(args: &[String]) -> Result<(), String> {
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
+    gates()?;
     let mut command = cargo();
     command.args(["test", "--workspace"]).args(extra);
     run(command, "cargo test --workspace")?;
     // The site build compiles the browser crate (and the core library) for wasm32.
     browser_tests()
+}
+
+/// Formatting and lints, before anything slow: a formatting slip should cost
+/// seconds, not the whole suite. The fuzz crate is outside the workspace, so
+/// it gets its own format check (clippy there would need its nightly).
+fn gates() -> Result<(), String> {
+    tools::ensure_lint_components()?;
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    run(fmt, "cargo fmt --check")?;
+    let mut fmt_fuzz = cargo();
+    fmt_fuzz.args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]);
+    run(fmt_fuzz, "cargo fmt --check (fuzz/)")?;
+    let mut clippy = cargo();
+    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    run(clippy, "cargo clippy --workspace --all-targets -D warnings")
 }
 
 /// The browser suite: the release site plus a model trained here on

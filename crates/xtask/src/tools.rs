@@ -59,6 +59,26 @@ pub fn ensure_wasm_target() -> Result<(), String> {
     run(command, "installing the wasm32 target")
 }
 
+/// rustfmt and clippy, for the gates `cargo xtask test` runs first; a minimal
+/// rustup profile installs neither.
+pub fn ensure_lint_components() -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let missing: Vec<&str> = ["rustfmt", "clippy"]
+        .into_iter()
+        .filter(|component| !installed.lines().any(|l| l.starts_with(component)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut command = Command::new("rustup");
+    command.args(["component", "add"]).args(&missing);
+    run(command, &format!("installing {}", missing.join(" and ")))
+}
+
 /// The wasm-bindgen version in Cargo.lock: the CLI must match it exactly.
 pub fn locked_wasm_bindgen_version() -> Result<String, String> {
     let lock = std::fs::read_to_string(workspace_root().join("Cargo.lock")).map_err(|e| format!("Cargo.lock: {e}"))?;

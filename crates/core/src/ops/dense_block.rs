@@ -375,6 +375,7 @@ struct Images<T> {
 // SAFETY: `Images` is only used through `image`, whose callers touch each image
 // from one thread at a time (see `Parts::run`).
 unsafe impl<T: Send> Send for Images<T> {}
+// SAFETY: as for `Send`: shared references never overlap in the images they reach.
 unsafe impl<T: Send> Sync for Images<T> {}
 
 impl<T> Images<T> {
