@@ -3,107 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::{cnn::CnnConfig, densenet::DenseNetConfig};
+pub use crate::models::Architecture;
+pub use crate::preprocess::{Preprocessing, IMAGENET_MEAN, IMAGENET_STD};
 use crate::{Error, Result};
 
 /// The `__metadata__` key that holds the card.
 pub const CARD_KEY: &str = "model_card";
 /// Bumped when a card written by a newer version could be misread by an older one.
 pub const FORMAT: &str = "fracture-model/1";
-
-/// ImageNet statistics, as used by torchvision and Keras' DenseNet `preprocess_input`.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(tag = "name", rename_all = "snake_case")]
-pub enum Architecture {
-    Cnn(CnnConfig),
-    Densenet(DenseNetConfig),
-}
-
-impl Architecture {
-    /// The name users type (`--model`) and read in reports.
-    pub fn display_name(&self) -> String {
-        match self {
-            Architecture::Cnn(c) if c.kernel_size == 1 => "cnn".to_string(),
-            Architecture::Cnn(c) => format!("cnn (kernel {}, ours)", c.kernel_size),
-            Architecture::Densenet(c) => c.variant_name(),
-        }
-    }
-
-    /// How images must be normalised for this architecture by default.
-    pub fn default_preprocessing(&self, input_size: usize) -> Preprocessing {
-        match self {
-            Architecture::Cnn(_) => Preprocessing::unit(input_size),
-            Architecture::Densenet(_) => Preprocessing::imagenet(input_size),
-        }
-    }
-}
-
-/// How bytes become the model's input: decode to RGB, resize (bilinear, aspect
-/// not kept, as Keras' `image_dataset_from_directory`), divide by 255, then
-/// subtract `mean` and divide by `std` per channel.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct Preprocessing {
-    pub input_size: usize,
-    pub resize: String,
-    pub channels: String,
-    pub scale: f32,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-}
-
-impl Preprocessing {
-    /// The study's naive CNN: `Rescaling(1/255)` only.
-    pub fn unit(input_size: usize) -> Self {
-        Self {
-            input_size,
-            resize: "bilinear".into(),
-            channels: "rgb".into(),
-            scale: 1.0 / 255.0,
-            mean: [0.0; 3],
-            std: [1.0; 3],
-        }
-    }
-
-    /// DenseNet: 1/255, then ImageNet mean and std.
-    pub fn imagenet(input_size: usize) -> Self {
-        Self {
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
-            ..Self::unit(input_size)
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        if !(8..=2048).contains(&self.input_size) {
-            return Err(Error::Card(format!(
-                "input_size {} is outside 8..=2048",
-                self.input_size
-            )));
-        }
-        if self.resize != "bilinear" || self.channels != "rgb" {
-            return Err(Error::Card(format!(
-                "unsupported preprocessing: resize `{}`, channels `{}` (expected bilinear, rgb)",
-                self.resize, self.channels
-            )));
-        }
-        if (self.scale - 1.0 / 255.0).abs() > 1e-9 {
-            return Err(Error::Card(format!(
-                "unsupported scale {} (expected 1/255)",
-                self.scale
-            )));
-        }
-        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || self.mean.iter().any(|m| !m.is_finite()) {
-            return Err(Error::Card(format!(
-                "invalid mean {:?} / std {:?}",
-                self.mean, self.std
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// Which output means what. The model's single logit is P(`positive`): the
 /// study mixed up its class indices, so the card says it in words.
@@ -376,6 +283,7 @@ impl ModelCard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::{cnn::CnnConfig, densenet::DenseNetConfig};
 
     #[test]
     fn card_round_trips_through_json() {

@@ -5,8 +5,77 @@
 use candle_core::{Device, Tensor};
 use image::{imageops::FilterType, DynamicImage, ImageDecoder, ImageFormat, ImageReader, Rgb32FImage};
 
-use crate::card::Preprocessing;
+use serde::{Deserialize, Serialize};
+
 use crate::{Error, Result};
+
+/// ImageNet statistics, as used by torchvision and Keras' DenseNet `preprocess_input`.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// How bytes become the model's input: decode to RGB, resize (bilinear, aspect
+/// not kept, as Keras' `image_dataset_from_directory`), divide by 255, then
+/// subtract `mean` and divide by `std` per channel.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Preprocessing {
+    pub input_size: usize,
+    pub resize: String,
+    pub channels: String,
+    pub scale: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Preprocessing {
+    /// The study's naive CNN: `Rescaling(1/255)` only.
+    pub fn unit(input_size: usize) -> Self {
+        Self {
+            input_size,
+            resize: "bilinear".into(),
+            channels: "rgb".into(),
+            scale: 1.0 / 255.0,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        }
+    }
+
+    /// DenseNet: 1/255, then ImageNet mean and std.
+    pub fn imagenet(input_size: usize) -> Self {
+        Self {
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            ..Self::unit(input_size)
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !(8..=2048).contains(&self.input_size) {
+            return Err(Error::Card(format!(
+                "input_size {} is outside 8..=2048",
+                self.input_size
+            )));
+        }
+        if self.resize != "bilinear" || self.channels != "rgb" {
+            return Err(Error::Card(format!(
+                "unsupported preprocessing: resize `{}`, channels `{}` (expected bilinear, rgb)",
+                self.resize, self.channels
+            )));
+        }
+        if (self.scale - 1.0 / 255.0).abs() > 1e-9 {
+            return Err(Error::Card(format!(
+                "unsupported scale {} (expected 1/255)",
+                self.scale
+            )));
+        }
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || self.mean.iter().any(|m| !m.is_finite()) {
+            return Err(Error::Card(format!(
+                "invalid mean {:?} / std {:?}",
+                self.mean, self.std
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// Decodes PNG, JPEG, BMP or TIFF (8 or 16 bit, grey, RGB or RGBA) or DICOM
 /// into RGB on the 0..=1 scale. Grey is repeated over three channels (what

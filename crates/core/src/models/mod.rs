@@ -7,8 +7,37 @@ pub mod densenet;
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
 
-use crate::card::Architecture;
+use crate::preprocess::Preprocessing;
+use cnn::CnnConfig;
+use densenet::DenseNetConfig;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum Architecture {
+    Cnn(CnnConfig),
+    Densenet(DenseNetConfig),
+}
+
+impl Architecture {
+    /// The name users type (`--model`) and read in reports.
+    pub fn display_name(&self) -> String {
+        match self {
+            Architecture::Cnn(c) if c.kernel_size == 1 => "cnn".to_string(),
+            Architecture::Cnn(c) => format!("cnn (kernel {}, ours)", c.kernel_size),
+            Architecture::Densenet(c) => c.variant_name(),
+        }
+    }
+
+    /// How images must be normalised for this architecture by default.
+    pub fn default_preprocessing(&self, input_size: usize) -> Preprocessing {
+        match self {
+            Architecture::Cnn(_) => Preprocessing::unit(input_size),
+            Architecture::Densenet(_) => Preprocessing::imagenet(input_size),
+        }
+    }
+}
 
 /// How a forward pass behaves. Dropout and BatchNorm are switched separately
 /// because the study fine-tunes with dropout on but BatchNorm in inference mode.
