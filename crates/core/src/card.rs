@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::models::Architecture;
-pub use crate::preprocess::{Preprocessing, IMAGENET_MEAN, IMAGENET_STD};
+pub use crate::preprocess::{Preprocessing, TtaView, IMAGENET_MEAN, IMAGENET_STD};
 use crate::{Error, Result};
 
 /// The `__metadata__` key that holds the card.
@@ -50,15 +50,6 @@ pub struct TrainingSummary {
 pub struct SourceWeights {
     pub file: String,
     pub sha256: String,
-}
-
-/// A view of the input that test-time augmentation averages over.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum TtaView {
-    Identity,
-    /// Mirrored left-right, as the training augmentation does.
-    HorizontalFlip,
 }
 
 fn identity_only() -> Vec<TtaView> {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::cam::Heatmap;
 use crate::card::{ModelCard, OperatingPoint, TtaView};
 use crate::models::{Mode, Model};
-use crate::preprocess;
+use crate::preprocess::{self, view_input};
 use crate::weights::ModelFile;
 use crate::Result;
 
@@ -140,7 +140,6 @@ impl Predictor {
     }
 }
 
-/// The input as a TTA view sees it.
 /// Memory one forward pass may take, whatever the input size a card names.
 pub const BATCH_BYTES: usize = 1 << 30;
 
@@ -152,14 +151,6 @@ const BYTES_PER_INPUT_PIXEL: usize = 230;
 /// How many images of `input_size` pixels a side fit one batch (at least one).
 pub fn images_per_batch(input_size: usize) -> usize {
     (BATCH_BYTES / (BYTES_PER_INPUT_PIXEL * input_size * input_size).max(1)).max(1)
-}
-
-pub fn view_input(view: TtaView, xs: &Tensor) -> candle_core::Result<Tensor> {
-    match view {
-        TtaView::Identity => Ok(xs.clone()),
-        // (batch, channels, height, width): mirrored along the width.
-        TtaView::HorizontalFlip => xs.flip(&[3]),
-    }
 }
 
 /// Each image's logits under each view, `[image][view]`, in eval mode;

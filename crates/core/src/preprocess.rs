@@ -77,6 +77,15 @@ impl Preprocessing {
     }
 }
 
+/// A view of the input that test-time augmentation averages over.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TtaView {
+    Identity,
+    /// Mirrored left-right, as the training augmentation does.
+    HorizontalFlip,
+}
+
 /// Decodes PNG, JPEG, BMP or TIFF (8 or 16 bit, grey, RGB or RGBA) or DICOM
 /// into RGB on the 0..=1 scale. Grey is repeated over three channels (what
 /// Keras' `color_mode="rgb"` does) and alpha is dropped. DICOM is windowed
@@ -179,6 +188,15 @@ pub fn to_tensor(images: &[&Rgb32FImage], preprocessing: &Preprocessing, device:
         }
     }
     Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
+}
+
+/// The input as a TTA view sees it.
+pub fn view_input(view: TtaView, xs: &Tensor) -> candle_core::Result<Tensor> {
+    match view {
+        TtaView::Identity => Ok(xs.clone()),
+        // (batch, channels, height, width): mirrored along the width.
+        TtaView::HorizontalFlip => xs.flip(&[3]),
+    }
 }
 
 #[cfg(test)]
