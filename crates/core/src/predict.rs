@@ -2,12 +2,12 @@
 //! and the browser both call.
 
 use candle_core::{Device, Tensor};
-use candle_nn::ops::sigmoid;
 use image::Rgb32FImage;
 use serde::Serialize;
 
 use crate::cam::Heatmap;
 use crate::card::{ModelCard, OperatingPoint, TtaView};
+pub use crate::models::{images_per_batch, probabilities_from_logits, BATCH_BYTES};
 use crate::models::{Mode, Model};
 use crate::preprocess::{self, view_input};
 use crate::weights::ModelFile;
@@ -140,19 +140,6 @@ impl Predictor {
     }
 }
 
-/// Memory one forward pass may take, whatever the input size a card names.
-pub const BATCH_BYTES: usize = 1 << 30;
-
-/// Peak activation memory of an inference forward pass per input pixel,
-/// from DenseNet121 (the largest shipped architecture): a batch of 16 at
-/// 2048 px was seen to take 15 GB, 223 bytes a pixel; rounded up.
-const BYTES_PER_INPUT_PIXEL: usize = 230;
-
-/// How many images of `input_size` pixels a side fit one batch (at least one).
-pub fn images_per_batch(input_size: usize) -> usize {
-    (BATCH_BYTES / (BYTES_PER_INPUT_PIXEL * input_size * input_size).max(1)).max(1)
-}
-
 /// Each image's logits under each view, `[image][view]`, in eval mode;
 /// `identity` reuses logits the caller already has for the plain input.
 pub fn view_logits(model: &Model, views: &[TtaView], xs: &Tensor, identity: Option<Tensor>) -> Result<Vec<Vec<f64>>> {
@@ -171,28 +158,10 @@ pub fn view_logits(model: &Model, views: &[TtaView], xs: &Tensor, identity: Opti
     Ok(rows)
 }
 
-pub fn probabilities_from_logits(logits: &Tensor) -> candle_core::Result<Vec<f64>> {
-    sigmoid(&logits.to_dtype(candle_core::DType::F32)?)?
-        .to_dtype(candle_core::DType::F64)?
-        .to_vec1()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn batches_shrink_with_the_input_size_to_stay_within_the_memory_budget() {
-        assert!(images_per_batch(150) >= 16, "{}", images_per_batch(150));
-        assert_eq!(images_per_batch(2048), 1);
-        assert_eq!(images_per_batch(4096), 1);
-        for size in [8, 150, 224, 512, 1024, 2048] {
-            assert!(
-                images_per_batch(size) * BYTES_PER_INPUT_PIXEL * size * size
-                    <= BATCH_BYTES.max(BYTES_PER_INPUT_PIXEL * size * size)
-            );
-        }
-    }
     use crate::card::Architecture;
     use crate::models::densenet::DenseNetConfig;
     use crate::weights::StorageDType;

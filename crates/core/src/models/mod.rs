@@ -6,6 +6,7 @@ pub mod cnn;
 pub mod densenet;
 
 use candle_core::{Result, Tensor};
+use candle_nn::ops::sigmoid;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -99,7 +100,44 @@ impl Model {
     }
 }
 
+/// Memory one forward pass may take, whatever the input size a card names.
+pub const BATCH_BYTES: usize = 1 << 30;
+
+/// Peak activation memory of an inference forward pass per input pixel,
+/// from DenseNet121 (the largest shipped architecture): a batch of 16 at
+/// 2048 px was seen to take 15 GB, 223 bytes a pixel; rounded up.
+const BYTES_PER_INPUT_PIXEL: usize = 230;
+
+/// How many images of `input_size` pixels a side fit one batch (at least one).
+pub fn images_per_batch(input_size: usize) -> usize {
+    (BATCH_BYTES / (BYTES_PER_INPUT_PIXEL * input_size * input_size).max(1)).max(1)
+}
+
+pub fn probabilities_from_logits(logits: &Tensor) -> candle_core::Result<Vec<f64>> {
+    sigmoid(&logits.to_dtype(candle_core::DType::F32)?)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1()
+}
+
 /// A bias-free 2-D convolution, on our im2col + GEMM kernels (see `ops::conv`).
 pub(crate) fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     crate::ops::conv::conv2d(xs, weight, padding, stride)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_shrink_with_the_input_size_to_stay_within_the_memory_budget() {
+        assert!(images_per_batch(150) >= 16, "{}", images_per_batch(150));
+        assert_eq!(images_per_batch(2048), 1);
+        assert_eq!(images_per_batch(4096), 1);
+        for size in [8, 150, 224, 512, 1024, 2048] {
+            assert!(
+                images_per_batch(size) * BYTES_PER_INPUT_PIXEL * size * size
+                    <= BATCH_BYTES.max(BYTES_PER_INPUT_PIXEL * size * size)
+            );
+        }
+    }
 }
