@@ -233,10 +233,7 @@ impl ModelCard {
                 )));
             }
         }
-        match &self.architecture {
-            Architecture::Cnn(c) => c.validate(self.input_size()),
-            Architecture::Densenet(c) => c.validate(self.input_size()),
-        }
+        self.architecture.validate(self.input_size())
     }
 
     pub fn label(&self, probability: f64) -> &str {

@@ -1,15 +1,15 @@
 //! Model file + image bytes → probability and label: what `fracture detect`
 //! and the browser both call.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use image::Rgb32FImage;
 use serde::Serialize;
 
 use crate::cam::Heatmap;
-use crate::card::{ModelCard, OperatingPoint, TtaView};
+use crate::card::{ModelCard, OperatingPoint};
+use crate::models::Model;
 pub use crate::models::{images_per_batch, probabilities_from_logits, BATCH_BYTES};
-use crate::models::{Mode, Model};
-use crate::preprocess::{self, view_input};
+use crate::preprocess;
 use crate::weights::ModelFile;
 use crate::Result;
 
@@ -79,15 +79,18 @@ impl Predictor {
 
     /// Probabilities for images already at the input size, over the card's
     /// TTA views and at its temperature.
-    /// The images go through the model in batches that fit [`BATCH_BYTES`].
     pub fn probabilities(&self, images: &[&Rgb32FImage]) -> Result<Vec<f64>> {
-        let mut probabilities = Vec::with_capacity(images.len());
-        for batch in images.chunks(images_per_batch(self.card.input_size())) {
-            let xs = preprocess::to_tensor(batch, &self.card.preprocessing, &self.device)?;
-            let logits = view_logits(&self.model, &self.card.tta, &xs, None)?;
-            probabilities.extend(logits.iter().map(|row| self.card.probability_from_view_logits(row)));
-        }
-        Ok(probabilities)
+        let logits = self.model.view_logits(
+            images,
+            &self.card.preprocessing,
+            &self.card.tta,
+            usize::MAX,
+            &self.device,
+        )?;
+        Ok(logits
+            .iter()
+            .map(|row| self.card.probability_from_view_logits(row))
+            .collect())
     }
 
     pub fn predict_bytes(&self, image_bytes: &[u8]) -> Result<Prediction> {
@@ -106,20 +109,17 @@ impl Predictor {
         let input = preprocess::resize(&decoded, self.card.input_size());
         let xs = preprocess::to_tensor(&[&input], &self.card.preprocessing, &self.device)?;
         // The heat map is the plain image's; its logit is reused as the identity view.
-        let (identity, heatmap) = match &self.model {
-            Model::DenseNet(net) => {
-                let features = net.features(&xs, false)?;
-                let cam = net.class_activation_map(&features)?.squeeze(0)?;
+        let features = self.model.features(&xs, false)?;
+        let heatmap = match self.model.class_activation_map(&features)? {
+            Some(cam) => {
+                let cam = cam.squeeze(0)?;
                 let (height, width) = cam.dims2()?;
-                let values = cam.flatten_all()?.to_vec1::<f32>()?;
-                (
-                    Some(net.head(&features, None)?),
-                    Some(Heatmap::normalised(width, height, values)),
-                )
+                Some(Heatmap::normalised(width, height, cam.flatten_all()?.to_vec1::<f32>()?))
             }
-            Model::Cnn(_) => (None, None),
+            None => None,
         };
-        let logits = view_logits(&self.model, &self.card.tta, &xs, identity)?;
+        let identity = self.model.head(&features, None)?;
+        let logits = self.model.batch_view_logits(&xs, &self.card.tta, Some(&identity))?;
         let probability = self.card.probability_from_view_logits(&logits[0]);
         Ok(Detection {
             prediction: self.prediction(probability),
@@ -140,29 +140,11 @@ impl Predictor {
     }
 }
 
-/// Each image's logits under each view, `[image][view]`, in eval mode;
-/// `identity` reuses logits the caller already has for the plain input.
-pub fn view_logits(model: &Model, views: &[TtaView], xs: &Tensor, identity: Option<Tensor>) -> Result<Vec<Vec<f64>>> {
-    let batch = xs.dim(0)?;
-    let mut rows = vec![Vec::with_capacity(views.len()); batch];
-    for &view in views {
-        let logits = match (view, &identity) {
-            (TtaView::Identity, Some(logits)) => logits.clone(),
-            _ => model.forward(&view_input(view, xs)?, Mode::EVAL)?,
-        };
-        let values: Vec<f64> = logits.to_dtype(candle_core::DType::F64)?.to_vec1()?;
-        for (row, value) in rows.iter_mut().zip(values) {
-            row.push(value);
-        }
-    }
-    Ok(rows)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    use crate::card::Architecture;
+    use crate::card::{Architecture, TtaView};
     use crate::models::densenet::DenseNetConfig;
     use crate::weights::StorageDType;
     use candle_nn::{VarBuilder, VarMap};

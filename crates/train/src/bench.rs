@@ -71,21 +71,18 @@ pub fn run(
     let mut adam = Adam::new(params.trainable(head_only.then_some(prefixes.as_slice())), 1e-4)?;
 
     let mut step = |seed: u64| -> Result<(), FitError> {
-        match (mode, &model) {
-            (BenchMode::Infer, _) => {
+        match mode {
+            BenchMode::Infer => {
                 model.forward(&xs, Mode::EVAL)?.detach().to_vec1::<f32>()?;
             }
-            (BenchMode::Train, _) => {
+            BenchMode::Train => {
                 let loss = bce_with_logits(&model.forward(&xs, Mode::train(seed))?, &targets)?;
                 adam.backward_step(&loss)?;
             }
-            (BenchMode::Frozen, Model::DenseNet(net)) => {
-                let features = net.frozen_features(&xs)?;
-                let loss = bce_with_logits(&net.head(&features, Some(seed))?, &targets)?;
+            BenchMode::Frozen => {
+                let features = model.frozen_features(&xs)?;
+                let loss = bce_with_logits(&model.head(&features, Some(seed))?, &targets)?;
                 adam.backward_step(&loss)?;
-            }
-            (BenchMode::Frozen, Model::Cnn(_)) => {
-                return Err(FitError::Config("--mode frozen applies to DenseNet models only".into()))
             }
         }
         Ok(())

@@ -739,7 +739,7 @@ fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
         }
         _ => Recipe::Study,
     });
-    if args.progressive.is_some() && !matches!(architecture, Architecture::Densenet(_)) {
+    if args.progressive.is_some() && !architecture.pools_globally() {
         bail!("--progressive needs a model that pools globally (densenet); the cnn's head is sized for --size");
     }
     let overrides = Overrides {
@@ -1143,7 +1143,7 @@ fn detect(args: DetectArgs) -> Result<()> {
         .set_operating_point(args.operating_point.into())
         .with_context(|| format!("--operating-point for {}", args.weights.display()))?;
     if let Some(dir) = &args.heatmap {
-        if !matches!(predictor.model(), fracture_core::Model::DenseNet(_)) {
+        if !predictor.model().has_class_activation_map() {
             bail!(
                 "--heatmap needs a DenseNet model: {} has no class activation map",
                 predictor.card().architecture.display_name()
@@ -1395,10 +1395,10 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         args.quiet,
     );
     let mut view_logits = Vec::with_capacity(images.len());
-    for chunk in images.chunks(fracture_core::predict::images_per_batch(card.input_size()).min(32)) {
+    let batch = fracture_core::predict::images_per_batch(card.input_size()).min(32);
+    for chunk in images.chunks(batch) {
         let refs: Vec<&image::Rgb32FImage> = chunk.iter().collect();
-        let xs = fracture_core::preprocess::to_tensor(&refs, &card.preprocessing, &device)?;
-        view_logits.extend(fracture_core::predict::view_logits(&model, &views, &xs, None)?);
+        view_logits.extend(model.view_logits(&refs, &card.preprocessing, &views, batch, &device)?);
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();

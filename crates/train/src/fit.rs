@@ -246,18 +246,8 @@ pub fn predict(
     batch_size: usize,
     device: &Device,
 ) -> Result<Vec<f64>, FitError> {
-    let mut probabilities = Vec::with_capacity(indices.len());
-    // Never more at once than the predictor's memory budget allows at this size.
-    let batch_size = batch_size
-        .min(fracture_core::predict::images_per_batch(preprocessing.input_size))
-        .max(1);
-    for chunk in indices.chunks(batch_size) {
-        let batch: Vec<&Rgb32FImage> = chunk.iter().map(|&i| &images[i]).collect();
-        let xs = preprocess::to_tensor(&batch, preprocessing, device)?;
-        let logits = model.forward(&xs, Mode::EVAL)?.detach();
-        probabilities.extend(probabilities_from_logits(&logits)?);
-    }
-    Ok(probabilities)
+    let batch: Vec<&Rgb32FImage> = indices.iter().map(|&i| &images[i]).collect();
+    Ok(model.probabilities(&batch, preprocessing, batch_size, device)?)
 }
 
 /// Mean BCE and accuracy at 0.5 of probabilities against labels.
@@ -536,7 +526,7 @@ impl Fit<'_> {
             && config.mixup == 0.0
             && phase.scope == Scope::Head
             && !phase.batch_norm_stats
-            && matches!(self.model, Model::DenseNet(_))
+            && self.model.can_cache_features()
     }
 
     /// One head-only epoch on banked features: each image contributes one of its
@@ -550,9 +540,6 @@ impl Fit<'_> {
         epoch: usize,
         steps: &mut Steps,
     ) -> Result<EpochRecord, FitError> {
-        let Model::DenseNet(net) = self.model else {
-            unreachable!("only DenseNet phases are cached")
-        };
         let phase = &config.phases[phase_index];
         let started = Instant::now();
         let order = epoch_order(data, config, phase_index, epoch);
@@ -570,14 +557,16 @@ impl Fit<'_> {
             let targets = labels_tensor(data.labels, batch, config.label_smoothing, self.device)?;
             let step_seed = derive_seed(config.seed, ("dropout", phase_index, epoch, batch_index));
             steps.adam.lr = phase.lr_at(epoch, batch_index, batches);
-            let logits = net.classify(&pooled, Some(step_seed))?;
+            let logits = self.model.classify(&pooled, Some(step_seed))?;
             let loss = bce_with_logits(&logits, &targets)?;
             let loss_value = check_loss(&loss, phase, epoch)?;
             steps.step(&loss)?;
             tally.add(loss_value, &logits, batch, data.labels)?;
         }
         let validation = match &bank.validation {
-            Some(features) => Some(probabilities_from_logits(&net.classify(features, None)?.detach())?),
+            Some(features) => Some(probabilities_from_logits(
+                &self.model.classify(features, None)?.detach(),
+            )?),
             None => None,
         };
         Ok(tally.record(phase, epoch, validation, data, started))
@@ -636,15 +625,15 @@ impl Fit<'_> {
             };
             let step_seed = derive_seed(config.seed, ("dropout", phase_index, epoch, batch_index));
             steps.adam.lr = phase.lr_at(epoch, batch_index, batches);
-            let logits = match (self.model, &phase.scope) {
+            let logits = match &phase.scope {
                 // Frozen base: its output is a constant, so no graph is built through it.
-                (Model::DenseNet(net), Scope::Head) => {
+                Scope::Head => {
                     let features = if phase.batch_norm_stats {
-                        net.features(&xs, true)?.detach()
+                        self.model.features(&xs, true)?.detach()
                     } else {
-                        net.frozen_features(&xs)?
+                        self.model.frozen_features(&xs)?
                     };
-                    net.head(&features, Some(step_seed))?
+                    self.model.head(&features, Some(step_seed))?
                 }
                 _ => self.model.forward(
                     &xs,
@@ -833,9 +822,6 @@ struct FeatureBank {
 
 impl FeatureBank {
     fn build(fit: &Fit, data: &FitData, config: &FitConfig) -> Result<Self, FitError> {
-        let Model::DenseNet(net) = fit.model else {
-            unreachable!("only DenseNet phases are cached")
-        };
         // Without augmentation every view would be the same image.
         let views = if config.augmentation == Augmentation::NONE {
             1
@@ -872,9 +858,7 @@ impl FeatureBank {
                 .collect();
             let refs: Vec<&Rgb32FImage> = images.iter().collect();
             let xs = preprocess::to_tensor(&refs, &fit.card.preprocessing, fit.device)?;
-            pooled.push(fracture_core::models::densenet::DenseNet::pool(
-                &net.frozen_features(&xs)?,
-            )?);
+            pooled.push(fit.model.pool(&fit.model.frozen_features(&xs)?)?);
             bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
-use fracture_core::models::densenet::{DenseNet, DenseNetConfig};
+use fracture_core::models::densenet::DenseNetConfig;
 use fracture_core::models::{Mode, Model};
 use fracture_core::weights::ModelFile;
 use fracture_core::Architecture;
@@ -66,13 +66,6 @@ fn max_abs_diff(ours: &Tensor, torch: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn densenet(model: &Model) -> &DenseNet {
-    match model {
-        Model::DenseNet(m) => m,
-        Model::Cnn(_) => panic!("expected a DenseNet"),
-    }
-}
-
 /// Inputs in io.safetensors: `input` and, for tiny, `input_67`.
 fn input_suffixes(io: &HashMap<String, Tensor>) -> Vec<&'static str> {
     ["", "_67"]
@@ -87,7 +80,7 @@ fn check_binary(model: &Model, io: &HashMap<String, Tensor>, label: &str) {
         let xs = &io[&format!("input{suffix}")];
         let (torch_logits, torch_features) = (&io[&format!("logits{suffix}")], &io[&format!("features{suffix}")]);
         let logits = model.forward(xs, Mode::EVAL).unwrap();
-        let features = densenet(model).features(xs, false).unwrap();
+        let features = model.features(xs, false).unwrap();
         let dl = max_abs_diff(&logits, torch_logits);
         let df = max_abs_diff(&features, torch_features);
         let tf = feature_tolerance(torch_features);
@@ -207,7 +200,7 @@ fn an_imagenet_head_is_dropped_and_the_backbone_matches_torch() {
 fn check_backbone(model: &Model, io: &HashMap<String, Tensor>, label: &str) {
     for suffix in input_suffixes(io) {
         let torch_features = &io[&format!("imagenet_head_features{suffix}")];
-        let features = densenet(model).features(&io[&format!("input{suffix}")], false).unwrap();
+        let features = model.features(&io[&format!("input{suffix}")], false).unwrap();
         let (diff, allowed) = (
             max_abs_diff(&features, torch_features),
             feature_tolerance(torch_features),

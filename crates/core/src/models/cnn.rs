@@ -8,7 +8,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{conv2d, Mode};
+use super::{conv2d, Network};
 use crate::ops::{conv_relu_pool::conv_relu_pool, dropout};
 use crate::{Error, Result as CoreResult};
 
@@ -149,23 +149,57 @@ impl Cnn {
             dropout: cfg.dropout,
         })
     }
+}
 
-    pub fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
+impl Network for Cnn {
+    /// The last convolution's pooled map.
+    fn features(&self, xs: &Tensor, _batch_stats: bool) -> Result<Tensor> {
         let mut xs = xs.clone();
         for conv in &self.convs {
             xs = conv.forward_relu_pool(&xs)?;
         }
-        if let Some(seed) = mode.dropout_seed {
-            xs = dropout(&xs, self.dropout, seed)?;
-        }
-        let xs = self.fc.forward(&xs.flatten_from(1)?)?.relu()?;
+        Ok(xs)
+    }
+
+    fn frozen_features(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self.features(xs, false)?.detach())
+    }
+
+    /// Flattened: the dense layer sees every position.
+    fn pool(&self, features: &Tensor) -> Result<Tensor> {
+        features.flatten_from(1)
+    }
+
+    /// Dropout, the hidden dense layer and the logit.
+    fn classify(&self, pooled: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let xs = match dropout_seed {
+            Some(seed) => dropout(pooled, self.dropout, seed)?,
+            None => pooled.clone(),
+        };
+        let xs = self.fc.forward(&xs)?.relu()?;
         self.classifier.forward(&xs)?.squeeze(1)
+    }
+
+    /// None: the dense layers mix every position into the logit.
+    fn class_activation_map(&self, _features: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// The study trains the CNN end to end; its flattened map (20,736 values
+    /// an image at 150 px) would make a bank twenty times DenseNet's.
+    fn can_cache_features(&self) -> bool {
+        false
+    }
+
+    fn has_class_activation_map(&self) -> bool {
+        false
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::{Architecture, Mode, Model};
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
@@ -173,7 +207,7 @@ mod tests {
     fn study_cnn_has_the_studys_shapes() {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let model = Cnn::new(&CnnConfig::study(), 150, vb).unwrap();
+        let model = Model::new(&Architecture::Cnn(CnnConfig::study()), 150, vb).unwrap();
         let xs = Tensor::zeros((2, 3, 150, 150), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(model.forward(&xs, Mode::EVAL).unwrap().dims(), &[2]);
         let data = varmap.data().lock().unwrap();

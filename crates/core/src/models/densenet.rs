@@ -9,7 +9,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::batch_norm::{batch_norm2d, BatchNorm2d};
-use super::{conv2d, Mode};
+use super::{conv2d, Network};
 use crate::ops::dense_block::{dense_block, LayerTensors};
 use crate::ops::{dropout, pool};
 use crate::{Error, Result as CoreResult};
@@ -280,19 +280,6 @@ impl DenseNet {
         })
     }
 
-    /// The backbone: the rectified last feature map, `(batch, channels, h, w)`.
-    /// With the base frozen it depends on the image alone, so it can be cached.
-    pub fn features(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
-        self.features_with(xs, batch_stats, true)
-    }
-
-    /// [`Self::features`] in inference mode, building no graph even where the
-    /// parameters are variables: the frozen base of a head-only phase, whose
-    /// output is a constant.
-    pub fn frozen_features(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.features_with(xs, false, false)?.detach())
-    }
-
     fn features_with(&self, xs: &Tensor, batch_stats: bool, keep_graph: bool) -> Result<Tensor> {
         let xs = conv2d(xs, &self.conv0, 3, 2)?;
         let mut xs = pool::max_pool2d(&self.norm0.forward_relu(&xs, batch_stats)?, 3, 2, 1)?;
@@ -304,20 +291,27 @@ impl DenseNet {
         }
         self.norm5.forward_relu(&xs, batch_stats)
     }
+}
 
-    /// Global average pooling, dropout and the logit, from [`Self::features`].
-    pub fn head(&self, features: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
-        self.classify(&Self::pool(features)?, dropout_seed)
+impl Network for DenseNet {
+    /// The rectified last feature map. With the base frozen it depends on the
+    /// image alone, so it can be cached.
+    fn features(&self, xs: &Tensor, batch_stats: bool) -> Result<Tensor> {
+        self.features_with(xs, batch_stats, true)
     }
 
-    /// Global average pooling of [`Self::features`]: `(batch, channels)`, all the
-    /// head ever sees of an image, and so what a frozen-base phase caches.
-    pub fn pool(features: &Tensor) -> Result<Tensor> {
+    /// Building no graph even where the parameters are variables.
+    fn frozen_features(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self.features_with(xs, false, false)?.detach())
+    }
+
+    /// Global average pooling: `(batch, channels)`.
+    fn pool(&self, features: &Tensor) -> Result<Tensor> {
         features.mean((2, 3))
     }
 
-    /// Dropout and the logit, from [`Self::pool`]ed features.
-    pub fn classify(&self, pooled: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+    /// Dropout and the logit.
+    fn classify(&self, pooled: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let pooled = match dropout_seed {
             Some(seed) => dropout(pooled, self.head_dropout, seed)?,
             None => pooled.clone(),
@@ -325,23 +319,27 @@ impl DenseNet {
         self.classifier.forward(&pooled)?.squeeze(1)
     }
 
-    pub fn forward(&self, xs: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.head(&self.features(xs, mode.batch_stats)?, mode.dropout_seed)
-    }
-
-    /// Class activation map `relu(Σ_k w_k A_k)` over the last feature map,
-    /// `(batch, h, w)`. Global average pooling followed by a linear layer
-    /// makes this exact without a backward pass.
-    pub fn class_activation_map(&self, features: &Tensor) -> Result<Tensor> {
+    /// `relu(Σ_k w_k A_k)` over the last feature map. Global average pooling
+    /// followed by a linear layer makes this exact without a backward pass.
+    fn class_activation_map(&self, features: &Tensor) -> Result<Option<Tensor>> {
         let channels = features.dim(1)?;
         let weights = self.classifier.weight().reshape((1, channels, 1, 1))?;
-        features.broadcast_mul(&weights)?.sum(1)?.relu()
+        Ok(Some(features.broadcast_mul(&weights)?.sum(1)?.relu()?))
+    }
+
+    fn can_cache_features(&self) -> bool {
+        true
+    }
+
+    fn has_class_activation_map(&self) -> bool {
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::{Architecture, Mode, Model};
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
@@ -388,7 +386,12 @@ mod tests {
     fn tiny_densenet_runs_in_every_mode() {
         let cfg = DenseNetConfig::tiny();
         let varmap = VarMap::new();
-        let model = DenseNet::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let model = Model::new(
+            &Architecture::Densenet(cfg.clone()),
+            33,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let xs = Tensor::randn(0f32, 1., (2, 3, 33, 33), &Device::Cpu).unwrap();
         for mode in [Mode::EVAL, Mode::train(1), Mode::train_frozen_bn(1)] {
             assert_eq!(model.forward(&xs, mode).unwrap().dims(), &[2]);
@@ -408,7 +411,10 @@ mod tests {
         assert_eq!(running(name), before);
         model.forward(&xs, Mode::train(2)).unwrap();
         assert_ne!(running(name), before);
-        assert_eq!(model.class_activation_map(&features).unwrap().dims(), &[2, 4, 4]);
+        assert_eq!(
+            model.class_activation_map(&features).unwrap().unwrap().dims(),
+            &[2, 4, 4]
+        );
     }
 
     #[test]
