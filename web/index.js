@@ -99,31 +99,11 @@ function percent(p) {
   return `${(p * 100).toFixed(1)}%`;
 }
 
-function drawPreview(canvas, result) {
-  const { input_size: size, input_rgba: rgba } = result;
+function drawRgba(canvas, size, rgba) {
   canvas.width = size;
   canvas.height = size;
   const context = canvas.getContext('2d');
   context.putImageData(new ImageData(new Uint8ClampedArray(rgba), size, size), 0, 0);
-}
-
-function drawHeatmap(canvas, heatmap) {
-  const { width, height, values } = heatmap;
-  const small = new ImageData(width, height);
-  values.forEach((v, i) => {
-    // Transparent where the model saw nothing, red to yellow where it did.
-    small.data[4 * i] = 255;
-    small.data[4 * i + 1] = Math.round(255 * Math.max(0, 2 * v - 1));
-    small.data[4 * i + 2] = 0;
-    small.data[4 * i + 3] = Math.round(180 * v);
-  });
-  const scratch = document.createElement('canvas');
-  scratch.width = width;
-  scratch.height = height;
-  scratch.getContext('2d').putImageData(small, 0, 0);
-  const context = canvas.getContext('2d');
-  context.imageSmoothingEnabled = true;
-  context.drawImage(scratch, 0, 0, canvas.width, canvas.height);
 }
 
 function card(file) {
@@ -160,12 +140,13 @@ async function analyse(file) {
       element.querySelector('.text').append(note);
     }
     const preview = element.querySelector('.preview');
-    drawPreview(preview, result);
+    drawRgba(preview, result.input_size, result.input_rgba);
     const heat = element.querySelector('.heat');
     heat.width = preview.width;
     heat.height = preview.height;
-    if (result.heatmap) {
-      drawHeatmap(heat, result.heatmap);
+    if (result.overlay_rgba) {
+      // Core's overlay, pixel for pixel what `fracture detect --heatmap` writes.
+      drawRgba(heat, result.input_size, result.overlay_rgba);
       const toggle = document.createElement('button');
       toggle.type = 'button';
       toggle.className = 'toggle';

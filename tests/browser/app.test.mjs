@@ -125,7 +125,7 @@ test('dropping files onto the drop zone works too', async () => {
   await context.close();
 });
 
-test('the heat map toggles', async () => {
+test('the heat map toggles, and shows the pixels `fracture detect --heatmap` writes', async () => {
   const { context, page } = await openApp();
   await upload(page, [images[0]]);
   await waitForCards(page, 1);
@@ -135,6 +135,31 @@ test('the heat map toggles', async () => {
   assert.equal(await heat.isVisible(), false);
   await page.click('[data-testid="heatmap-toggle"]');
   assert.equal(await heat.isVisible(), true);
+
+  // One colouring: the page draws core's overlay, so it matches the native file
+  // (to one level of 255, for the last bits wasm and native floats may differ by).
+  const heatDir = path.join(WORK, 'heatmaps');
+  fracture('detect', '--weights', path.join(SITE, 'models', 'test-densenet.safetensors'), '-i', images[0],
+    '--heatmap', heatDir);
+  const png = readFileSync(path.join(heatDir, path.basename(images[0]).replace(/\.png$/, '.heatmap.png')));
+  const difference = await page.evaluate(async (base64) => {
+    const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+    const bitmap = await createImageBitmap(new Blob([bytes], { type: 'image/png' }),
+      { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
+    const canvas = document.querySelector('[data-testid="result"] canvas.heat');
+    if (bitmap.width !== canvas.width || bitmap.height !== canvas.height) {
+      return `native ${bitmap.width}x${bitmap.height}, page ${canvas.width}x${canvas.height}`;
+    }
+    const scratch = new OffscreenCanvas(bitmap.width, bitmap.height);
+    const context = scratch.getContext('2d');
+    context.drawImage(bitmap, 0, 0);
+    const native = context.getImageData(0, 0, bitmap.width, bitmap.height).data;
+    const shown = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let largest = 0;
+    for (let i = 0; i < native.length; i += 1) largest = Math.max(largest, Math.abs(native[i] - shown[i]));
+    return largest;
+  }, png.toString('base64'));
+  assert.ok(difference === 0 || difference === 1, `page against native heat map: ${difference}`);
   await context.close();
 });
 

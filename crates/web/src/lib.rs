@@ -4,6 +4,7 @@
 //! same code `fracture detect` runs natively.
 
 use candle_core::Device;
+use fracture_core::cam;
 use fracture_core::predict::Detection;
 use fracture_core::Predictor;
 use image::DynamicImage;
@@ -24,6 +25,9 @@ struct BrowserDetection<'a> {
     input_size: u32,
     /// A Uint8Array on the JS side, not an array of numbers.
     input_rgba: ByteBuf,
+    /// The input with the heat map blended over it, the same pixels
+    /// `fracture detect --heatmap` writes; absent without a heat map.
+    overlay_rgba: Option<ByteBuf>,
 }
 
 #[wasm_bindgen]
@@ -52,17 +56,23 @@ impl Detector {
     }
 
     /// `{ probability, label, positive, heatmap: {width, height, values} | null,
-    /// warnings, width, height, input_size, input_rgba }`, where `input_rgba`
-    /// is what the model saw, for the page to draw (browsers cannot show TIFF or DICOM).
+    /// warnings, width, height, input_size, input_rgba, overlay_rgba | null }`,
+    /// where `input_rgba` is what the model saw, for the page to draw (browsers
+    /// cannot show TIFF or DICOM), and `overlay_rgba` the same with core's heat map over it.
     pub fn detect(&self, image_bytes: &[u8]) -> Result<JsValue, JsError> {
         let detection = self
             .predictor
             .detect(image_bytes)
             .map_err(|e| JsError::new(&e.to_string()))?;
         let rgba = DynamicImage::ImageRgb32F(detection.input.clone()).to_rgba8();
+        let overlay = detection
+            .heatmap
+            .as_ref()
+            .map(|heatmap| ByteBuf::from(cam::overlay(&detection.input, heatmap).into_raw()));
         to_js(&BrowserDetection {
             input_size: rgba.width(),
             input_rgba: ByteBuf::from(rgba.into_raw()),
+            overlay_rgba: overlay,
             detection: &detection,
         })
     }
