@@ -16,6 +16,8 @@ use fracture_core::models::{cnn::CnnConfig, densenet::DenseNetConfig};
 use fracture_core::weights::{ModelFile, StorageDType};
 use fracture_core::{Architecture, ModelCard, OperatingPoint, Predictor, TtaView};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::progress::Progress;
 use sha2::{Digest, Sha256};
 
 use crate::augment::Augmentation;
@@ -670,21 +672,58 @@ fn out_of_fold_roc(report: &kfold::KfoldReport) -> Vec<crate::metrics::RocPoint>
     crate::metrics::roc_curve(&scores, &truth)
 }
 
-fn bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(len)
-    };
-    bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
-    bar
+/// Terminal progress bars on stderr, one task at a time; hidden with `--quiet`.
+struct Bars {
+    bar: std::sync::Mutex<ProgressBar>,
+    quiet: bool,
+}
+
+impl Bars {
+    fn new(quiet: bool) -> Self {
+        Self {
+            bar: std::sync::Mutex::new(ProgressBar::hidden()),
+            quiet,
+        }
+    }
+
+    fn bar(&self) -> std::sync::MutexGuard<'_, ProgressBar> {
+        // A panic elsewhere while drawing leaves a usable bar behind.
+        self.bar.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Progress for Bars {
+    fn start(&self, task: &str, unit: &str, total: u64) {
+        if self.quiet {
+            return;
+        }
+        let template = format!("  {{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{msg}}  ({{eta}} left)");
+        let bar = ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(&template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(task.to_string());
+        *self.bar() = bar;
+    }
+
+    fn advance(&self, steps: u64) {
+        self.bar().inc(steps);
+    }
+
+    fn message(&self, message: &str) {
+        self.bar().set_message(message.to_string());
+    }
+
+    fn finish(&self) {
+        self.bar().finish_and_clear();
+    }
 }
 
 /// Scans, prints the summary, and decodes every image at the model's size.
 fn load_dataset(data: &DataArgs, card: &ModelCard, quiet: bool) -> Result<(Dataset, Vec<image::Rgb32FImage>)> {
     let mut dataset = scan_dataset(data)?;
-    let progress = bar(0, "  decoding [{bar:30}] {pos}/{len} images ({eta} left)", quiet);
-    let images = dataset.load_images(&card.preprocessing, &progress);
+    let images = dataset.load_images(&card.preprocessing, &Bars::new(quiet));
     eprint!("{}", dataset.summary());
     dataset.check_trainable()?;
     Ok((dataset, images))
@@ -842,7 +881,7 @@ fn train(args: TrainArgs) -> Result<()> {
         init: init.as_ref(),
         config: &config,
         device: &device,
-        show_progress: !args.model.quiet,
+        progress: &Bars::new(args.model.quiet),
     };
     let checkpoint = Checkpoint::beside(&args.output);
     let checkpoint_path = checkpoint.path.clone();
@@ -993,7 +1032,7 @@ fn kfold(args: KfoldArgs) -> Result<()> {
         folds: args.folds,
         validation_fraction: args.val_split,
         device: &device,
-        show_progress: !args.model.quiet,
+        progress: &Bars::new(args.model.quiet),
         state_dir: &state_dir,
     };
     match (args.fold, &args.report) {
@@ -1389,19 +1428,16 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         TtaArg::Flip => vec![TtaView::Identity, TtaView::HorizontalFlip],
         TtaArg::None => vec![TtaView::Identity],
     };
-    let progress = bar(
-        images.len() as u64,
-        "  predicting [{bar:30}] {pos}/{len} images ({eta} left)",
-        args.quiet,
-    );
+    let progress = Bars::new(args.quiet);
+    progress.start("predicting", "images", images.len() as u64);
     let mut view_logits = Vec::with_capacity(images.len());
     let batch = fracture_core::predict::images_per_batch(card.input_size()).min(32);
     for chunk in images.chunks(batch) {
         let refs: Vec<&image::Rgb32FImage> = chunk.iter().collect();
         view_logits.extend(model.view_logits(&refs, &card.preprocessing, &views, batch, &device)?);
-        progress.inc(chunk.len() as u64);
+        progress.advance(chunk.len() as u64);
     }
-    progress.finish_and_clear();
+    progress.finish();
 
     let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
     let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();

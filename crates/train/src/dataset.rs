@@ -532,9 +532,9 @@ impl Dataset {
     pub fn load_images(
         &mut self,
         preprocessing: &Preprocessing,
-        progress: &indicatif::ProgressBar,
+        progress: &dyn crate::progress::Progress,
     ) -> Vec<Rgb32FImage> {
-        progress.set_length(self.samples.len() as u64);
+        progress.start("decoding", "images", self.samples.len() as u64);
         let results: Vec<Result<Rgb32FImage, String>> = self
             .samples
             .par_iter()
@@ -542,11 +542,11 @@ impl Dataset {
                 let result = crate::files::read_regular_file(&sample.path, crate::files::MAX_INPUT_BYTES)
                     .map_err(|e| e.problem.to_string())
                     .and_then(|bytes| preprocess::load(&bytes, preprocessing).map_err(|e| e.to_string()));
-                progress.inc(1);
+                progress.advance(1);
                 result
             })
             .collect();
-        progress.finish_and_clear();
+        progress.finish();
         let mut images = Vec::with_capacity(results.len());
         let mut kept = Vec::with_capacity(results.len());
         for (sample, result) in std::mem::take(&mut self.samples).into_iter().zip(results) {

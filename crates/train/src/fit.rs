@@ -14,7 +14,6 @@ use fracture_core::predict::probabilities_from_logits;
 use fracture_core::weights::{ModelFile, StorageDType};
 use fracture_core::{preprocess, ModelCard, Preprocessing};
 use image::Rgb32FImage;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -25,6 +24,7 @@ use crate::augment::Augmentation;
 use crate::average::WeightAverage;
 use crate::optim::Adam;
 use crate::params::{derive_seed, Params};
+use crate::progress::Progress;
 use crate::report::{EpochRecord, History};
 
 #[derive(Debug, thiserror::Error)]
@@ -390,8 +390,8 @@ pub struct Fit<'a> {
     pub model: &'a Model,
     pub device: &'a Device,
     pub checkpoint: Option<Checkpoint>,
-    /// Shows batches within an epoch; hidden in tests.
-    pub show_progress: bool,
+    /// Told of the batches within an epoch and of feature caching.
+    pub progress: &'a dyn Progress,
 }
 
 impl Fit<'_> {
@@ -585,17 +585,12 @@ impl Fit<'_> {
         let order = epoch_order(data, config, phase_index, epoch);
 
         let batches = order.len().div_ceil(config.batch_size);
-        let bar = if self.show_progress {
-            ProgressBar::new(batches as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template("  {prefix} [{bar:30}] {pos}/{len} batches  {msg}  ({eta} left)")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+        let progress = self.progress;
+        progress.start(
+            &format!("{} {}/{}", phase.name, epoch + 1, phase.epochs),
+            "batches",
+            batches as u64,
         );
-        bar.set_prefix(format!("{} {}/{}", phase.name, epoch + 1, phase.epochs));
 
         let size = phase.size_at(epoch, self.card.input_size());
         let preprocessing = Preprocessing {
@@ -647,10 +642,10 @@ impl Fit<'_> {
             let loss_value = check_loss(&loss, phase, epoch)?;
             steps.step(&loss)?;
             tally.add(loss_value, &logits, batch, data.labels)?;
-            bar.set_message(format!("loss {:.4}", tally.mean_loss()));
-            bar.inc(1);
+            progress.message(&format!("loss {:.4}", tally.mean_loss()));
+            progress.advance(1);
         }
-        bar.finish_and_clear();
+        progress.finish();
 
         let validation = self.validate(data, size)?;
         Ok(tally.record(phase, epoch, validation, data, started))
@@ -834,16 +829,7 @@ impl FeatureBank {
             .flat_map(|&i| (0..views).map(move |v| (i, Some(v))))
             .chain(data.validation.iter().map(|&i| (i, None)))
             .collect();
-        let bar = if fit.show_progress {
-            ProgressBar::new(jobs.len() as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template("  caching features [{bar:30}] {pos}/{len} views  ({eta} left)")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        fit.progress.start("caching features", "views", jobs.len() as u64);
         let mut pooled = Vec::with_capacity(jobs.len().div_ceil(32));
         for chunk in jobs.chunks(32) {
             let images: Vec<Rgb32FImage> = chunk
@@ -859,9 +845,9 @@ impl FeatureBank {
             let refs: Vec<&Rgb32FImage> = images.iter().collect();
             let xs = preprocess::to_tensor(&refs, &fit.card.preprocessing, fit.device)?;
             pooled.push(fit.model.pool(&fit.model.frozen_features(&xs)?)?);
-            bar.inc(chunk.len() as u64);
+            fit.progress.advance(chunk.len() as u64);
         }
-        bar.finish_and_clear();
+        fit.progress.finish();
         let all = Tensor::cat(&pooled, 0)?;
         let train_rows = data.train.len() * views;
         let first_row = data.train.iter().enumerate().map(|(k, &i)| (i, k * views)).collect();
@@ -884,7 +870,7 @@ pub struct TrainSpec<'a> {
     pub init: Option<&'a HashMap<String, Tensor>>,
     pub config: &'a FitConfig,
     pub device: &'a Device,
-    pub show_progress: bool,
+    pub progress: &'a dyn Progress,
 }
 
 pub struct Trained {
@@ -923,7 +909,7 @@ pub fn train(
         model: &model,
         device: spec.device,
         checkpoint,
-        show_progress: spec.show_progress,
+        progress: spec.progress,
     };
     let history = fit.run(data, spec.config, on_epoch)?;
     Ok(Trained { params, model, history })

@@ -19,6 +19,7 @@ use crate::dataset::Dataset;
 use crate::fit::{self, Checkpoint, FitConfig, FitData, FitError, TrainSpec};
 use crate::folds::{grouped_split, stratified_group_kfold};
 use crate::metrics::{mean_std, BinaryMetrics};
+use crate::progress::Progress;
 use crate::report::{EpochRecord, History};
 
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +249,7 @@ pub struct KfoldSpec<'a> {
     /// curves; 0 trains on all of it.
     pub validation_fraction: f64,
     pub device: &'a Device,
-    pub show_progress: bool,
+    pub progress: &'a dyn Progress,
     /// Where finished folds and the running fold's checkpoint are kept.
     pub state_dir: &'a Path,
 }
@@ -451,7 +452,7 @@ fn train_fold(
         init: spec.init,
         config: spec.config,
         device: spec.device,
-        show_progress: spec.show_progress,
+        progress: spec.progress,
     };
     let checkpoint = Checkpoint {
         path: spec.state_dir.join(format!("fold{:02}.checkpoint", fold + 1)),

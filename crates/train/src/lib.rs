@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod pickle_guard;
+pub mod progress;
 pub mod report;
 pub mod schedule;
 pub mod study;

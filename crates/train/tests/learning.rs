@@ -56,7 +56,7 @@ fn held_out_accuracy_with(architecture: Architecture, config: &FitConfig, per_cl
         init: None,
         config,
         device: &device,
-        show_progress: false,
+        progress: &fracture_train::progress::Silent,
     };
     let data = FitData {
         images: &train_images,
@@ -134,7 +134,7 @@ fn interrupted_training_resumes_to_identical_weights() {
         init: None,
         config: &config,
         device: &device,
-        show_progress: false,
+        progress: &fracture_train::progress::Silent,
     };
     let data = || FitData {
         images: &images,
@@ -231,7 +231,7 @@ fn kfold_keeps_each_patient_in_one_fold_and_its_metrics_add_up() {
     let mut dataset = scan(&dir.path().join("mura"), &ScanOptions::default()).unwrap();
     assert!(dataset.has_patients);
     let card = ModelCard::new(Architecture::Cnn(CnnConfig::study()), 40);
-    let images = dataset.load_images(&card.preprocessing, &indicatif::ProgressBar::hidden());
+    let images = dataset.load_images(&card.preprocessing, &fracture_train::progress::Silent);
     let config = one_phase(2, 1e-3, 8);
     let device = Device::Cpu;
     let spec = KfoldSpec {
@@ -241,7 +241,7 @@ fn kfold_keeps_each_patient_in_one_fold_and_its_metrics_add_up() {
         folds: 5,
         validation_fraction: 0.0,
         device: &device,
-        show_progress: false,
+        progress: &fracture_train::progress::Silent,
         state_dir: &dir.path().join("state"),
     };
     let report = kfold::run(&spec, &dataset, &images, &mut Quiet).unwrap();
@@ -313,7 +313,7 @@ fn banked_head_phase_trains_like_running_the_frozen_base() {
             init: None,
             config: &config,
             device: &device,
-            show_progress: false,
+            progress: &fracture_train::progress::Silent,
         };
         fit::train(&spec, &data(), None, &mut |_| {}).unwrap()
     };
