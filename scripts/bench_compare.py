@@ -45,7 +45,7 @@ def parse_args():
     p.add_argument("--only", help="run only work items whose 'model/mode' contains this text")
     p.add_argument("--quick", action="store_true", help="1 warm-up, 3 repetitions, 1 round")
     p.add_argument("--fracture", type=Path, default=ROOT / "target" / "release" / "fracture",
-                   help="our binary (built with `cargo build --release -p fracture-train` unless --no-build)")
+                   help="our binary (built with `cargo build --release -p fracture-cli` unless --no-build)")
     p.add_argument("--no-build", action="store_true")
     p.add_argument("--python", default=sys.executable, help="the Python that has the peers installed")
     p.add_argument("--json", type=Path, help="also write every run's figures here")
@@ -79,7 +79,7 @@ def fmt_memory(runs):
 def main():
     args = parse_args()
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "fracture-train"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "fracture-cli"], cwd=ROOT, check=True)
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     peers = []
     for framework in [f for f in args.frameworks.split(",") if f]:

@@ -11,7 +11,7 @@ Usage (CPU is enough; pretrained weights are never downloaded):
         # rewrites crates/train/tests/fixtures/parity/ (tiny DenseNet, committed)
     /tmp/torchenv/bin/python scripts/make_parity_fixtures.py --full /tmp/parity121
         # full densenet121 at 150x150 into /tmp/parity121 (~200 MB, not committed), then
-    FRACTURE_PARITY_DIR=/tmp/parity121 cargo test -p fracture-train --test import_parity -- --ignored
+    FRACTURE_PARITY_DIR=/tmp/parity121 cargo test -p fracture-cli --test import_parity -- --ignored
 
 Every file is written with a prefix (`tiny` or `densenet121`):
 

@@ -1,12 +1,12 @@
 //! Everything that learns or measures, natively: datasets, augmentation,
-//! the training loop, k-fold cross-validation, metrics and reports. The
-//! `fracture` binary is a thin shell over [`cli`].
+//! the training loop, k-fold cross-validation, metrics and reports. It never
+//! prints: long work reports through [`progress::Progress`], and the
+//! `fracture` binary (crates/cli) decides what the user sees.
 
 pub mod augment;
 pub mod average;
 pub mod bench;
 pub mod calibration;
-pub mod cli;
 pub mod dataset;
 pub mod files;
 pub mod fit;

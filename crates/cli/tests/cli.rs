@@ -1,7 +1,6 @@
 //! End-to-end tests of the `fracture` binary on synthetic data made here:
 //! every command, its exit codes, its outputs, and its errors on bad input.
 
-#[path = "../crates/train/tests/common/mod.rs"]
 mod common;
 
 use common::{assert_exit, fracture, text};

@@ -17,17 +17,17 @@ use fracture_core::weights::{ModelFile, StorageDType};
 use fracture_core::{Architecture, ModelCard, OperatingPoint, Predictor, TtaView};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::progress::Progress;
+use fracture_train::progress::Progress;
 use sha2::{Digest, Sha256};
 
-use crate::augment::Augmentation;
-use crate::dataset::{self, Dataset, ScanOptions};
-use crate::files;
-use crate::fit::{self, Checkpoint, FitConfig, FitData, Progressive, TrainSpec};
-use crate::kfold::{self, FoldResult, KfoldObserver, KfoldSpec, RunIdentity, ShardReport};
-use crate::merge;
-use crate::report::{self, EpochRecord};
-use crate::schedule::{self, Overrides, Recipe};
+use fracture_train::augment::Augmentation;
+use fracture_train::dataset::{self, Dataset, ScanOptions};
+use fracture_train::files;
+use fracture_train::fit::{self, Checkpoint, FitConfig, FitData, Progressive, TrainSpec};
+use fracture_train::kfold::{self, FoldResult, KfoldObserver, KfoldSpec, RunIdentity, ShardReport};
+use fracture_train::merge;
+use fracture_train::report::{self, EpochRecord};
+use fracture_train::schedule::{self, Overrides, Recipe};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -431,7 +431,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "densenet121")]
     pub model: ModelName,
     #[arg(long, value_enum, default_value = "infer")]
-    pub mode: crate::bench::BenchMode,
+    pub mode: fracture_train::bench::BenchMode,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     #[arg(long, default_value_t = 150)]
@@ -585,7 +585,8 @@ fn split(args: SplitArgs) -> Result<()> {
     }
     let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
     let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
-    let (_, held_out) = crate::folds::grouped_split(&labels, &groups, args.images as f64 / total as f64, args.seed)?;
+    let (_, held_out) =
+        fracture_train::folds::grouped_split(&labels, &groups, args.images as f64 / total as f64, args.seed)?;
     let patients: std::collections::BTreeSet<&str> = held_out
         .iter()
         .map(|&i| dataset.group_names[groups[i]].as_str())
@@ -605,7 +606,7 @@ fn split(args: SplitArgs) -> Result<()> {
         text += id;
         text.push('\n');
     }
-    crate::write_atomically(&args.output, text.as_bytes())
+    fracture_train::write_atomically(&args.output, text.as_bytes())
         .with_context(|| format!("cannot write {}", args.output.display()))?;
     eprintln!(
         "held out {} patients, {} images ({positives} abnormal): wrote {}",
@@ -631,7 +632,8 @@ fn card(args: CardCommandArgs) -> Result<()> {
     // Loading widens to f32; f16 -> f32 -> f16 is exact, so unless asked the weights are unchanged.
     let storage = if args.f16 { StorageDType::F16 } else { file.storage };
     let bytes = ModelFile::to_bytes(&card, &file.tensors, storage)?;
-    crate::write_atomically(&args.model, &bytes).with_context(|| format!("cannot write {}", args.model.display()))?;
+    fracture_train::write_atomically(&args.model, &bytes)
+        .with_context(|| format!("cannot write {}", args.model.display()))?;
     let what = if args.f16 {
         "stored the weights as f16 in"
     } else {
@@ -666,10 +668,10 @@ fn roc(args: RocArgs) -> Result<()> {
     Ok(())
 }
 
-fn out_of_fold_roc(report: &kfold::KfoldReport) -> Vec<crate::metrics::RocPoint> {
+fn out_of_fold_roc(report: &kfold::KfoldReport) -> Vec<fracture_train::metrics::RocPoint> {
     let scores: Vec<f64> = report.predictions.iter().map(|p| p.probability).collect();
     let truth: Vec<bool> = report.predictions.iter().map(|p| p.positive).collect();
-    crate::metrics::roc_curve(&scores, &truth)
+    fracture_train::metrics::roc_curve(&scores, &truth)
 }
 
 /// Terminal progress bars on stderr, one task at a time; hidden with `--quiet`.
@@ -858,7 +860,7 @@ fn train(args: TrainArgs) -> Result<()> {
         let training = (0..labels.len()).filter(|i| !validation.contains(i)).collect();
         (training, validation)
     } else if args.val_split > 0.0 {
-        crate::folds::grouped_split(&labels, &groups, args.val_split, args.model.seed)?
+        fracture_train::folds::grouped_split(&labels, &groups, args.val_split, args.model.seed)?
     } else {
         ((0..labels.len()).collect(), Vec::new())
     };
@@ -905,7 +907,7 @@ fn train(args: TrainArgs) -> Result<()> {
         )?;
         let truth: Vec<bool> = data.validation.iter().map(|&i| labels[i]).collect();
         let val_groups: Vec<usize> = data.validation.iter().map(|&i| groups[i]).collect();
-        let metrics = crate::metrics::BinaryMetrics::compute(
+        let metrics = fracture_train::metrics::BinaryMetrics::compute(
             &probabilities,
             &truth,
             dataset.has_patients.then_some(val_groups.as_slice()),
@@ -929,7 +931,8 @@ fn train(args: TrainArgs) -> Result<()> {
     );
     let storage = if args.f16 { StorageDType::F16 } else { StorageDType::F32 };
     let bytes = ModelFile::to_bytes(&card, &trained.params.tensors(), storage)?;
-    crate::write_atomically(&args.output, &bytes).with_context(|| format!("cannot write {}", args.output.display()))?;
+    fracture_train::write_atomically(&args.output, &bytes)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     // Only once the model file is safely written.
     let _ = std::fs::remove_file(&checkpoint_path);
 
@@ -1001,7 +1004,7 @@ fn kfold(args: KfoldArgs) -> Result<()> {
     // Finished folds are kept here until the report is written, so a rerun resumes.
     let run_id = format!(
         "{:016x}",
-        crate::params::derive_seed(
+        fracture_train::params::derive_seed(
             args.model.seed,
             (
                 serde_json::to_string(&config)?,
@@ -1046,7 +1049,8 @@ fn kfold(args: KfoldArgs) -> Result<()> {
                 shard,
             };
             let json = serde_json::to_vec_pretty(&report)?;
-            crate::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+            fracture_train::write_atomically(path, &json)
+                .with_context(|| format!("cannot write {}", path.display()))?;
             eprintln!(
                 "wrote {} (fold {fold} of {}; `fracture kfold merge` joins the shards)",
                 path.display(),
@@ -1082,7 +1086,7 @@ fn kfold_merge(args: &MergeArgs) -> Result<()> {
 /// The report as JSON, with its ROC curve and reliability diagram beside it.
 fn write_kfold_report(report: &kfold::KfoldReport, path: &Path) -> Result<()> {
     let json = serde_json::to_vec_pretty(report)?;
-    crate::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+    fracture_train::write_atomically(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
     let roc_path = with_suffix(path, ".roc.svg");
     report::plot_roc(
         &[(report.model.clone(), out_of_fold_roc(report), report.pooled.auc)],
@@ -1284,7 +1288,7 @@ fn study_of(path: &Path, bytes: &[u8]) -> fracture_core::Result<String> {
             return Ok(uid);
         }
     }
-    Ok(crate::study::mura_study(path).unwrap_or_else(|| path.display().to_string()))
+    Ok(fracture_train::study::mura_study(path).unwrap_or_else(|| path.display().to_string()))
 }
 
 /// Detect's output: a row per image as it comes, or with --by-study a row per
@@ -1338,7 +1342,7 @@ impl DetectRows {
     fn finish(mut self, predictor: &Predictor) -> Result<()> {
         if self.by_study {
             let (keys, probabilities): (Vec<String>, Vec<f64>) = std::mem::take(&mut self.images).into_iter().unzip();
-            for study in crate::study::group(&keys, &probabilities) {
+            for study in fracture_train::study::group(&keys, &probabilities) {
                 let (images, probability) = (study.members.len(), study.probability);
                 let label = predictor.prediction(probability).label;
                 match self.format {
@@ -1414,7 +1418,7 @@ fn write_heatmap(detection: &fracture_core::predict::Detection, out: &Path) -> R
 
 fn calibrate(args: CalibrateArgs) -> Result<()> {
     files::check_output_path(&args.output)?;
-    use crate::calibration::{self, CalibrationFigures};
+    use fracture_train::calibration::{self, CalibrationFigures};
     let device = Device::Cpu;
     let bytes = files::read_regular_file(&args.weights, files::MAX_INPUT_BYTES).context("--weights")?;
     let file =
@@ -1445,7 +1449,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     let keys: Vec<String> = dataset
         .samples
         .iter()
-        .map(|s| crate::study::mura_study(&s.path).unwrap_or_else(|| s.path.display().to_string()))
+        .map(|s| fracture_train::study::mura_study(&s.path).unwrap_or_else(|| s.path.display().to_string()))
         .collect();
     let temperature = calibration::fit_temperature(&view_logits, &labels);
     let scores = calibration::tempered(&view_logits, temperature);
@@ -1463,7 +1467,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         ),
     );
     let points = calibration::operating_points(&scores, &labels, &chosen_on);
-    let image = crate::metrics::BinaryMetrics::compute(&scores, &labels, groups, points.balanced, args.seed);
+    let image = fracture_train::metrics::BinaryMetrics::compute(&scores, &labels, groups, points.balanced, args.seed);
     let study = calibration::study_metrics(&keys, &scores, &labels, groups, points.balanced, args.seed);
     let (before, after) = (
         CalibrationFigures::of(&untempered, &labels),
@@ -1487,7 +1491,8 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     card.operating_points = Some(points.clone());
     card.validate()?;
     let out = ModelFile::to_bytes(&card, &file.tensors, file.storage)?;
-    crate::write_atomically(&args.output, &out).with_context(|| format!("cannot write {}", args.output.display()))?;
+    fracture_train::write_atomically(&args.output, &out)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     let reliability_path = with_suffix(&args.output, ".reliability.svg");
     report::plot_reliability(
         &[
@@ -1498,7 +1503,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     )
     .with_context(|| format!("cannot write {}", reliability_path.display()))?;
 
-    let ci = |m: &crate::metrics::BinaryMetrics| match (m.auc, m.auc_ci) {
+    let ci = |m: &fracture_train::metrics::BinaryMetrics| match (m.auc, m.auc_ci) {
         (Some(auc), Some((lo, hi))) => format!("{auc:.3} (95% CI {lo:.3}-{hi:.3})"),
         (Some(auc), None) => format!("{auc:.3}"),
         _ => "undefined".into(),
@@ -1521,7 +1526,7 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
     );
     for point in OperatingPoint::ALL {
         let threshold = points.threshold(point);
-        let confusion = crate::metrics::Confusion::at_threshold(&scores, &labels, threshold);
+        let confusion = fracture_train::metrics::Confusion::at_threshold(&scores, &labels, threshold);
         println!(
             "  {:<9} threshold {threshold:.3}: sensitivity {:.1}%  specificity {:.1}%  kappa {:.3}",
             point.name(),
@@ -1539,15 +1544,16 @@ fn synth(args: SynthArgs) -> Result<()> {
         bail!("--size must be at least 32");
     }
     let format = match args.format {
-        SynthFormat::Png => crate::synthetic::FileFormat::Png,
-        SynthFormat::Dcm => crate::synthetic::FileFormat::Dicom,
+        SynthFormat::Png => fracture_train::synthetic::FileFormat::Png,
+        SynthFormat::Dcm => fracture_train::synthetic::FileFormat::Dicom,
     };
     let written = match args.layout {
         SynthLayout::Classes => {
-            crate::synthetic::write_class_folders_as(&args.output, args.count, args.size, args.seed, format)?.len()
+            fracture_train::synthetic::write_class_folders_as(&args.output, args.count, args.size, args.seed, format)?
+                .len()
         }
         SynthLayout::Mura => {
-            crate::synthetic::write_mura_as(&args.output, args.count, args.size, args.seed, format)?.len()
+            fracture_train::synthetic::write_mura_as(&args.output, args.count, args.size, args.seed, format)?.len()
         }
     };
     eprintln!("wrote {written} synthetic images to {}", args.output.display());
@@ -1558,18 +1564,20 @@ fn import(args: ImportArgs) -> Result<()> {
     files::check_output_path(&args.output)?;
     let source = args.from.display().to_string();
     let bytes = files::read_regular_file(&args.from, 4 * files::MAX_INPUT_BYTES).context("--from")?;
-    let imported = crate::import::import_torchvision(&bytes, &source).with_context(|| format!("--from {source}"))?;
+    let imported =
+        fracture_train::import::import_torchvision(&bytes, &source).with_context(|| format!("--from {source}"))?;
     let out = imported
         .to_bytes()
         .with_context(|| format!("cannot serialise the weights of {source}"))?;
-    crate::write_atomically(&args.output, &out).with_context(|| format!("cannot write {}", args.output.display()))?;
+    fracture_train::write_atomically(&args.output, &out)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
     println!("{}", imported.summary());
     println!("wrote {} ({:.2} MB)", args.output.display(), out.len() as f64 / 1e6);
     Ok(())
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    let result = crate::bench::run(
+    let result = fracture_train::bench::run(
         &args.model.architecture(1),
         args.mode,
         args.batch,

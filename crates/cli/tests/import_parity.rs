@@ -36,7 +36,7 @@ fn feature_tolerance(torch: &Tensor) -> f32 {
 }
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../train/tests/fixtures/parity")
 }
 
 fn read(path: &Path) -> Vec<u8> {

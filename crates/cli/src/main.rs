@@ -1,7 +1,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fracture_train::cli::{run, Cli};
+mod cli;
+
+use cli::{run, Cli};
 
 fn main() -> ExitCode {
     fracture_train::keep_freed_memory();
