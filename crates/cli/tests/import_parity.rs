@@ -2,7 +2,7 @@
 //! `scripts/make_parity_fixtures.py` must give torch's own eval-mode outputs.
 //!
 //! The full densenet121 check needs fixtures made with `--full DIR` (not
-//! committed): `FRACTURE_PARITY_DIR=DIR cargo test -p fracture-train --test import_parity -- --ignored`.
+//! committed): `FRACTURE_PARITY_DIR=DIR cargo test -p fracture-cli --test import_parity -- --ignored`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -20,7 +20,7 @@ pub enum BenchMode {
     Infer,
     /// Forward, backward and an Adam step over every parameter.
     Train,
-    /// DenseNet's head-only step: the base runs forward without a graph.
+    /// The head-only step: the base runs forward without a graph.
     Frozen,
 }
 
