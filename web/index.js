@@ -4,29 +4,106 @@
 const MODEL_CACHE = 'fracture-models-v1';
 
 const $ = (id) => document.getElementById(id);
-const worker = new Worker('./worker.js', { type: 'module' });
+// Set once per tab when the page reloads to come back under the service worker's
+// isolation headers, so that a browser which still refuses isolation never loops.
+const ISOLATION_RELOAD = 'fracture-isolation-reload';
 const pending = new Map();
+let worker = null;
+let threadNote = '';
 let nextId = 1;
 let modelReady = null;
 let currentModel = null;
 const results = [];
 
-function call(type, bytes) {
+function call(type, bytes, fields = {}) {
   const id = nextId++;
   return new Promise((resolve, reject) => {
     pending.set(id, { resolve, reject });
-    worker.postMessage({ type, id, bytes }, [bytes]);
+    worker.postMessage({ type, id, bytes, ...fields }, bytes ? [bytes] : []);
   });
 }
 
-worker.onmessage = (event) => {
+function onWorkerMessage(event) {
   const { id, type } = event.data;
   const waiter = pending.get(id);
   if (!waiter) return;
   pending.delete(id);
   if (type === 'error') waiter.reject(new Error(event.data.message));
   else waiter.resolve(event.data);
-};
+}
+
+// `?threads=N` forces N (1: the single-thread build); otherwise every core the browser reports.
+function requestedThreads() {
+  const forced = new URLSearchParams(location.search).get('threads');
+  if (forced !== null) {
+    const n = Number(forced);
+    if (Number.isInteger(n) && n >= 1) return { threads: n, forced: true };
+  }
+  return { threads: Math.max(1, navigator.hardwareConcurrency || 1), forced: false };
+}
+
+// Threads need SharedArrayBuffer, which browsers give only to cross-origin isolated
+// pages. Static hosts rarely send the COOP/COEP headers, so sw.js adds them; it can
+// only do so for pages it controls, so the first visit reloads once it has taken over.
+// Resolves to true when the page is reloading (nothing else should start).
+async function reloadUnderIsolation(registration, threads) {
+  if (self.crossOriginIsolated || threads === 1 || !registration) return false;
+  if (sessionStorage.getItem(ISOLATION_RELOAD)) return false;
+  try {
+    await registration;
+  } catch {
+    return false;
+  }
+  if (!navigator.serviceWorker.controller) {
+    await new Promise((resolve) => {
+      navigator.serviceWorker.addEventListener('controllerchange', resolve, { once: true });
+      setTimeout(resolve, 5000);
+    });
+  }
+  if (!navigator.serviceWorker.controller) return false;
+  sessionStorage.setItem(ISOLATION_RELOAD, '1');
+  location.reload();
+  return true;
+}
+
+function whySingleThread(threads, forced) {
+  if (threads === 1) return forced ? 'one thread, as ?threads=1 asks' : 'one thread: the browser reports one core';
+  if (!self.crossOriginIsolated || typeof SharedArrayBuffer === 'undefined') {
+    return 'one thread: this page is not cross-origin isolated (no service worker, a private window, or a browser without SharedArrayBuffer)';
+  }
+  return null;
+}
+
+function startWorker(threads) {
+  worker?.terminate();
+  for (const waiter of pending.values()) waiter.reject(new Error('the detector restarted'));
+  pending.clear();
+  worker = new Worker('./worker.js', { type: 'module' });
+  worker.onmessage = onWorkerMessage;
+  return call('start', null, { threads });
+}
+
+// Starts the threaded detector where the page allows it, else (or if it fails) the
+// single-thread one; the status line says which and why.
+async function startDetector() {
+  const { threads, forced } = requestedThreads();
+  const reason = whySingleThread(threads, forced);
+  if (reason === null) {
+    try {
+      // A pool worker that never reports (a browser bug, a blocked script) must not stall the page.
+      const timeout = new Promise((_, reject) => setTimeout(() => reject(new Error('no answer in 30 s')), 30_000));
+      const started = await Promise.race([startWorker(threads), timeout]);
+      threadNote = `${started.threads} threads`;
+      return started.threads;
+    } catch (error) {
+      threadNote = `one thread: the threaded build failed (${error.message})`;
+    }
+  } else {
+    threadNote = reason;
+  }
+  const started = await startWorker(1);
+  return started.threads;
+}
 
 function setStatus(text, isError = false) {
   const status = $('model-status');
@@ -77,7 +154,7 @@ async function loadModel(entry) {
     const bytes = await fetchModel(`./models/${entry.file}`);
     const { card } = await call('load', bytes);
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    setStatus(`${entry.name} ready (${seconds} s)`);
+    setStatus(`${entry.name} ready (${seconds} s) · ${threadNote}`);
     document.body.dataset.ready = 'true';
     $('card-summary').textContent = describeCard(entry, card);
     return card;
@@ -176,7 +253,7 @@ async function analyse(file) {
 }
 
 async function analyseAll(files) {
-  // One at a time: the worker is single-threaded and order keeps cards stable.
+  // One at a time: order keeps cards stable, and the detector uses every thread on each image.
   for (const file of files) await analyse(file);
 }
 
@@ -199,8 +276,15 @@ function exportCsv() {
 }
 
 async function main() {
-  if ('serviceWorker' in navigator) {
-    navigator.serviceWorker.register('./sw.js').catch(() => {});
+  const registration = 'serviceWorker' in navigator ? navigator.serviceWorker.register('./sw.js') : null;
+  registration?.catch(() => {});
+  if (await reloadUnderIsolation(registration, requestedThreads().threads)) return;
+  if (self.crossOriginIsolated) sessionStorage.removeItem(ISOLATION_RELOAD);
+  try {
+    document.body.dataset.threads = String(await startDetector());
+  } catch (error) {
+    setStatus(`Cannot start the detector: ${error.message}`, true);
+    return;
   }
   const drop = $('drop');
   drop.addEventListener('dragover', (event) => {

@@ -1,7 +1,9 @@
 // End-to-end tests of the browser app in Debian's headless Chromium, driven
 // by playwright-core (never a downloaded browser). Run by `cargo xtask test`,
 // which builds the site, serves a copy of it on loopback and sets:
-//   FRACTURE_BASE_URL, FRACTURE_SITE_DIR, FRACTURE_E2E_DIR, FRACTURE_BIN, CHROMIUM.
+//   FRACTURE_BASE_URL (a server that sends no special headers, like most static hosts),
+//   FRACTURE_ISOLATING_URL (the same site with `cargo xtask serve`'s COOP/COEP headers),
+//   FRACTURE_SITE_DIR, FRACTURE_E2E_DIR, FRACTURE_BIN, CHROMIUM.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -20,6 +22,7 @@ const env = (name) => {
   return value;
 };
 const BASE_URL = env('FRACTURE_BASE_URL');
+const ISOLATING_URL = env('FRACTURE_ISOLATING_URL');
 const SITE = env('FRACTURE_SITE_DIR');
 const WORK = env('FRACTURE_E2E_DIR');
 const FRACTURE = env('FRACTURE_BIN');
@@ -75,17 +78,19 @@ after(async () => {
 });
 
 /// A fresh page, with every console error and every request recorded.
-async function openApp() {
+async function openApp(url = BASE_URL) {
   const context = await browser.newContext({ acceptDownloads: true });
   const page = await context.newPage();
   const consoleErrors = [];
   const requests = [];
+  const navigations = [];
   page.on('console', (message) => { if (message.type() === 'error') consoleErrors.push(message.text()); });
   page.on('pageerror', (error) => consoleErrors.push(String(error)));
+  page.on('framenavigated', (frame) => { if (frame === page.mainFrame()) navigations.push(frame.url()); });
   context.on('request', (request) => requests.push(request.url()));
-  await page.goto(BASE_URL);
+  await page.goto(url);
   await page.waitForSelector('body[data-ready="true"]', { timeout: 60_000 });
-  return { context, page, consoleErrors, requests };
+  return { context, page, consoleErrors, requests, navigations };
 }
 
 async function upload(page, files) {
@@ -258,22 +263,77 @@ test('a DICOM file works, and agrees with native detect', async () => {
   await context.close();
 });
 
-test("the browser's probability equals native `fracture detect` to 1e-4", async () => {
-  const { context, page } = await openApp();
-  await upload(page, images);
-  await waitForCards(page, images.length);
-  const browserProbabilities = {};
+async function pageProbabilities(page) {
+  const probabilities = {};
   for (const card of await page.locator('[data-testid="result"]').all()) {
-    browserProbabilities[await card.locator('h2').textContent()] = Number(await card.getAttribute('data-probability'));
+    probabilities[await card.locator('h2').textContent()] = Number(await card.getAttribute('data-probability'));
   }
+  return probabilities;
+}
+
+function assertAgreesWithNative(browserProbabilities, what) {
   const csv = fracture('detect', '--weights', path.join(SITE, 'models', 'test-densenet.safetensors'), '-i', ...images, '--format', 'csv');
   const rows = csv.trim().split('\n').slice(1);
   assert.equal(rows.length, images.length);
   for (const row of rows) {
     const [file, probability] = row.split(',');
     const inBrowser = browserProbabilities[path.basename(file)];
-    assert.ok(Math.abs(inBrowser - Number(probability)) <= 1e-4, `${file}: browser ${inBrowser}, native ${probability}`);
+    assert.ok(Math.abs(inBrowser - Number(probability)) <= 1e-4, `${what}, ${file}: browser ${inBrowser}, native ${probability}`);
   }
+}
+
+test("the browser's probability equals native `fracture detect` to 1e-4, threaded and on one thread", async () => {
+  for (const threads of [2, 1]) {
+    const { context, page, consoleErrors } = await openApp(`${BASE_URL}?threads=${threads}`);
+    assert.equal(await page.evaluate(() => document.body.dataset.threads), String(threads));
+    await upload(page, images);
+    await waitForCards(page, images.length);
+    assertAgreesWithNative(await pageProbabilities(page), `${threads} thread(s)`);
+    assert.deepEqual(consoleErrors, []);
+    await context.close();
+  }
+});
+
+test('on a host that sends no isolation headers, the service worker isolates the page and the detector is threaded', async () => {
+  const { context, page, consoleErrors, navigations } = await openApp(`${BASE_URL}?threads=2`);
+  assert.equal(await page.evaluate(() => self.crossOriginIsolated), true);
+  assert.equal(await page.evaluate(() => document.body.dataset.threads), '2');
+  assert.match(await page.locator('[data-testid="model-status"]').textContent(), /· 2 threads$/);
+  // The first visit reloads once, when the service worker has taken over; never more.
+  assert.equal(navigations.length, 2, navigations.join(', '));
+  assert.deepEqual(consoleErrors, []);
+  await context.close();
+});
+
+test('`?threads=1` loads the single-thread build and the status line says so', async () => {
+  const { context, page, requests, navigations } = await openApp(`${BASE_URL}?threads=1`);
+  assert.equal(await page.evaluate(() => document.body.dataset.threads), '1');
+  assert.match(await page.locator('[data-testid="model-status"]').textContent(), /one thread, as \?threads=1 asks/);
+  assert.ok(!requests.some((url) => url.includes('/threads/')), requests.join('\n'));
+  // One thread needs no isolation, so nothing reloads.
+  assert.equal(navigations.length, 1, navigations.join(', '));
+  await context.close();
+});
+
+test("`cargo xtask serve`'s headers isolate the page at the first visit, with no reload", async () => {
+  const { context, page, navigations } = await openApp(`${ISOLATING_URL}?threads=2`);
+  assert.equal(await page.evaluate(() => self.crossOriginIsolated), true);
+  assert.equal(await page.evaluate(() => document.body.dataset.threads), '2');
+  assert.equal(navigations.length, 1, navigations.join(', '));
+  await context.close();
+});
+
+test('where the page cannot be isolated, the single-thread build runs and the status line says why', async () => {
+  // No service worker (as in some private windows), on a host without the headers.
+  const context = await browser.newContext({ serviceWorkers: 'block' });
+  const page = await context.newPage();
+  await page.goto(`${BASE_URL}?threads=2`);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 60_000 });
+  assert.equal(await page.evaluate(() => document.body.dataset.threads), '1');
+  assert.match(await page.locator('[data-testid="model-status"]').textContent(), /one thread: this page is not cross-origin isolated/);
+  await upload(page, images);
+  await waitForCards(page, images.length);
+  assertAgreesWithNative(await pageProbabilities(page), 'without isolation');
   await context.close();
 });
 

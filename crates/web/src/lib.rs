@@ -12,10 +12,25 @@ use serde::Serialize;
 use serde_bytes::ByteBuf;
 use wasm_bindgen::prelude::*;
 
+#[cfg(feature = "threads")]
+mod pool;
+#[cfg(feature = "threads")]
+pub use pool::{run_pool_thread, shared_memory, shared_module, ThreadPool};
+
 #[wasm_bindgen(start)]
 pub fn start() {
     // A Rust panic would otherwise surface as an opaque "unreachable" trap.
     console_error_panic_hook::set_once();
+}
+
+/// The threads the kernels split their work between: the pool's size in the
+/// build with atomics once `ThreadPool::build` ran, 1 in the single-thread build.
+#[wasm_bindgen]
+pub fn threads() -> usize {
+    #[cfg(feature = "threads")]
+    return rayon::current_num_threads();
+    #[cfg(not(feature = "threads"))]
+    1
 }
 
 #[derive(Serialize)]

@@ -4,6 +4,7 @@
 //! tools whose pinned version is already installed.
 
 mod serve;
+mod threads;
 mod tools;
 
 use std::net::TcpListener;
@@ -16,6 +17,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("test-browser") => browser_tests(),
         Some("site") => site().map(|_| ()),
+        Some("site-threads") => threads::trunk_hook(),
         Some("serve") => serve_site(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -38,7 +40,8 @@ fn usage() -> &'static str {
      commands:\n  \
      test            every test: cargo fmt --check and clippy -D warnings first, then cargo test --workspace, then the site's wasm32 build and the browser suite in headless Chromium\n  \
      test-browser    the browser suite alone\n  \
-     site            build the static site into dist/ (trunk build --release)\n  \
+     site            build the static site into dist/ (trunk build --release; its hook adds the threaded build)\n  \
+     site-threads    trunk's post-build hook: the threaded wasm build into trunk's staging folder\n  \
      serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)\n  \
      fuzz [TARGET] [--seconds N]  run the cargo-fuzz targets (all, or one of decode_image, model_file, card, pth_import) for N seconds each (default 60)"
 }
@@ -131,7 +134,7 @@ fn serve_site(args: &[String]) -> Result<(), String> {
         "serving {} on http://127.0.0.1:{port}/ (Ctrl-C to stop)",
         dist.display()
     );
-    serve::serve(listener, dist);
+    serve::serve(listener, dist, serve::Headers::Isolation);
     Ok(())
 }
 
@@ -215,8 +218,19 @@ fn gates() -> Result<(), String> {
     fmt_fuzz.args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]);
     run(fmt_fuzz, "cargo fmt --check (fuzz/)")?;
     let mut clippy = cargo();
-    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    // With the browser's threaded pool too, which the site build compiles only for wasm32 on nightly.
+    clippy.args(["clippy", "--workspace", "--all-targets", "--features", "fracture-web/threads"]);
+    clippy.args(["--", "-D", "warnings"]);
     run(clippy, "cargo clippy --workspace --all-targets -D warnings")
+}
+
+/// Serves `root` on a free loopback port for the rest of the process; returns its URL.
+fn serve_in_background(root: &Path, headers: serve::Headers) -> Result<String, String> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("cannot listen on loopback: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let root = root.to_path_buf();
+    std::thread::spawn(move || serve::serve(listener, root, headers));
+    Ok(format!("http://127.0.0.1:{port}/"))
 }
 
 /// The browser suite: the release site plus a model trained here on
@@ -241,9 +255,10 @@ fn browser_tests() -> Result<(), String> {
     run(build, "the fracture binary for the browser tests")?;
     let fracture = target_dir().join("debug").join("fracture");
 
-    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("cannot listen on loopback: {e}"))?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    std::thread::spawn(move || serve::serve(listener, site_copy));
+    // Most static hosts send no isolation headers: the suite runs there (the service
+    // worker must isolate the page), and checks `cargo xtask serve`'s headers on a second server.
+    let plain_url = serve_in_background(&site_copy, serve::Headers::Plain)?;
+    let isolating_url = serve_in_background(&site_copy, serve::Headers::Isolation)?;
 
     let node_modules = tools::node_tools_dir().join("node_modules");
     let mut node = Command::new("node");
@@ -252,7 +267,8 @@ fn browser_tests() -> Result<(), String> {
         .env("FRACTURE_BIN", &fracture)
         .env("FRACTURE_E2E_DIR", &work)
         .env("FRACTURE_SITE_DIR", work.join("site"))
-        .env("FRACTURE_BASE_URL", format!("http://127.0.0.1:{port}/"))
+        .env("FRACTURE_BASE_URL", plain_url)
+        .env("FRACTURE_ISOLATING_URL", isolating_url)
         .env("CHROMIUM", tools::CHROMIUM)
         .args(["--test", "--test-concurrency=1", "tests/browser/"]);
     run(node, "browser tests (headless Chromium)")

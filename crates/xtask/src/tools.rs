@@ -13,8 +13,10 @@ pub const BINARYEN_VERSION: &str = "132.0.0";
 pub const PLAYWRIGHT_VERSION: &str = "1.65.1";
 pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
-/// A dated nightly, so that a fuzz run today and one next year build alike.
-pub const FUZZ_NIGHTLY: &str = "nightly-2026-05-20";
+/// A dated nightly, so that a fuzz run or a threaded wasm build today and one next
+/// year build alike: libFuzzer's instrumentation and wasm threads (std rebuilt
+/// with atomics) are the only things that need one.
+pub const NIGHTLY: &str = "nightly-2026-05-20";
 
 /// First line of `program --version`, if it runs.
 fn version_of(program: &Path) -> Option<String> {
@@ -123,22 +125,49 @@ pub fn ensure_cargo_fuzz() -> Result<PathBuf, String> {
     ensure_cargo_tool("cargo-fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION, &["--locked"])
 }
 
-/// The pinned nightly that libFuzzer's instrumentation (`-Zsanitizer`) needs;
-/// everything else builds on stable.
-pub fn ensure_fuzz_toolchain() -> Result<&'static str, String> {
-    let installed = Command::new("rustup")
-        .args(["run", FUZZ_NIGHTLY, "rustc", "--version"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if !installed {
+/// The pinned nightly, with what each use of it needs: libFuzzer's
+/// instrumentation (`-Zsanitizer`) nothing more, the threaded wasm build the
+/// standard library's source (`-Zbuild-std`) and the wasm32 target.
+fn ensure_nightly(components: &[&str], targets: &[&str], why: &str) -> Result<&'static str, String> {
+    let listed = |what: &str| {
+        Command::new("rustup")
+            .args([what, "list", "--installed", "--toolchain", NIGHTLY])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let complete = match (listed("component"), listed("target")) {
+        (Some(installed_components), Some(installed_targets)) => {
+            components
+                .iter()
+                .all(|c| installed_components.lines().any(|l| l.starts_with(c)))
+                && targets
+                    .iter()
+                    .all(|t| installed_targets.lines().any(|l| l.trim() == *t))
+        }
+        _ => false,
+    };
+    if !complete {
         let mut command = Command::new("rustup");
-        command.args(["toolchain", "install", FUZZ_NIGHTLY, "--profile", "minimal"]);
-        run(
-            command,
-            &format!("installing the {FUZZ_NIGHTLY} toolchain for fuzzing (once)"),
-        )?;
+        command.args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]);
+        for component in components {
+            command.args(["--component", component]);
+        }
+        for target in targets {
+            command.args(["--target", target]);
+        }
+        run(command, &format!("installing the {NIGHTLY} toolchain for {why} (once)"))?;
     }
-    Ok(FUZZ_NIGHTLY)
+    Ok(NIGHTLY)
+}
+
+pub fn ensure_fuzz_toolchain() -> Result<&'static str, String> {
+    ensure_nightly(&[], &[], "fuzzing")
+}
+
+pub fn ensure_threads_toolchain() -> Result<&'static str, String> {
+    ensure_nightly(&["rust-src"], &[WASM_TARGET], "the threaded browser build")
 }
 
 /// trunk 0.21.14 (0.22 needs a newer rustc than the project's), without its default

@@ -120,6 +120,11 @@ impl Float for f32 {}
 impl Float for f64 {}
 
 pub(crate) fn threads() -> usize {
+    // candle counts RAYON_NUM_THREADS or the machine's cores; a browser has
+    // neither, and there the pool the page started (one thread without it) is the budget.
+    #[cfg(target_arch = "wasm32")]
+    return rayon::current_num_threads();
+    #[cfg(not(target_arch = "wasm32"))]
     candle_core::utils::get_num_threads().max(1)
 }
 
