@@ -1,7 +1,8 @@
 // The page: model choice, drop zone, one card per image, heat maps, CSV.
 // All inference runs in worker.js; nothing here sends an image anywhere.
 
-const MODEL_CACHE = 'fracture-models-v1';
+// v2: keys carry the file's hash; v1 entries (keyed by name alone) are dropped at start.
+const MODEL_CACHE = 'fracture-models-v2';
 
 const $ = (id) => document.getElementById(id);
 // Set once per tab when the page reloads to come back under the service worker's
@@ -13,7 +14,11 @@ let threadNote = '';
 let nextId = 1;
 let modelReady = null;
 let currentModel = null;
+let currentCard = null;
 const results = [];
+// Files waiting for the detector, and the current batch's count ("12 of 50").
+const queue = [];
+const batch = { done: 0, total: 0, running: false };
 
 function call(type, bytes, fields = {}) {
   const id = nextId++;
@@ -111,14 +116,23 @@ function setStatus(text, isError = false) {
   status.classList.toggle('error', isError);
 }
 
-// Downloads with progress from Content-Length; keeps a copy in the Cache API
-// so a reload works offline.
-async function fetchModel(url) {
-  const cache = 'caches' in self ? await caches.open(MODEL_CACHE) : null;
-  const cached = cache ? await cache.match(url) : null;
+function hex(buffer) {
+  return [...new Uint8Array(buffer)].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+// Downloads with progress from Content-Length. The Cache API copy (so that a reload
+// works offline) is keyed by the file's SHA-256 from models.json, which the site
+// build writes: a rebuilt site with a new model under the same name never gets the
+// old bytes back, and the download is checked against the hash. An entry without
+// a hash is never cached.
+async function fetchModel(entry) {
+  const url = `./models/${entry.file}`;
+  const key = entry.sha256 ? `${url}?sha256=${entry.sha256}` : null;
+  const cache = key && 'caches' in self ? await caches.open(MODEL_CACHE) : null;
+  const cached = cache ? await cache.match(key) : null;
   if (cached) return cached.arrayBuffer();
 
-  const response = await fetch(url);
+  const response = await fetch(url, { cache: 'no-cache' });
   if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
   const total = Number(response.headers.get('Content-Length')) || 0;
   const progress = $('model-progress');
@@ -142,7 +156,19 @@ async function fetchModel(url) {
     bytes.set(chunk, offset);
     offset += chunk.length;
   }
-  if (cache) await cache.put(url, new Response(bytes.slice(), { headers: { 'Content-Type': 'application/octet-stream' } }));
+  if (entry.sha256 && crypto.subtle) {
+    const actual = hex(await crypto.subtle.digest('SHA-256', bytes));
+    if (actual !== entry.sha256) {
+      throw new Error(`${entry.file} does not match its SHA-256 in models.json (a partial upload, or models.json from another build)`);
+    }
+  }
+  if (cache) {
+    // Older copies of this file (other hashes) would only take space.
+    for (const old of await cache.keys()) {
+      if (new URL(old.url).pathname === new URL(url, location.href).pathname) await cache.delete(old);
+    }
+    await cache.put(key, new Response(bytes.slice(), { headers: { 'Content-Type': 'application/octet-stream' } }));
+  }
   return bytes.buffer;
 }
 
@@ -151,8 +177,10 @@ async function loadModel(entry) {
   setStatus(`Loading ${entry.name}…`);
   modelReady = (async () => {
     const started = performance.now();
-    const bytes = await fetchModel(`./models/${entry.file}`);
+    const bytes = await fetchModel(entry);
     const { card } = await call('load', bytes);
+    currentCard = card;
+    showOperatingPoints(card);
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     setStatus(`${entry.name} ready (${seconds} s) · ${threadNote}`);
     document.body.dataset.ready = 'true';
@@ -202,11 +230,11 @@ async function analyse(file) {
     const { result, ms } = await call('detect', bytes);
     const elapsed = performance.now() - started;
     element.classList.remove('pending');
-    element.classList.add(result.positive ? 'positive' : 'negative');
     element.dataset.probability = String(result.probability);
     element.dataset.ms = String(elapsed);
-    const verdict = element.querySelector('.verdict');
-    verdict.textContent = `${percent(result.probability)} ${result.label}`;
+    const row = { file: file.name, probability: result.probability, label: result.label, model: currentModel.name,
+      card: currentCard, element };
+    relabel(row);
     const details = [`P(abnormal) = ${percent(result.probability)}`, `${result.width}×${result.height}`, `${ms.toFixed(0)} ms`];
     element.querySelector('.details').textContent = details.join(' · ');
     for (const warning of result.warnings) {
@@ -240,7 +268,7 @@ async function analyse(file) {
     } else {
       heat.hidden = true;
     }
-    results.push({ file: file.name, probability: result.probability, label: result.label, model: currentModel.name });
+    results.push(row);
     $('export').disabled = false;
     $('clear').disabled = false;
   } catch (error) {
@@ -252,9 +280,76 @@ async function analyse(file) {
   }
 }
 
+// The label at the chosen operating point, by the rule of core's Card::label_at
+// (abnormal at or above the threshold), with the thresholds of the card that
+// scored this image; a card without operating points has only its threshold.
+function threshold(card, point) {
+  return card.operating_points ? card.operating_points[point] : point === 'balanced' ? card.threshold : null;
+}
+
+function relabel(row) {
+  const point = $('operating-point').value;
+  const t = threshold(row.card, point) ?? row.card.threshold;
+  const positive = row.probability >= t;
+  row.label = positive ? row.card.classes.positive : row.card.classes.negative;
+  row.element.classList.toggle('positive', positive);
+  row.element.classList.toggle('negative', !positive);
+  row.element.dataset.label = row.label;
+  row.element.querySelector('.verdict').textContent = `${percent(row.probability)} ${row.label}`;
+}
+
+function showOperatingPoints(card) {
+  const select = $('operating-point');
+  for (const option of select.options) {
+    const t = threshold(card, option.value);
+    option.disabled = t === null;
+    option.textContent = t === null ? `${option.value} (not calibrated)` : `${option.value} (at ${percent(t)})`;
+  }
+  if (select.selectedOptions[0]?.disabled) select.value = 'balanced';
+  select.disabled = !card.operating_points;
+}
+
+function showBatch() {
+  const status = $('batch-status');
+  if (batch.total <= 1 && !batch.cancelled) {
+    status.textContent = '';
+  } else if (batch.running) {
+    status.textContent = `Analysing ${Math.min(batch.done + 1, batch.total)} of ${batch.total}…`;
+  } else {
+    status.textContent = batch.cancelled
+      ? `Cancelled: ${batch.done} analysed, ${batch.cancelled} left out`
+      : `${batch.done} of ${batch.total} analysed`;
+  }
+  $('cancel').hidden = !batch.running;
+}
+
+// One image at a time, in drop order: cards stay in order, the detector uses every
+// thread on each image, and only one image's bytes are in flight (memory stays
+// bounded however many files are dropped). A drop during a batch joins it.
 async function analyseAll(files) {
-  // One at a time: order keeps cards stable, and the detector uses every thread on each image.
-  for (const file of files) await analyse(file);
+  if (!batch.running) Object.assign(batch, { done: 0, total: 0, cancelled: 0 });
+  queue.push(...files);
+  batch.total += files.length;
+  if (batch.running) {
+    showBatch();
+    return;
+  }
+  batch.running = true;
+  showBatch();
+  while (queue.length) {
+    await analyse(queue.shift());
+    batch.done += 1;
+    showBatch();
+  }
+  batch.running = false;
+  showBatch();
+}
+
+function cancelBatch() {
+  batch.cancelled += queue.length;
+  batch.total -= queue.length;
+  queue.length = 0;
+  showBatch();
 }
 
 function csvField(value) {
@@ -276,6 +371,7 @@ function exportCsv() {
 }
 
 async function main() {
+  if ('caches' in self) caches.delete('fracture-models-v1').catch(() => {});
   const registration = 'serviceWorker' in navigator ? navigator.serviceWorker.register('./sw.js') : null;
   registration?.catch(() => {});
   if (await reloadUnderIsolation(registration, requestedThreads().threads)) return;
@@ -305,6 +401,8 @@ async function main() {
     for (const heat of document.querySelectorAll('.card .heat')) heat.hidden = !event.target.checked;
   });
   $('export').addEventListener('click', exportCsv);
+  $('cancel').addEventListener('click', cancelBatch);
+  $('operating-point').addEventListener('change', () => results.forEach(relabel));
   $('clear').addEventListener('click', () => {
     $('results').replaceChildren();
     results.length = 0;

@@ -3,6 +3,7 @@
 //! needs on a fresh machine (from crates.io, npm and Debian only) and skips
 //! tools whose pinned version is already installed.
 
+mod models;
 mod serve;
 mod threads;
 mod tools;
@@ -17,7 +18,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("test-browser") => browser_tests(),
         Some("site") => site().map(|_| ()),
-        Some("site-threads") => threads::trunk_hook(),
+        Some("site-hook") => site_hook(),
         Some("serve") => serve_site(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
@@ -41,7 +42,7 @@ fn usage() -> &'static str {
      test            every test: cargo fmt --check and clippy -D warnings first, then cargo test --workspace, then the site's wasm32 build and the browser suite in headless Chromium\n  \
      test-browser    the browser suite alone\n  \
      site            build the static site into dist/ (trunk build --release; its hook adds the threaded build)\n  \
-     site-threads    trunk's post-build hook: the threaded wasm build into trunk's staging folder\n  \
+     site-hook       trunk's post-build hook: the threaded wasm build and the models' hashes, into trunk's staging folder\n  \
      serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)\n  \
      fuzz [TARGET] [--seconds N]  run the cargo-fuzz targets (all, or one of decode_image, model_file, card, pth_import) for N seconds each (default 60)"
 }
@@ -117,6 +118,17 @@ fn site() -> Result<PathBuf, String> {
         return Err(format!("{} has no index.html after the build", dist.display()));
     }
     Ok(dist)
+}
+
+/// Trunk's post-build hook (Trunk.toml), so that `trunk build --release` alone
+/// gives the whole site: the threaded build beside trunk's, and models.json with
+/// each model's hash.
+fn site_hook() -> Result<(), String> {
+    let staging = std::env::var_os("TRUNK_STAGING_DIR")
+        .ok_or("site-hook runs as trunk's post-build hook (TRUNK_STAGING_DIR is not set): use `cargo xtask site`")?;
+    let staging = Path::new(&staging);
+    models::write_hashes(staging)?;
+    threads::build_into(staging)
 }
 
 fn serve_site(args: &[String]) -> Result<(), String> {
@@ -219,7 +231,13 @@ fn gates() -> Result<(), String> {
     run(fmt_fuzz, "cargo fmt --check (fuzz/)")?;
     let mut clippy = cargo();
     // With the browser's threaded pool too, which the site build compiles only for wasm32 on nightly.
-    clippy.args(["clippy", "--workspace", "--all-targets", "--features", "fracture-web/threads"]);
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--features",
+        "fracture-web/threads",
+    ]);
     clippy.args(["--", "-D", "warnings"]);
     run(clippy, "cargo clippy --workspace --all-targets -D warnings")
 }

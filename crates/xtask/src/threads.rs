@@ -1,7 +1,7 @@
 //! The detector's build with atomics, beside trunk's single-thread one: the
 //! page loads `threads/fracture-web.js` when it is cross-origin isolated, and
 //! `fracture-web.js` otherwise (web/worker.js). Run by trunk's post-build hook
-//! (Trunk.toml), so `trunk build --release` alone gives both.
+//! (`cargo xtask site-hook`, Trunk.toml), so `trunk build --release` alone gives both.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -82,11 +82,4 @@ pub fn build_into(site: &Path) -> Result<(), String> {
     let mut optimise = Command::new(wasm_opt);
     optimise.arg("-O3").arg(&module).arg("-o").arg(&module);
     run(optimise, "wasm-opt -O3 of the threaded build")
-}
-
-/// `cargo xtask site-threads`: trunk's post-build hook, which names the staging folder.
-pub fn trunk_hook() -> Result<(), String> {
-    let staging = std::env::var_os("TRUNK_STAGING_DIR")
-        .ok_or("site-threads runs as trunk's post-build hook (TRUNK_STAGING_DIR is not set): use `cargo xtask site`")?;
-    build_into(Path::new(&staging))
 }
