@@ -32,6 +32,8 @@ use rayon::prelude::*;
 use super::conv::{self, add_up, im2col, is_parallel, matmul, matmul_strided, Geometry, Mat};
 use super::simd_fn;
 
+mod one_region;
+
 /// One BatchNorm's tensors, as `BatchNorm2d` holds them.
 #[derive(Clone, Debug)]
 pub struct NormTensors {
@@ -393,6 +395,20 @@ impl<T> Images<T> {
     unsafe fn image(&self, n: usize) -> &mut [T] {
         // SAFETY: the caller's promise, for the whole image.
         unsafe { self.part(n, 0..self.image_len) }
+    }
+
+    /// Elements `range` of image `n`, to read.
+    ///
+    /// # Safety
+    /// Nothing may write these elements while the returned slice is alive.
+    unsafe fn read(&self, n: usize, range: Range<usize>) -> &[T] {
+        assert!(
+            n < self.batch && range.start <= range.end && range.end <= self.image_len,
+            "image {n} of {}, {range:?}",
+            self.batch
+        );
+        // SAFETY: in bounds (checked above); no writer is the caller's promise.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(n * self.image_len + range.start), range.len()) }
     }
 
     /// Elements `range` of image `n`.
@@ -956,6 +972,21 @@ impl DenseBlock {
             norms: Vec::new(),
             variances: Vec::new(),
         };
+        if parts.split_channels && !self.batch_stats && !save {
+            // Inference at small batches: no statistics to gather between layers, so
+            // the whole block runs in one parallel region.
+            let mut norms = Vec::with_capacity(params.len());
+            for p in params {
+                let (norm1, var1) = self.affine(p.norm1, p.running1, None);
+                let (norm2, var2) = self.affine(p.norm2, p.running2, None);
+                norms.push(one_region::LayerNorms::new(&norm1, &norm2));
+                saved.norms.push((norm1, norm2));
+                saved.variances.push((var1, var2));
+            }
+            one_region::forward(&b, params, &norms, &mut out, &scratch);
+            *lock(&self.saved) = Some(saved);
+            return out;
+        }
         let mut bottleneck = Vec::new();
         for (l, p) in params.iter().enumerate() {
             // A saved bottleneck moves into `saved`; otherwise one buffer serves every layer.
@@ -1601,6 +1632,35 @@ mod tests {
                 "gradient of tensor {i} {what}: {}",
                 max_abs_diff(a, b)
             );
+        }
+    }
+
+    #[test]
+    fn inference_without_a_graph_runs_in_one_region_and_gives_the_fork_join_bits() {
+        // Batches below the thread count split each product by channels: with a graph
+        // the layers fork and join, without one (inference) the block runs in one
+        // parallel region (one_region.rs). Same shares, same arithmetic: same bits.
+        // Pools wider and narrower than the kernels' thread count, where the region's
+        // copies may run one after another.
+        for (pool_threads, batch, side) in [(2, 1, (5, 5)), (3, 1, (4, 7)), (1, 1, (6, 3)), (4, 3, (3, 3))] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(pool_threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let xs = Var::from_tensor(&random(&[batch, 6, side.0, side.1], 7, -1.0, 1.0)).unwrap();
+                let (layers, _) = layers(6, 3, 5, 4, 13);
+                let (with_graph, _) = dense_block(&xs, &layers, false, 1e-5, true).unwrap();
+                let (in_one_region, _) = dense_block(xs.as_tensor(), &layers, false, 1e-5, false).unwrap();
+                let what = format!("{pool_threads} threads, batch {batch}, side {side:?}");
+                assert_eq!(
+                    with_graph.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                    in_one_region.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                    "{what}"
+                );
+                let expected = reference(xs.as_tensor(), &layers, false, 1e-5);
+                assert!(max_abs_diff(&in_one_region, &expected) < 1e-9, "{what}");
+            });
         }
     }
 
