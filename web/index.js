@@ -221,7 +221,7 @@ function card(file) {
   return element;
 }
 
-async function analyse(file) {
+async function analyse({ file, path }) {
   const element = card(file);
   try {
     await modelReady;
@@ -233,7 +233,10 @@ async function analyse(file) {
     element.dataset.probability = String(result.probability);
     element.dataset.ms = String(elapsed);
     const row = { file: file.name, probability: result.probability, label: result.label, model: currentModel.name,
-      card: currentCard, element };
+      card: currentCard, element, handle: file, heatmap: result.heatmap,
+      study: result.study_uid ? `DICOM ${result.study_uid}` : studyOfPath(path) };
+    element.querySelector('.images').onclick = () => openViewer(row);
+    element.querySelector('.images').title = 'Click for the full-resolution image';
     relabel(row);
     const details = [`P(abnormal) = ${percent(result.probability)}`, `${result.width}×${result.height}`, `${ms.toFixed(0)} ms`];
     element.querySelector('.details').textContent = details.join(' · ');
@@ -269,6 +272,7 @@ async function analyse(file) {
       heat.hidden = true;
     }
     results.push(row);
+    showStudies();
     $('export').disabled = false;
     $('clear').disabled = false;
   } catch (error) {
@@ -287,10 +291,14 @@ function threshold(card, point) {
   return card.operating_points ? card.operating_points[point] : point === 'balanced' ? card.threshold : null;
 }
 
+function labelAt(card, probability) {
+  const t = threshold(card, $('operating-point').value) ?? card.threshold;
+  const positive = probability >= t;
+  return { positive, label: positive ? card.classes.positive : card.classes.negative };
+}
+
 function relabel(row) {
-  const point = $('operating-point').value;
-  const t = threshold(row.card, point) ?? row.card.threshold;
-  const positive = row.probability >= t;
+  const { positive } = labelAt(row.card, row.probability);
   row.label = positive ? row.card.classes.positive : row.card.classes.negative;
   row.element.classList.toggle('positive', positive);
   row.element.classList.toggle('negative', !positive);
@@ -321,6 +329,109 @@ function showBatch() {
       : `${batch.done} of ${batch.total} analysed`;
   }
   $('cancel').hidden = !batch.running;
+}
+
+// The study an image belongs to from the folder it was dropped in, as `fracture detect
+// --by-study` names it: a MURA study folder as patientNNNNN/studyK_…, any other folder
+// by its path; a loose file (no folder, no DICOM study) is a study of its own (null).
+function studyOfPath(path) {
+  const parts = (path || '').split('/').filter(Boolean);
+  if (parts.length < 2) return null;
+  const [patient, study] = [parts.at(-3), parts.at(-2)];
+  if (/^study\d/.test(study) && patient?.startsWith('patient')) return `${patient}/${study}`;
+  return parts.slice(0, -1).join('/');
+}
+
+// One verdict per study and model: the mean of its images' (calibrated) probabilities,
+// labelled at the operating point, as `detect --by-study` does.
+function showStudies() {
+  const groups = new Map();
+  for (const row of results) {
+    if (!row.study) continue;
+    const key = `${row.model}\u0000${row.study}`;
+    if (!groups.has(key)) groups.set(key, { study: row.study, model: row.model, card: row.card, rows: [] });
+    groups.get(key).rows.push(row);
+  }
+  const table = $('studies');
+  table.hidden = groups.size === 0;
+  const body = table.querySelector('tbody');
+  body.replaceChildren();
+  for (const group of groups.values()) {
+    const probability = group.rows.reduce((sum, row) => sum + row.probability, 0) / group.rows.length;
+    const { positive, label } = labelAt(group.card, probability);
+    const tr = document.createElement('tr');
+    tr.setAttribute('data-testid', 'study');
+    tr.className = positive ? 'positive' : 'negative';
+    Object.assign(tr.dataset, { study: group.study, images: String(group.rows.length), probability: String(probability), label });
+    for (const text of [group.study, String(group.rows.length), percent(probability), label, group.model]) {
+      const td = document.createElement('td');
+      td.textContent = text;
+      tr.append(td);
+    }
+    body.append(tr);
+  }
+}
+
+// The image at its own resolution with core's heat map stretched over it, decoded
+// again from the file when asked (nothing full-size is kept per card).
+let viewerRow = null;
+let viewerPixels = null;
+function drawViewer() {
+  const { width, height, rgba, overlay_rgba: overlay } = viewerPixels;
+  const canvas = $('viewer-image');
+  canvas.width = width;
+  canvas.height = height;
+  const pixels = $('viewer-heatmap').checked && overlay ? overlay : rgba;
+  canvas.getContext('2d').putImageData(new ImageData(new Uint8ClampedArray(pixels), width, height), 0, 0);
+}
+
+async function openViewer(row) {
+  viewerRow = row;
+  const dialog = $('viewer');
+  $('viewer-title').textContent = row.file;
+  $('viewer-details').textContent = 'Decoding…';
+  if (!dialog.open) dialog.showModal();
+  try {
+    if (row.model !== currentModel.name) throw new Error(`scored by ${row.model}; select that model to view its heat map`);
+    const { view } = await call('view', await row.handle.arrayBuffer(), { heatmap: row.heatmap });
+    if (viewerRow !== row) return;
+    viewerPixels = view;
+    $('viewer-heatmap').disabled = !view.overlay_rgba;
+    drawViewer();
+    $('viewer-details').textContent = `${view.width}×${view.height} · P(abnormal) = ${percent(row.probability)} · ${row.label}`;
+  } catch (error) {
+    if (viewerRow === row) $('viewer-details').textContent = `Cannot show this image: ${error.message}`;
+  }
+}
+
+function closeViewer() {
+  viewerRow = null;
+  viewerPixels = null;
+  const canvas = $('viewer-image');
+  canvas.width = 0;
+  canvas.height = 0;
+}
+
+// A dropped folder's files, each with its path below the drop (for study grouping).
+async function droppedFiles(dataTransfer) {
+  const entries = [...dataTransfer.items].map((item) => item.webkitGetAsEntry?.()).filter(Boolean);
+  if (!entries.length) return [...dataTransfer.files].map((file) => ({ file, path: file.name }));
+  const found = [];
+  async function walk(entry) {
+    if (entry.isFile) {
+      const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+      found.push({ file, path: entry.fullPath.replace(/^\//, '') });
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+        if (!batch.length) break;
+        for (const child of batch.sort((a, b) => a.name.localeCompare(b.name))) await walk(child);
+      }
+    }
+  }
+  for (const entry of entries) await walk(entry);
+  return found;
 }
 
 // One image at a time, in drop order: cards stay in order, the detector uses every
@@ -388,13 +499,17 @@ async function main() {
     drop.classList.add('over');
   });
   drop.addEventListener('dragleave', () => drop.classList.remove('over'));
-  drop.addEventListener('drop', (event) => {
+  drop.addEventListener('drop', async (event) => {
     event.preventDefault();
     drop.classList.remove('over');
-    analyseAll([...event.dataTransfer.files]);
+    analyseAll(await droppedFiles(event.dataTransfer));
   });
   $('files').addEventListener('change', (event) => {
-    analyseAll([...event.target.files]);
+    analyseAll([...event.target.files].map((file) => ({ file, path: file.name })));
+    event.target.value = '';
+  });
+  $('folder').addEventListener('change', (event) => {
+    analyseAll([...event.target.files].map((file) => ({ file, path: file.webkitRelativePath || file.name })));
     event.target.value = '';
   });
   $('show-heatmaps').addEventListener('change', (event) => {
@@ -402,10 +517,17 @@ async function main() {
   });
   $('export').addEventListener('click', exportCsv);
   $('cancel').addEventListener('click', cancelBatch);
-  $('operating-point').addEventListener('change', () => results.forEach(relabel));
+  $('operating-point').addEventListener('change', () => {
+    results.forEach(relabel);
+    showStudies();
+  });
+  $('viewer-heatmap').addEventListener('change', () => viewerPixels && drawViewer());
+  $('viewer-close').addEventListener('click', () => $('viewer').close());
+  $('viewer').addEventListener('close', closeViewer);
   $('clear').addEventListener('click', () => {
     $('results').replaceChildren();
     results.length = 0;
+    showStudies();
     $('export').disabled = true;
     $('clear').disabled = true;
   });

@@ -1,7 +1,8 @@
 // Runs the model off the main thread, so the page never freezes.
-// Messages in: {type: 'start', id, threads}, then {type: 'load', id, bytes} and {type: 'detect', id, bytes}.
+// Messages in: {type: 'start', id, threads}, then {type: 'load', id, bytes}, {type: 'detect', id, bytes}
+// and {type: 'view', id, bytes, heatmap}.
 // Messages out: {type: 'started', id, threads}, {type: 'loaded', id, card},
-// {type: 'result', id, result, ms}, {type: 'error', id, message}.
+// {type: 'result', id, result, ms}, {type: 'view', id, view}, {type: 'error', id, message}.
 //
 // 'start' picks the build: with threads > 1 the one with atomics (threads/, which needs
 // a cross-origin isolated page), whose rayon pool runs on pool-worker.js workers that
@@ -56,6 +57,9 @@ self.onmessage = async (event) => {
       detector = null;
       detector = new wasm.Detector(new Uint8Array(bytes));
       self.postMessage({ type: 'loaded', id, card: detector.card() });
+    } else if (type === 'view') {
+      if (!detector) throw new Error('no model is loaded');
+      self.postMessage({ type: 'view', id, view: detector.full_view(new Uint8Array(bytes), event.data.heatmap ?? null) });
     } else if (type === 'detect') {
       if (!detector) throw new Error('no model is loaded');
       const started = performance.now();

@@ -447,6 +447,58 @@ test('a site rebuilt with another model under the same name never serves the old
   }
 });
 
+test('a dropped folder of studies gets one verdict per study, as `detect --by-study` gives it', async () => {
+  const mura = path.join(WORK, 'mura');
+  fracture('synth', '-o', mura, '--layout', 'mura', '--count', '10', '--size', '96', '--seed', '21');
+  const { context, page, consoleErrors } = await openApp();
+  await page.setInputFiles('[data-testid="folder-input"]', mura);
+  const imageCount = fracture('detect', '--weights', path.join(SITE, 'models', 'test-densenet.safetensors'), '-i', mura,
+    '--format', 'csv').trim().split('\n').length - 1;
+  await waitForCards(page, imageCount);
+  const model = path.join(SITE, 'models', 'test-densenet.safetensors');
+  const thresholds = JSON.parse(fracture('card', model)).operating_points;
+  for (const point of ['balanced', 'sensitive']) {
+    await page.selectOption('[data-testid="operating-point"]', point);
+    const rows = await page.$$eval('[data-testid="study"]', (trs) => trs.map((tr) => ({ ...tr.dataset })));
+    const native = fracture('detect', '--weights', model, '-i', mura, '--format', 'csv', '--by-study', '--operating-point', point)
+      .trim().split('\n').slice(1).map((line) => line.split(','));
+    assert.ok(native.length >= 2, native.join(' | '));
+    assert.deepEqual(rows.map((r) => r.study).sort(), native.map(([study]) => study).sort());
+    for (const [study, images, probability, label] of native) {
+      const row = rows.find((r) => r.study === study);
+      assert.equal(row.images, images, study);
+      assert.ok(Math.abs(Number(row.probability) - Number(probability)) <= 1e-4, `${study}: ${row.probability} vs ${probability}`);
+      if (Math.abs(Number(probability) - thresholds[point]) > 1e-4) assert.equal(row.label, label, `${point}: ${study}`);
+    }
+  }
+  assert.deepEqual(consoleErrors, []);
+  await context.close();
+});
+
+test('clicking a card shows the image at its own resolution, with the heat map over it that can be hidden', async () => {
+  const { context, page, consoleErrors } = await openApp();
+  await upload(page, [images[0]]);
+  await waitForCards(page, 1);
+  await page.click('[data-testid="result"] .images');
+  await page.waitForFunction(() => /^96×96 · /.test(document.querySelector('[data-testid="viewer-details"]').textContent));
+  const pixels = () => page.$eval('[data-testid="viewer-image"]', (canvas) =>
+    Array.from(canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data));
+  // The synthetic image is 96 px; the model saw 64 px.
+  assert.deepEqual(await page.$eval('[data-testid="viewer-image"]', (c) => [c.width, c.height]), [96, 96]);
+  const withHeat = await pixels();
+  await page.uncheck('[data-testid="viewer-heatmap"]');
+  const plain = await pixels();
+  assert.notDeepEqual(withHeat, plain);
+  // Without the heat map it is the decoded image: grey (R = G = B) and opaque.
+  for (let i = 0; i < plain.length; i += 4) {
+    assert.ok(plain[i] === plain[i + 1] && plain[i + 1] === plain[i + 2] && plain[i + 3] === 255, `pixel ${i / 4}`);
+  }
+  await page.click('[data-testid="viewer-close"]');
+  assert.equal(await page.$eval('[data-testid="viewer"]', (d) => d.open), false);
+  assert.deepEqual(consoleErrors, []);
+  await context.close();
+});
+
 test('a reload with the network gone works from the cache', async () => {
   const { context, page } = await openApp();
   // Let the service worker take control, so the reload goes through it.

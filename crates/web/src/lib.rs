@@ -4,9 +4,10 @@
 //! same code `fracture detect` runs natively.
 
 use candle_core::Device;
-use fracture_core::cam;
+use fracture_core::cam::{self, Heatmap};
 use fracture_core::predict::Detection;
 use fracture_core::Predictor;
+use fracture_core::{dicom, preprocess};
 use image::DynamicImage;
 use serde::Serialize;
 use serde_bytes::ByteBuf;
@@ -43,6 +44,25 @@ struct BrowserDetection<'a> {
     /// The input with the heat map blended over it, the same pixels
     /// `fracture detect --heatmap` writes; absent without a heat map.
     overlay_rgba: Option<ByteBuf>,
+    /// A DICOM file's StudyInstanceUID, which groups the views of one study.
+    study_uid: Option<String>,
+}
+
+/// An image at its own resolution, with the heat map stretched over it.
+#[derive(Serialize)]
+struct FullView {
+    width: u32,
+    height: u32,
+    rgba: ByteBuf,
+    overlay_rgba: Option<ByteBuf>,
+}
+
+/// The heat map as `detect` returned it to the page, back for [`Detector::full_view`].
+#[derive(serde::Deserialize)]
+struct PageHeatmap {
+    width: usize,
+    height: usize,
+    values: Vec<f32>,
 }
 
 #[wasm_bindgen]
@@ -71,7 +91,7 @@ impl Detector {
     }
 
     /// `{ probability, label, positive, heatmap: {width, height, values} | null,
-    /// warnings, width, height, input_size, input_rgba, overlay_rgba | null }`,
+    /// warnings, width, height, input_size, input_rgba, overlay_rgba | null, study_uid | null }`,
     /// where `input_rgba` is what the model saw, for the page to draw (browsers
     /// cannot show TIFF or DICOM), and `overlay_rgba` the same with core's heat map over it.
     pub fn detect(&self, image_bytes: &[u8]) -> Result<JsValue, JsError> {
@@ -79,6 +99,12 @@ impl Detector {
             .predictor
             .detect(image_bytes)
             .map_err(|e| JsError::new(&e.to_string()))?;
+        // The pixels decoded, so the data set parses: an unreadable UID only loses the grouping.
+        let study_uid = if dicom::is_dicom(image_bytes) {
+            dicom::study_instance_uid(image_bytes).ok().flatten()
+        } else {
+            None
+        };
         let rgba = DynamicImage::ImageRgb32F(detection.input.clone()).to_rgba8();
         let overlay = detection
             .heatmap
@@ -88,7 +114,33 @@ impl Detector {
             input_size: rgba.width(),
             input_rgba: ByteBuf::from(rgba.into_raw()),
             overlay_rgba: overlay,
+            study_uid,
             detection: &detection,
+        })
+    }
+
+    /// `{ width, height, rgba, overlay_rgba | null }`: the image decoded at its own
+    /// resolution as the model's input was (so TIFF and DICOM show too), and core's
+    /// overlay of `heatmap` (what `detect` returned for it) stretched over the whole
+    /// image, as the model's input stretched it.
+    pub fn full_view(&self, image_bytes: &[u8], heatmap: JsValue) -> Result<JsValue, JsError> {
+        let image = preprocess::decode(image_bytes).map_err(|e| JsError::new(&e.to_string()))?;
+        let heatmap: Option<PageHeatmap> =
+            serde_wasm_bindgen::from_value(heatmap).map_err(|e| JsError::new(&format!("heat map: {e}")))?;
+        let overlay = match heatmap {
+            Some(PageHeatmap { width, height, values }) if values.len() == width * height => {
+                let heatmap = Heatmap { width, height, values };
+                Some(ByteBuf::from(cam::overlay(&image, &heatmap).into_raw()))
+            }
+            Some(_) => return Err(JsError::new("heat map: its values do not fill width × height")),
+            None => None,
+        };
+        let rgba = DynamicImage::ImageRgb32F(image).to_rgba8();
+        to_js(&FullView {
+            width: rgba.width(),
+            height: rgba.height(),
+            rgba: ByteBuf::from(rgba.into_raw()),
+            overlay_rgba: overlay,
         })
     }
 }
