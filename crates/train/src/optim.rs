@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use fracture_core::ops::{contiguous_range, contiguous_slice, unsupported_dtype};
 
 pub struct Adam {
     params: Vec<(String, Var)>,
@@ -118,22 +119,6 @@ impl Adam {
     }
 }
 
-/// The contiguous data of a CPU storage, or an error naming the op.
-fn slice<'a, T: candle_core::WithDType>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
-        None => candle_core::bail!("{op}: expects contiguous tensors"),
-    }
-}
-
-/// The contiguous range of a tensor being updated in place.
-fn range(op: &str, layout: &Layout) -> Result<std::ops::Range<usize>> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(start..end),
-        None => candle_core::bail!("{op}: expects contiguous tensors"),
-    }
-}
-
 /// A first (`squared: false`) or second moment, updated in place from a gradient:
 /// `m = β·m + (1 - β)·g` or `v = β·v + (1 - β)·g²`, in the order Keras computes them.
 struct Moment {
@@ -158,11 +143,11 @@ impl InplaceOp2 for Moment {
             }
             Ok(())
         }
-        let (name, range) = (self.name(), range(self.name(), l1)?);
+        let (name, range) = (self.name(), contiguous_range(self.name(), l1)?);
         match s1 {
-            CpuStorage::F32(data) => run::<f32>(self, &mut data[range], slice(name, s2, l2)?),
-            CpuStorage::F64(data) => run::<f64>(self, &mut data[range], slice(name, s2, l2)?),
-            other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
+            CpuStorage::F32(data) => run::<f32>(self, &mut data[range], contiguous_slice(name, s2, l2)?),
+            CpuStorage::F64(data) => run::<f64>(self, &mut data[range], contiguous_slice(name, s2, l2)?),
+            other => Err(unsupported_dtype(name, other.dtype())),
         }
     }
 }
@@ -212,11 +197,21 @@ impl InplaceOp3 for Update {
             }
             Ok(())
         }
-        let (name, range) = (self.name(), range(self.name(), l1)?);
+        let (name, range) = (self.name(), contiguous_range(self.name(), l1)?);
         match s1 {
-            CpuStorage::F32(data) => run::<f32>(self, &mut data[range], slice(name, s2, l2)?, slice(name, s3, l3)?),
-            CpuStorage::F64(data) => run::<f64>(self, &mut data[range], slice(name, s2, l2)?, slice(name, s3, l3)?),
-            other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
+            CpuStorage::F32(data) => run::<f32>(
+                self,
+                &mut data[range],
+                contiguous_slice(name, s2, l2)?,
+                contiguous_slice(name, s3, l3)?,
+            ),
+            CpuStorage::F64(data) => run::<f64>(
+                self,
+                &mut data[range],
+                contiguous_slice(name, s2, l2)?,
+                contiguous_slice(name, s3, l3)?,
+            ),
+            other => Err(unsupported_dtype(name, other.dtype())),
         }
     }
 }

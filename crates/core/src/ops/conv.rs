@@ -13,9 +13,10 @@
 //! with fewer (inference at batch 1), images run one after the other and each
 //! product uses every thread.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
+
+use super::float_op;
 use rayon::prelude::*;
 
 /// `xs` (N, C, H, W) convolved with `weight` (O, C, KH, KW): PyTorch's `conv2d` with
@@ -114,10 +115,7 @@ impl Geometry {
     }
 }
 
-/// The element types the kernels run on: gemm's real types.
-pub(crate) trait Float: candle_core::WithDType + std::ops::AddAssign {}
-impl Float for f32 {}
-impl Float for f64 {}
+pub(crate) use super::Float;
 
 pub(crate) fn threads() -> usize {
     // candle counts RAYON_NUM_THREADS or the machine's cores; a browser has
@@ -480,52 +478,6 @@ pub(crate) fn add_up<T: Copy + std::ops::AddAssign>(parts: impl IntoIterator<Ite
     total
 }
 
-fn unsupported(op: &str, dtype: DType) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op}: unsupported dtype {dtype:?}, only f32 and f64 are supported"
-    ))
-}
-
-/// Contiguous data of a CPU storage of one float type, or an error naming the op.
-macro_rules! contiguous {
-    ($op:expr, $storage:expr, $layout:expr, $variant:ident) => {{
-        let CpuStorage::$variant(data) = $storage else {
-            unreachable!()
-        };
-        match $layout.contiguous_offsets() {
-            Some((start, end)) => &data[start..end],
-            None => bail!("{}: expects contiguous tensors", $op),
-        }
-    }};
-}
-
-/// Applies `$body` to the two operands as `f32` or `f64` slices.
-macro_rules! dispatch {
-    ($op:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr, |$a:ident, $b:ident| $body:expr) => {{
-        match ($s1, $s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let $a = contiguous!($op, $s1, $l1, F32);
-                let $b = contiguous!($op, $s2, $l2, F32);
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let $a = contiguous!($op, $s1, $l1, F64);
-                let $b = contiguous!($op, $s2, $l2, F64);
-                CpuStorage::F64($body)
-            }
-            (a, b) if a.dtype() != b.dtype() => {
-                bail!(
-                    "{}: operands have different dtypes {:?} and {:?}",
-                    $op,
-                    a.dtype(),
-                    b.dtype()
-                )
-            }
-            (a, _) => return Err(unsupported($op, a.dtype())),
-        }
-    }};
-}
-
 struct Conv2d(Geometry);
 
 impl CustomOp2 for Conv2d {
@@ -535,7 +487,7 @@ impl CustomOp2 for Conv2d {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let out = dispatch!(self.name(), s1, l1, s2, l2, |xs, weight| forward(g, xs, weight));
+        let out = float_op!(self.name(), [(s1, l1) => xs, (s2, l2) => weight], forward(g, xs, weight));
         Ok((out, g.out_shape()))
     }
 
@@ -571,7 +523,7 @@ impl CustomOp2 for Conv2dInputGrad {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let dx = dispatch!(self.name(), s1, l1, s2, l2, |grad, weight| input_grad(g, grad, weight));
+        let dx = float_op!(self.name(), [(s1, l1) => grad, (s2, l2) => weight], input_grad(g, grad, weight));
         Ok((dx, g.in_shape()))
     }
 }
@@ -586,7 +538,7 @@ impl CustomOp2 for Conv2dWeightGrad {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let dw = dispatch!(self.name(), s1, l1, s2, l2, |xs, grad| weight_grad(g, xs, grad));
+        let dw = float_op!(self.name(), [(s1, l1) => xs, (s2, l2) => grad], weight_grad(g, xs, grad));
         Ok((dw, g.weight_shape()))
     }
 }
@@ -594,7 +546,7 @@ impl CustomOp2 for Conv2dWeightGrad {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
 
     /// Uniform values in [-1, 1) from `seed`, as `dtype`.

@@ -20,15 +20,14 @@
 
 use std::ops::Range;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::{
-    self, add_up, col2im, gemm_parallelism, im2col, is_parallel, matmul, split_by_image, threads, Geometry, Mat,
+    add_up, col2im, gemm_parallelism, im2col, is_parallel, matmul, split_by_image, threads, Geometry, Mat,
 };
-use super::{contiguous_slice, lane_dot, simd_fn};
+use super::{float_op, lane_dot, simd_fn, Float};
 
 /// `max_pool2d(relu(conv2d(xs, weight, padding) + bias), 2, 2)`: stride 1, `bias` of
 /// shape (O,), the pool's 2×2 windows at stride 2 in floor mode.
@@ -54,10 +53,6 @@ pub fn conv_relu_pool(xs: &Tensor, weight: &Tensor, bias: &Tensor, padding: usiz
     xs.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, ConvReluPool(g))
 }
-
-trait Float: conv::Float + Send + Sync {}
-impl Float for f32 {}
-impl Float for f64 {}
 
 #[inline(always)]
 fn relu<T: Float>(v: T) -> T {
@@ -318,38 +313,6 @@ fn backward<T: Float>(g: &Geometry, xs: &[T], grad: &[T], weight: &[T], bias: &[
     dx
 }
 
-/// Runs `f` on three operands of one float type, as contiguous slices.
-fn with_floats(
-    op: &str,
-    operands: [(&CpuStorage, &Layout); 3],
-    f32_fn: impl FnOnce([&[f32]; 3]) -> Vec<f32>,
-    f64_fn: impl FnOnce([&[f64]; 3]) -> Vec<f64>,
-) -> Result<CpuStorage> {
-    let [a, b, c] = operands;
-    for (storage, _) in [b, c] {
-        if storage.dtype() != a.0.dtype() {
-            bail!(
-                "{op}: operands have different dtypes {:?} and {:?}",
-                a.0.dtype(),
-                storage.dtype()
-            )
-        }
-    }
-    Ok(match a.0.dtype() {
-        DType::F32 => CpuStorage::F32(f32_fn([
-            contiguous_slice(op, a.0, a.1)?,
-            contiguous_slice(op, b.0, b.1)?,
-            contiguous_slice(op, c.0, c.1)?,
-        ])),
-        DType::F64 => CpuStorage::F64(f64_fn([
-            contiguous_slice(op, a.0, a.1)?,
-            contiguous_slice(op, b.0, b.1)?,
-            contiguous_slice(op, c.0, c.1)?,
-        ])),
-        other => bail!("{op}: unsupported dtype {other:?}, only f32 and f64 are supported"),
-    })
-}
-
 struct ConvReluPool(Geometry);
 
 impl CustomOp3 for ConvReluPool {
@@ -367,13 +330,7 @@ impl CustomOp3 for ConvReluPool {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
-        let operands = [(s1, l1), (s2, l2), (s3, l3)];
-        let out = with_floats(
-            self.name(),
-            operands,
-            |[x, w, b]| forward(g, x, w, b),
-            |[x, w, b]| forward(g, x, w, b),
-        )?;
+        let out = float_op!(self.name(), [(s1, l1) => x, (s2, l2) => w, (s3, l3) => b], forward(g, x, w, b));
         let (h, w) = pooled(g);
         Ok((out, Shape::from((g.batch, g.out_channels, h, w))))
     }
@@ -429,13 +386,11 @@ impl CustomOp3 for ConvReluPoolGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.geometry;
         let weight_len = g.out_channels * g.patch_len();
-        let operands = [(s1, l1), (s2, l2), (s3, l3)];
-        let out = with_floats(
+        let out = float_op!(
             self.name(),
-            operands,
-            |[x, grad, params]| backward(g, x, grad, &params[..weight_len], &params[weight_len..], self.want_dx),
-            |[x, grad, params]| backward(g, x, grad, &params[..weight_len], &params[weight_len..], self.want_dx),
-        )?;
+            [(s1, l1) => x, (s2, l2) => grad, (s3, l3) => params],
+            backward(g, x, grad, &params[..weight_len], &params[weight_len..], self.want_dx)
+        );
         let dx_len = if self.want_dx { g.batch * g.image_len() } else { 0 };
         Ok((out, Shape::from(dx_len + weight_len + g.out_channels)))
     }
@@ -447,6 +402,7 @@ mod tests {
     use crate::ops::conv::conv2d;
     use crate::ops::conv::tests::{max_abs_diff, random};
     use crate::ops::pool::max_pool2d;
+    use candle_core::DType;
     use candle_core::{Device, Var};
 
     /// The three ops the fused one replaces: our convolution and max-pool (each

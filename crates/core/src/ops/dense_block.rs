@@ -24,13 +24,12 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::{self, add_up, im2col, is_parallel, matmul, matmul_strided, Geometry, Mat};
-use super::simd_fn;
+use super::{float_op, simd_fn, Float};
 
 mod one_region;
 
@@ -259,11 +258,6 @@ impl Block {
         Shape::from((self.batch, self.out_channels(), self.h, self.w))
     }
 }
-
-/// The element types the block runs on.
-trait Float: conv::Float + num_traits::Float + Into<f64> + Send + Sync {}
-impl Float for f32 {}
-impl Float for f64 {}
 
 fn cast<T: Float>(v: f64) -> T {
     T::from_f64(v)
@@ -1365,23 +1359,9 @@ fn norm_param_grads<T: Float>(sums: &[f64]) -> (Vec<T>, Vec<T>) {
     (d_weight, d_bias)
 }
 
-fn contiguous<'a, T: Float>(data: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("dense block: expects contiguous tensors")
-    };
-    Ok(&T::cpu_storage_as_slice(data)?[start..end])
-}
-
 impl DenseBlock {
     fn run_forward(&self, storage: &CpuStorage, layout: &Layout, save: bool) -> Result<(CpuStorage, Shape)> {
-        let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward::<f32>(contiguous(storage, layout)?, save)?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward::<f64>(contiguous(storage, layout)?, save)?),
-            other => bail!(
-                "dense block: unsupported dtype {:?}, only f32 and f64 are supported",
-                other.dtype()
-            ),
-        };
+        let out = float_op!("dense block", [(storage, layout) => xs], self.forward(xs, save)?);
         Ok((out, self.block.out_shape()))
     }
 }
@@ -1435,30 +1415,13 @@ impl CustomOp2 for DenseBlockGrad<'_> {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Float>(
-            op: &DenseBlock,
-            s1: &CpuStorage,
-            l1: &Layout,
-            s2: &CpuStorage,
-            l2: &Layout,
-        ) -> Result<Vec<T>> {
-            let (mut d_xs, d_params) = op.backward(contiguous::<T>(s1, l1)?, contiguous::<T>(s2, l2)?)?;
+        let len;
+        let grads = float_op!(self.name(), [(s1, l1) => out, (s2, l2) => grad], {
+            let (mut d_xs, d_params) = self.0.backward(out, grad)?;
             d_xs.extend(d_params);
-            Ok(d_xs)
-        }
-        let (grads, len) = match s1 {
-            CpuStorage::F32(_) => {
-                let grads = run::<f32>(self.0, s1, l1, s2, l2)?;
-                let len = grads.len();
-                (CpuStorage::F32(grads), len)
-            }
-            CpuStorage::F64(_) => {
-                let grads = run::<f64>(self.0, s1, l1, s2, l2)?;
-                let len = grads.len();
-                (CpuStorage::F64(grads), len)
-            }
-            other => bail!("dense block: unsupported dtype {:?}", other.dtype()),
-        };
+            len = d_xs.len();
+            d_xs
+        });
         Ok((grads, Shape::from(len)))
     }
 }

@@ -6,7 +6,43 @@ pub mod dense_block;
 pub mod norm;
 pub mod pool;
 
-use candle_core::{bail, CpuStorage, Layout, Result, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
+
+/// The element types our kernels run on: gemm's real types.
+pub(crate) trait Float: WithDType + std::ops::AddAssign + num_traits::Float + Into<f64> + Send + Sync {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// The error of an op given a storage type it has no kernel for.
+pub fn unsupported_dtype(op: &str, dtype: DType) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: unsupported dtype {dtype:?}, only f32 and f64 are supported"
+    ))
+}
+
+/// Runs `$body` with every storage as a contiguous slice of one float type (f32 or
+/// f64, the same for all), and wraps its `Vec` in that type's storage. Mixed or
+/// other types, and non-contiguous layouts, are errors naming the op.
+macro_rules! float_op {
+    ($op:expr, [$(($storage:expr, $layout:expr) => $slice:ident),+ $(,)?], $body:expr) => {{
+        let dtypes = [$(candle_core::backend::BackendStorage::dtype($storage)),+];
+        if let Some(other) = dtypes.iter().find(|&&dtype| dtype != dtypes[0]) {
+            candle_core::bail!("{}: operands have different dtypes {:?} and {:?}", $op, dtypes[0], other);
+        }
+        match dtypes[0] {
+            candle_core::DType::F32 => {
+                $(let $slice = $crate::ops::contiguous_slice::<f32>($op, $storage, $layout)?;)+
+                candle_core::CpuStorage::F32($body)
+            }
+            candle_core::DType::F64 => {
+                $(let $slice = $crate::ops::contiguous_slice::<f64>($op, $storage, $layout)?;)+
+                candle_core::CpuStorage::F64($body)
+            }
+            other => return Err($crate::ops::unsupported_dtype($op, other)),
+        }
+    }};
+}
+pub(crate) use float_op;
 
 /// Defines a function generic over the module's `Float` whose body runs compiled
 /// for AVX2 and FMA when the CPU has them, else as built (the portable baseline:
@@ -69,16 +105,17 @@ pub(crate) fn lane_dot<T: WithDType>(a: &[T], b: Option<&[T]>) -> f64 {
     lanes.iter().map(|l| l.to_f64()).sum::<f64>() + tail.to_f64()
 }
 
-/// The contiguous data of a CPU storage as `&[T]`, or an error naming the op.
-pub(crate) fn contiguous_slice<'a, T: WithDType>(
-    op: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
+/// The range of its storage a contiguous layout covers, or an error naming the op.
+pub fn contiguous_range(op: &str, layout: &Layout) -> Result<std::ops::Range<usize>> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("{op}: expects contiguous tensors")
     };
-    Ok(&T::cpu_storage_as_slice(storage)?[start..end])
+    Ok(start..end)
+}
+
+/// The contiguous data of a CPU storage as `&[T]`, or an error naming the op.
+pub fn contiguous_slice<'a, T: WithDType>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    Ok(&T::cpu_storage_as_slice(storage)?[contiguous_range(op, layout)?])
 }
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};

@@ -10,9 +10,10 @@
 //! - [`batch_norm_relu`]: normalisation with the batch's own statistics, whose gradient
 //!   also flows through the mean and variance.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::{float_op, Float};
 
 /// `relu(xs · scale + shift)` with per-channel `scale` and `shift` of shape (C,).
 pub fn scale_shift_relu(xs: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
@@ -79,84 +80,8 @@ impl Planes {
     }
 }
 
-trait Float: candle_core::WithDType + num_traits::Float + Into<f64> {}
-impl Float for f32 {}
-impl Float for f64 {}
-
 fn cast<T: Float>(v: f64) -> T {
     T::from_f64(v)
-}
-
-fn contiguous<'a, T: Float>(op: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: expects contiguous tensors"),
-    }
-}
-
-fn unsupported(op: &str, dtype: DType) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op}: unsupported dtype {dtype:?}, only f32 and f64 are supported"
-    ))
-}
-
-/// Runs `$body` on contiguous `f32` or `f64` slices of three CPU storages of one dtype.
-macro_rules! float_op3 {
-    ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
-        match ($s1, $s2, $s3) {
-            (CpuStorage::F32($a), CpuStorage::F32($b), CpuStorage::F32($c)) => {
-                let ($a, $b, $c) = (
-                    contiguous($name, $a, $l1)?,
-                    contiguous($name, $b, $l2)?,
-                    contiguous($name, $c, $l3)?,
-                );
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64($a), CpuStorage::F64($b), CpuStorage::F64($c)) => {
-                let ($a, $b, $c) = (
-                    contiguous($name, $a, $l1)?,
-                    contiguous($name, $b, $l2)?,
-                    contiguous($name, $c, $l3)?,
-                );
-                CpuStorage::F64($body)
-            }
-            (x, ..) => return Err(unsupported($name, x.dtype())),
-        }
-    };
-}
-
-/// The same for one storage.
-macro_rules! float_op1 {
-    ($name:expr, ($s1:expr, $l1:expr), |$a:ident| $body:expr) => {
-        match $s1 {
-            CpuStorage::F32($a) => {
-                let $a = contiguous($name, $a, $l1)?;
-                CpuStorage::F32($body)
-            }
-            CpuStorage::F64($a) => {
-                let $a = contiguous($name, $a, $l1)?;
-                CpuStorage::F64($body)
-            }
-            x => return Err(unsupported($name, x.dtype())),
-        }
-    };
-}
-
-/// The same for two storages.
-macro_rules! float_op2 {
-    ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$a:ident, $b:ident| $body:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32($a), CpuStorage::F32($b)) => {
-                let ($a, $b) = (contiguous($name, $a, $l1)?, contiguous($name, $b, $l2)?);
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64($a), CpuStorage::F64($b)) => {
-                let ($a, $b) = (contiguous($name, $a, $l1)?, contiguous($name, $b, $l2)?);
-                CpuStorage::F64($body)
-            }
-            (x, _) => return Err(unsupported($name, x.dtype())),
-        }
-    };
 }
 
 /// Per-channel sums over (N, H, W) of `f(index in x)`, in f64, one channel per task.
@@ -221,7 +146,7 @@ impl CustomOp3 for ScaleShiftRelu {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = float_op3!(name, (s1, l1), (s2, l2), (s3, l3), |x, a, b| scale_shift_fwd(
+        let out = float_op!(name, [(s1, l1) => x, (s2, l2) => a, (s3, l3) => b], scale_shift_fwd(
             self.0, x, a, b
         ));
         Ok((out, l1.shape().clone()))
@@ -265,7 +190,7 @@ impl candle_core::CustomOp2 for ReluMask {
             out
         }
         let name = self.name();
-        let out = float_op2!(name, (s1, l1), (s2, l2), |g, y| mask(g, y));
+        let out = float_op!(name, [(s1, l1) => g, (s2, l2) => y], mask(g, y));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -287,7 +212,7 @@ impl candle_core::CustomOp2 for ScaleShiftParamGrads {
                 .collect()
         }
         let (p, name) = (self.0, self.name());
-        let out = float_op2!(name, (s1, l1), (s2, l2), |x, g| sums(p, x, g));
+        let out = float_op!(name, [(s1, l1) => x, (s2, l2) => g], sums(p, x, g));
         Ok((out, Shape::from((2, p.channels))))
     }
 }
@@ -319,7 +244,7 @@ impl CustomOp1 for ChannelStats {
                 .collect()
         }
         let (p, name) = (self.0, self.name());
-        let out = float_op1!(name, (s, l), |x| stats(p, x));
+        let out = float_op!(name, [(s, l) => x], stats(p, x));
         Ok((out, Shape::from((2, p.channels))))
     }
 }
@@ -361,7 +286,7 @@ impl CustomOp3 for BatchNormRelu {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = float_op3!(name, (s1, l1), (s2, l2), (s3, l3), |x, w, b| self.forward(x, w, b));
+        let out = float_op!(name, [(s1, l1) => x, (s2, l2) => w, (s3, l3) => b], self.forward(x, w, b));
         Ok((out, l1.shape().clone()))
     }
 
@@ -429,7 +354,7 @@ impl candle_core::CustomOp2 for AffineGrad {
             map_planes(op.planes, x.len(), |i, c| k[c][0] * g[i] + k[c][1] * x[i] + k[c][2])
         }
         let name = self.name();
-        let out = float_op2!(name, (s1, l1), (s2, l2), |x, g| apply(self, x, g));
+        let out = float_op!(name, [(s1, l1) => x, (s2, l2) => g], apply(self, x, g));
         Ok((out, l1.shape().clone()))
     }
 }

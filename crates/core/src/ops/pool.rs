@@ -13,8 +13,8 @@ use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
 
-use super::simd_fn;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use super::{simd_fn, unsupported_dtype};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// PyTorch `MaxPool2d(kernel, stride, padding)` semantics, floor mode, padding counts as -inf.
@@ -158,12 +158,6 @@ impl PoolFloat for f64 {
     fn is_nan(self) -> bool {
         f64::is_nan(self)
     }
-}
-
-fn unsupported_dtype(op: &str, dtype: DType) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op}: unsupported dtype {dtype:?}, only f32 and f64 are supported"
-    ))
 }
 
 /// Position of the window's maximum. Strict `>` keeps the first maximum in scan order on
@@ -497,7 +491,7 @@ impl CustomOp1 for AvgPool2dBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rand::seq::SliceRandom;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
