@@ -38,10 +38,6 @@ impl ThreadPool {
         })
     }
 
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
-
     /// What each worker passes to [`run_pool_thread`]: the address of the
     /// channel it takes its rayon thread from.
     pub fn receiver(&self) -> usize {
