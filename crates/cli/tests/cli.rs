@@ -256,6 +256,114 @@ fn bad_command_lines_exit_2() {
     assert_exit(&fracture(&["--help"]), 0);
 }
 
+/// The all-data model has no development split: its temperature and
+/// operating points come from the out-of-fold predictions of a k-fold run of
+/// its own recipe on its own images, and from nothing else.
+#[test]
+fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mura");
+    synth(&data, "mura", 24, 48);
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let recipe = |epochs: &'static str| {
+        [
+            "-i",
+            data.to_str().unwrap(),
+            "--model",
+            "densenet-tiny",
+            "--size",
+            "48",
+            "--epochs",
+            epochs,
+            "--lr",
+            "3e-3",
+            "--quiet",
+        ]
+        .map(String::from)
+    };
+    let run = |command: &str, epochs: &'static str, extra: &[String]| {
+        let mut args = vec![command.to_string()];
+        args.extend(recipe(epochs));
+        args.extend_from_slice(extra);
+        fracture(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let report = path("kfold.json");
+    assert_exit(
+        &run(
+            "kfold",
+            "2",
+            &["--folds".into(), "3".into(), "--report".into(), report.clone()],
+        ),
+        0,
+    );
+    let all = path("all.safetensors");
+    assert_exit(
+        &run(
+            "train",
+            "2",
+            &["--val-split".into(), "0".into(), "-o".into(), all.clone()],
+        ),
+        0,
+    );
+    let calibrated = path("calibrated.safetensors");
+    let calibrate = |weights: &str, extra: &[&str]| {
+        let mut args = vec!["calibrate", "--weights", weights, "-o", calibrated.as_str(), "--quiet"];
+        args.extend_from_slice(extra);
+        fracture(&args)
+    };
+
+    let out = calibrate(&all, &["--out-of-fold", &report]);
+    assert_exit(&out, 0);
+    assert!(text(&out.stdout).contains("out-of-fold"), "{}", text(&out.stdout));
+    let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", &calibrated]).stdout).unwrap();
+    let folds: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let predictions = folds["predictions"].as_array().unwrap();
+    assert_eq!(card["tta"], serde_json::json!(["identity"]));
+    let chosen = &card["metrics"]["out_of_fold"];
+    assert_eq!(chosen["images"]["n"].as_u64().unwrap() as usize, predictions.len());
+    assert_eq!(card["threshold"], card["operating_points"]["balanced"]);
+    // Each threshold is one of the out-of-fold probabilities under the card's temperature.
+    let temperature = card["temperature"].as_f64().unwrap();
+    let tempered: Vec<f64> = predictions
+        .iter()
+        .map(|p| {
+            let p = p["probability"].as_f64().unwrap().clamp(1e-12, 1.0 - 1e-12);
+            1.0 / (1.0 + (-(p / (1.0 - p)).ln() / temperature).exp())
+        })
+        .collect();
+    for point in ["balanced", "sensitive", "specific"] {
+        let threshold = card["operating_points"][point].as_f64().unwrap();
+        assert!(
+            threshold == 1.0 || tempered.iter().any(|t| (t - threshold).abs() < 1e-9),
+            "{point} {threshold} is none of the tempered out-of-fold probabilities"
+        );
+    }
+
+    // Weights of another schedule: the folds' predictions say nothing about them.
+    let other = path("other.safetensors");
+    assert_exit(
+        &run(
+            "train",
+            "3",
+            &["--val-split".into(), "0".into(), "-o".into(), other.clone()],
+        ),
+        0,
+    );
+    let out = calibrate(&other, &["--out-of-fold", &report]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("schedule"), "{}", text(&out.stderr));
+    // The folds predicted without the mirror.
+    let out = calibrate(&all, &["--out-of-fold", &report, "--tta", "flip"]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("--tta none"), "{}", text(&out.stderr));
+    // One source of held-out predictions, and at least one.
+    assert_exit(
+        &calibrate(&all, &["--out-of-fold", &report, "-i", data.to_str().unwrap()]),
+        2,
+    );
+    assert_exit(&calibrate(&all, &[]), 2);
+}
+
 /// Calibration on a development split puts TTA, a temperature and three
 /// operating points in the card; detect labels by each and groups studies.
 #[test]

@@ -6,7 +6,7 @@
 //! development split, or out-of-fold predictions); choosing it on test data
 //! would make the test figures optimistic.
 
-use fracture_core::{OperatingPoint, OperatingPoints};
+use fracture_core::{ModelCard, OperatingPoint, OperatingPoints, TtaView};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{BinaryMetrics, Confusion};
@@ -218,6 +218,84 @@ impl CalibrationFigures {
             ece: expected_calibration_error(scores, labels, BINS),
             bins: reliability(scores, labels, BINS),
         }
+    }
+}
+
+/// Held-out predictions a card's temperature and operating points are chosen
+/// on: a development split run through the model, or the out-of-fold
+/// predictions of a k-fold run of the recipe that trained it.
+#[derive(Clone, Debug)]
+pub struct HeldOut {
+    /// Each image's logit under each test-time view.
+    pub view_logits: Vec<Vec<f64>>,
+    pub labels: Vec<bool>,
+    /// Each image's patient, where the data set knows patients: the
+    /// bootstrap intervals resample patients, not images.
+    pub groups: Option<Vec<usize>>,
+    /// Each image's study (the MURA study folder, else the image itself).
+    pub study_keys: Vec<String>,
+    /// Which images, in words, for the card and the printout.
+    pub chosen_on: String,
+}
+
+/// What calibration chose and how the held-out predictions score under it.
+#[derive(Clone, Debug)]
+pub struct Calibrated {
+    pub temperature: f64,
+    pub points: OperatingPoints,
+    /// Calibrated P(abnormal) of each held-out image.
+    pub scores: Vec<f64>,
+    /// Image-level figures at the balanced point.
+    pub images: BinaryMetrics,
+    /// Study-level figures (mean of a study's images) at the balanced point.
+    pub studies: BinaryMetrics,
+    pub before: CalibrationFigures,
+    pub after: CalibrationFigures,
+}
+
+/// Fits the temperature, then chooses the operating points on the tempered
+/// probabilities (a threshold means the probability the card reports).
+pub fn calibrate(held_out: &HeldOut, seed: u64) -> Calibrated {
+    let HeldOut {
+        view_logits, labels, ..
+    } = held_out;
+    let groups = held_out.groups.as_deref();
+    let temperature = fit_temperature(view_logits, labels);
+    let scores = tempered(view_logits, temperature);
+    let points = operating_points(&scores, labels, &held_out.chosen_on);
+    let images = BinaryMetrics::compute(&scores, labels, groups, points.balanced, seed);
+    let studies = study_metrics(&held_out.study_keys, &scores, labels, groups, points.balanced, seed);
+    Calibrated {
+        temperature,
+        before: CalibrationFigures::of(&tempered(view_logits, 1.0), labels),
+        after: CalibrationFigures::of(&scores, labels),
+        points,
+        scores,
+        images,
+        studies,
+    }
+}
+
+impl Calibrated {
+    /// Writes the choice into `card` (its test-time views, temperature,
+    /// threshold and operating points) and the figures behind it under
+    /// `metrics[entry]`.
+    pub fn record(&self, held_out: &HeldOut, tta: Vec<TtaView>, entry: &str, card: &mut ModelCard) {
+        card.tta = tta;
+        card.temperature = self.temperature;
+        card.threshold = self.points.balanced;
+        card.operating_points = Some(self.points.clone());
+        card.metrics.insert(
+            entry.into(),
+            serde_json::json!({
+                "images": self.images,
+                "studies": self.studies,
+                "operating_points": at_operating_points(&self.scores, &held_out.labels, &self.points),
+                "ece_before_temperature": self.before.ece,
+                "ece": self.after.ece,
+                "chosen_on": held_out.chosen_on,
+            }),
+        );
     }
 }
 

@@ -15,6 +15,7 @@ use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
+use crate::calibration::HeldOut;
 use crate::dataset::Dataset;
 use crate::fit::{self, Checkpoint, FitConfig, FitData, FitError, TrainSpec};
 use crate::folds::{grouped_split, stratified_group_kfold};
@@ -61,6 +62,9 @@ pub struct OutOfFold {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KfoldReport {
     pub model: String,
+    /// The folds' input size; absent in reports written before it was recorded.
+    #[serde(default)]
+    pub input_size: Option<usize>,
     pub folds: usize,
     pub seed: u64,
     pub grouped_by_patient: bool,
@@ -372,6 +376,7 @@ pub fn assemble(run: &RunIdentity, shards: Vec<FoldShard>, seconds: f64) -> Kfol
     let (mean_accuracy, std_accuracy) = mean_std(&results.iter().map(|r| r.accuracy).collect::<Vec<_>>());
     KfoldReport {
         model: run.model.clone(),
+        input_size: Some(run.input_size),
         folds: run.folds,
         seed: run.seed,
         grouped_by_patient: run.grouped_by_patient,
@@ -388,6 +393,93 @@ pub fn assemble(run: &RunIdentity, shards: Vec<FoldShard>, seconds: f64) -> Kfol
         per_fold: results,
         predictions,
         seconds,
+    }
+}
+
+impl KfoldReport {
+    /// The out-of-fold predictions as held-out predictions to calibrate on.
+    /// The folds predicted each image once, without test-time views and at
+    /// temperature 1, so its logit is the logit of its probability.
+    pub fn held_out(&self, described_as: &str) -> HeldOut {
+        let logit = |p: f64| {
+            // A probability that rounded to 0 or 1 keeps a large finite logit.
+            let p = p.clamp(1e-12, 1.0 - 1e-12);
+            (p / (1.0 - p)).ln()
+        };
+        HeldOut {
+            view_logits: self.predictions.iter().map(|p| vec![logit(p.probability)]).collect(),
+            labels: self.predictions.iter().map(|p| p.positive).collect(),
+            groups: self.grouped_by_patient.then(|| group_indices(&self.predictions)),
+            study_keys: self
+                .predictions
+                .iter()
+                .map(|p| crate::study::mura_study(Path::new(&p.path)).unwrap_or_else(|| p.path.clone()))
+                .collect(),
+            chosen_on: format!(
+                "{} out-of-fold predictions{} of a {}-fold run ({described_as})",
+                self.predictions.len(),
+                self.dataset
+                    .patients
+                    .filter(|_| self.grouped_by_patient)
+                    .map(|p| format!(" ({p} patients)"))
+                    .unwrap_or_default(),
+                self.folds
+            ),
+        }
+    }
+
+    /// The first way the weights behind `card` were trained differently from
+    /// this run's folds (model, input size, data, schedule), in words; `None`
+    /// when the card's training is this run's recipe on this run's images, so
+    /// that operating points chosen on its out-of-fold predictions belong to
+    /// them. The seed may differ: it changes one draw, not the recipe.
+    pub fn recipe_difference(&self, card: &ModelCard) -> Option<String> {
+        let model = card.architecture.display_name();
+        if model != self.model {
+            return Some(format!(
+                "the weights are a {model}, the k-fold run trained a {}",
+                self.model
+            ));
+        }
+        let Some(size) = self.input_size else {
+            return Some(
+                "the report does not record its input size (it was written by an older fracture): \
+                 run its kfold command again, which reassembles the report from the saved folds"
+                    .into(),
+            );
+        };
+        if size != card.input_size() {
+            return Some(format!(
+                "the weights take {} px, the k-fold run trained at {size} px",
+                card.input_size()
+            ));
+        }
+        let Some(training) = &card.training else {
+            return Some("the weights' card does not say how they were trained".into());
+        };
+        let counts = |t: &fracture_core::card::TrainingSummary| (t.images, t.positives, t.negatives, t.patients);
+        if counts(training) != counts(&self.dataset) {
+            return Some(format!(
+                "the weights were trained on {} images ({} abnormal, {} normal), the k-fold run's data set has {} ({} abnormal, {} normal)",
+                training.images, training.positives, training.negatives,
+                self.dataset.images, self.dataset.positives, self.dataset.negatives
+            ));
+        }
+        let without_seed = |value: &serde_json::Value| {
+            let mut value = value.clone();
+            if let Some(map) = value.as_object_mut() {
+                map.remove("seed");
+            }
+            value
+        };
+        let folds = serde_json::to_value(&self.config).unwrap_or_default();
+        (without_seed(&training.schedule) != without_seed(&folds)).then(|| {
+            format!(
+                "the weights were trained with another schedule: {} against the folds' {}",
+                without_seed(&training.schedule),
+                without_seed(&folds)
+            )
+        })
     }
 }
 
