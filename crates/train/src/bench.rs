@@ -13,7 +13,7 @@ use crate::fit::{bce_with_logits, FitError};
 use crate::optim::Adam;
 use crate::params::Params;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BenchMode {
     /// Forward pass in inference mode.

@@ -6,7 +6,7 @@ use crate::augment::Augmentation;
 use crate::fit::{FitConfig, LrSchedule, Phase, Progressive, Scope};
 use fracture_core::Architecture;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Recipe {
     /// The study's: cnn 35 epochs; DenseNet 25 head-only epochs with the base

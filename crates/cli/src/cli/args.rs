@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use fracture_core::models::{cnn::CnnConfig, densenet::DenseNetConfig};
 use fracture_core::{Architecture, ModelCard, OperatingPoint};
 use fracture_train::fit::Progressive;
+use fracture_train::bench::BenchMode;
 use fracture_train::schedule::Recipe;
 
 #[derive(Parser, Debug)]
@@ -129,7 +130,7 @@ pub struct ModelArgs {
     pub init: Option<PathBuf>,
     /// Schedule: the study's (two phases for DenseNet) or one phase training everything.
     #[arg(long, value_enum)]
-    pub recipe: Option<Recipe>,
+    pub recipe: Option<RecipeArg>,
     /// Epochs of the first (or only) phase [default: cnn 35, DenseNet head 25].
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -418,7 +419,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "densenet121")]
     pub model: ModelName,
     #[arg(long, value_enum, default_value = "infer")]
-    pub mode: fracture_train::bench::BenchMode,
+    pub mode: BenchModeArg,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     #[arg(long, default_value_t = 150)]
@@ -472,4 +473,46 @@ pub struct ImportArgs {
     /// Output model file; without a one-output classifier it is for `train --init` only.
     #[arg(short, long, value_name = "OUT.safetensors")]
     pub output: PathBuf,
+}
+
+/// `--recipe`: the library's [`Recipe`], as the command line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RecipeArg {
+    /// The study's: cnn 35 epochs; DenseNet 25 head-only epochs with the base
+    /// frozen, then 10 fine-tuning epochs at 1e-5, BatchNorm in inference mode.
+    Study,
+    /// One phase training everything with batch statistics, for DenseNet from
+    /// random weights: AdamW at a peak of 3e-4 after a 2-epoch warm-up, cosine
+    /// decay, label smoothing 0.1, batch 16, the mild augmentation.
+    Scratch,
+}
+
+impl From<RecipeArg> for Recipe {
+    fn from(arg: RecipeArg) -> Self {
+        match arg {
+            RecipeArg::Study => Recipe::Study,
+            RecipeArg::Scratch => Recipe::Scratch,
+        }
+    }
+}
+
+/// `bench --mode`: the library's [`BenchMode`], as the command line names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchModeArg {
+    /// Forward pass in inference mode.
+    Infer,
+    /// Forward, backward and an Adam step over every parameter.
+    Train,
+    /// The head-only step: the base runs forward without a graph.
+    Frozen,
+}
+
+impl From<BenchModeArg> for BenchMode {
+    fn from(arg: BenchModeArg) -> Self {
+        match arg {
+            BenchModeArg::Infer => BenchMode::Infer,
+            BenchModeArg::Train => BenchMode::Train,
+            BenchModeArg::Frozen => BenchMode::Frozen,
+        }
+    }
 }

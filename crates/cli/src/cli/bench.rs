@@ -7,7 +7,7 @@ use super::args::BenchArgs;
 pub(super) fn bench(args: BenchArgs) -> Result<()> {
     let result = fracture_train::bench::run(
         &args.model.architecture(1),
-        args.mode,
+        args.mode.into(),
         args.batch,
         args.size,
         args.warmup,

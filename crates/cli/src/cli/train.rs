@@ -54,7 +54,7 @@ pub(super) fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
         }
         None => None,
     };
-    let recipe = args.recipe.unwrap_or(match (&architecture, &init) {
+    let recipe = args.recipe.map(Recipe::from).unwrap_or(match (&architecture, &init) {
         (Architecture::Densenet(_), None) => {
             eprintln!(
                 "note: the study's DenseNet recipe freezes a pretrained base; without --init it would \
