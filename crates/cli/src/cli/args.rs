@@ -7,8 +7,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use fracture_core::models::{cnn::CnnConfig, densenet::DenseNetConfig};
 use fracture_core::{Architecture, ModelCard, OperatingPoint};
-use fracture_train::fit::Progressive;
 use fracture_train::bench::BenchMode;
+use fracture_train::fit::Progressive;
 use fracture_train::schedule::Recipe;
 
 #[derive(Parser, Debug)]

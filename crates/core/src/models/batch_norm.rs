@@ -6,8 +6,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use crate::ops::dense_block::NormTensors;
-use crate::ops::norm;
+use crate::ops::norm::{self, NormTensors};
 use candle_nn::{Init, VarBuilder};
 
 /// Suffixes of the buffers that are statistics, not parameters: the

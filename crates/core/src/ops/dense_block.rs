@@ -29,19 +29,11 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::{self, add_up, im2col, is_parallel, matmul, matmul_strided, Geometry, Mat};
+use super::norm::NormTensors;
 use super::{float_op, simd_fn, Float};
 
 mod backward;
 mod one_region;
-
-/// One BatchNorm's tensors, as `BatchNorm2d` holds them.
-#[derive(Clone, Debug)]
-pub struct NormTensors {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    pub running_mean: Tensor,
-    pub running_var: Tensor,
-}
 
 /// One dense layer: `conv2(relu(norm2(conv1(relu(norm1(x))))))`, torchvision's order.
 #[derive(Clone, Debug)]

@@ -15,6 +15,15 @@ use rayon::prelude::*;
 
 use super::{float_op, Float};
 
+/// One BatchNorm's tensors, as `BatchNorm2d` holds them.
+#[derive(Clone, Debug)]
+pub struct NormTensors {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+}
+
 /// `relu(xs · scale + shift)` with per-channel `scale` and `shift` of shape (C,).
 pub fn scale_shift_relu(xs: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
     let planes = Planes::new("scale-shift-relu", xs.dims(), &[scale.dims(), shift.dims()])?;
