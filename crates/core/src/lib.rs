@@ -14,6 +14,7 @@ pub mod models;
 pub mod ops;
 pub mod predict;
 pub mod preprocess;
+pub mod tracked;
 pub mod weights;
 
 pub use card::{Architecture, Classes, ModelCard, OperatingPoint, OperatingPoints, Preprocessing, TtaView};

@@ -4,16 +4,14 @@
 //! kept alive) and checks that every tensor the architecture needs is there
 //! with the right shape, and that nothing else is.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::collections::HashMap;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 
 use crate::card::{ModelCard, CARD_KEY};
 use crate::models::Model;
+use crate::tracked::{Missing, TrackedWeights};
 use crate::{Error, Result};
 
 /// How floating-point weights are stored on disk. They are always computed in f32.
@@ -30,6 +28,9 @@ pub struct ModelFile {
     /// How the weights were stored, so that rewriting the file (a new card)
     /// keeps its size.
     pub storage: StorageDType,
+    /// The other `__metadata__` entries: a training checkpoint keeps its
+    /// position in one, so that it is written and read in one pass.
+    pub entries: HashMap<String, String>,
 }
 
 impl ModelFile {
@@ -48,6 +49,8 @@ impl ModelFile {
                 ))
             })?;
         let card = ModelCard::from_json(card_json)?;
+        let mut entries = header.metadata().clone().unwrap_or_default();
+        entries.remove(CARD_KEY);
         let safetensors = SafeTensors::deserialize(bytes)
             .map_err(|e| Error::NotAModelFile(format!("corrupt safetensors data ({e})")))?;
         let mut tensors = HashMap::new();
@@ -68,11 +71,26 @@ impl ModelFile {
             check_values(&name, &tensor)?;
             tensors.insert(name, tensor);
         }
-        Ok(Self { card, tensors, storage })
+        Ok(Self {
+            card,
+            tensors,
+            storage,
+            entries,
+        })
     }
 
     /// Serialises tensors and card, in a stable (sorted) order.
     pub fn to_bytes(card: &ModelCard, tensors: &HashMap<String, Tensor>, storage: StorageDType) -> Result<Vec<u8>> {
+        Self::to_bytes_with_entries(card, tensors, storage, HashMap::new())
+    }
+
+    /// [`ModelFile::to_bytes`] with more `__metadata__` entries beside the card.
+    pub fn to_bytes_with_entries(
+        card: &ModelCard,
+        tensors: &HashMap<String, Tensor>,
+        storage: StorageDType,
+        mut entries: HashMap<String, String>,
+    ) -> Result<Vec<u8>> {
         let mut stored = Vec::with_capacity(tensors.len());
         for (name, tensor) in tensors {
             let tensor = match storage {
@@ -82,8 +100,8 @@ impl ModelFile {
             stored.push((name.clone(), tensor.contiguous()?));
         }
         stored.sort_by(|a, b| a.0.cmp(&b.0));
-        let metadata = HashMap::from([(CARD_KEY.to_string(), card.to_json()?)]);
-        safetensors::serialize(stored, Some(metadata))
+        entries.insert(CARD_KEY.to_string(), card.to_json()?);
+        safetensors::serialize(stored, Some(entries))
             .map_err(|e| Error::NotAModelFile(format!("cannot serialise weights: {e}")))
     }
 
@@ -115,71 +133,24 @@ fn check_values(name: &str, tensor: &Tensor) -> Result<()> {
 
 /// Builds a model over exactly `tensors`: each one must be used, with the right shape.
 pub fn build_checked(card: &ModelCard, tensors: &HashMap<String, Tensor>, device: &Device) -> Result<Model> {
-    let backend = CheckedTensors {
-        tensors: tensors.clone(),
-        used: Mutex::new(BTreeSet::new()),
-    };
-    let vb = VarBuilder::from_backend(Box::new(&backend), DType::F32, device.clone());
-    let model = Model::new(&card.architecture, card.input_size(), vb).map_err(|e| Error::WeightsMismatch {
+    let mismatch = |message: String| Error::WeightsMismatch {
         architecture: card.architecture.display_name(),
-        message: e.to_string(),
-    })?;
-    let used = backend
-        .used
-        .into_inner()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+        message,
+    };
+    let weights: TrackedWeights<Tensor> =
+        TrackedWeights::new(tensors, Missing::Refuse).map_err(|e| mismatch(e.to_string()))?;
+    let model = Model::new(&card.architecture, card.input_size(), weights.var_builder(device))
+        .map_err(|e| mismatch(e.to_string()))?;
+    let unexpected = weights.unrequested();
     if !unexpected.is_empty() {
-        unexpected.sort();
         let shown: Vec<&str> = unexpected.iter().take(5).map(|s| s.as_str()).collect();
-        return Err(Error::WeightsMismatch {
-            architecture: card.architecture.display_name(),
-            message: format!("{} unexpected tensor(s): {}", unexpected.len(), shown.join(", ")),
-        });
+        return Err(mismatch(format!(
+            "{} unexpected tensor(s): {}",
+            unexpected.len(),
+            shown.join(", ")
+        )));
     }
     Ok(model)
-}
-
-struct CheckedTensors {
-    tensors: HashMap<String, Tensor>,
-    used: Mutex<BTreeSet<String>>,
-}
-
-impl SimpleBackend for &CheckedTensors {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, dev)?;
-        if tensor.shape() != &shape {
-            // A plain message: `bail!` would append a backtrace when RUST_BACKTRACE is set.
-            return Err(candle_core::Error::Msg(format!(
-                "tensor `{name}` has shape {:?}, expected {:?}",
-                tensor.dims(),
-                shape.dims()
-            )));
-        }
-        Ok(tensor)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let tensor = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{name}`")))?;
-        if let Ok(mut used) = self.used.lock() {
-            used.insert(name.to_string());
-        }
-        tensor.to_dtype(dtype)?.to_device(dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
 }
 
 #[cfg(test)]
@@ -189,7 +160,7 @@ mod tests {
     use crate::models::cnn::CnnConfig;
     use crate::models::densenet::DenseNetConfig;
     use crate::models::Mode;
-    use candle_nn::VarMap;
+    use candle_nn::{VarBuilder, VarMap};
 
     fn fresh(arch: Architecture, size: usize) -> (ModelCard, HashMap<String, Tensor>) {
         let card = ModelCard::new(arch, size);

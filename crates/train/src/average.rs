@@ -9,7 +9,8 @@ use candle_core::{Result, Tensor, Var};
 
 use crate::params::Params;
 
-const PREFIX: &str = "average.";
+/// Names of the averages in a checkpoint: `average.` and the weight's name.
+pub(crate) const PREFIX: &str = "average.";
 
 pub struct WeightAverage {
     decay: f64,
@@ -22,16 +23,11 @@ pub struct WeightAverage {
 impl WeightAverage {
     /// Starts at the current weights.
     pub fn new(params: &Params, decay: f64) -> Result<Self> {
-        let mut slots: Vec<(String, Var, Tensor)> = {
-            let data = params
-                .varmap
-                .data()
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("poisoned parameters".into()))?;
-            data.iter()
-                .map(|(name, var)| Ok((name.clone(), var.clone(), var.as_tensor().copy()?)))
-                .collect::<Result<_>>()?
-        };
+        let mut slots: Vec<(String, Var, Tensor)> = params
+            .vars()
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), var.clone(), var.as_tensor().copy()?)))
+            .collect::<Result<_>>()?;
         slots.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Self {
             decay,

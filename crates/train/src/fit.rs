@@ -8,7 +8,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use fracture_core::models::{Mode, Model};
 use fracture_core::predict::probabilities_from_logits;
 use fracture_core::weights::{ModelFile, StorageDType};
@@ -284,6 +284,19 @@ struct Resume {
     state: CheckpointState,
 }
 
+impl Resume {
+    /// The model's own tensors, without the optimiser's moments and the weight average.
+    fn model_tensors(&self) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter(|(name, _)| {
+                !name.starts_with(crate::optim::STATE_PREFIX) && !name.starts_with(crate::average::PREFIX)
+            })
+            .map(|(name, tensor)| (name.clone(), tensor.clone()))
+            .collect()
+    }
+}
+
 pub struct Checkpoint {
     pub path: PathBuf,
 }
@@ -320,10 +333,10 @@ impl Checkpoint {
         }
         let mut card = card.clone();
         card.notes.push("Training checkpoint: not a finished model.".into());
-        let mut bytes = ModelFile::to_bytes(&card, &tensors, StorageDType::F32)?;
         // The run's position travels in a second metadata entry of the same file.
         let state_json = serde_json::to_string(state).map_err(|e| self.error(e))?;
-        bytes = add_metadata(&bytes, STATE_KEY, &state_json).map_err(|e| self.error(e))?;
+        let entries = HashMap::from([(STATE_KEY.to_string(), state_json)]);
+        let bytes = ModelFile::to_bytes_with_entries(&card, &tensors, StorageDType::F32, entries)?;
         crate::write_atomically(&self.path, &bytes).map_err(|e| self.error(e))
     }
 
@@ -332,27 +345,17 @@ impl Checkpoint {
             return Ok(None);
         }
         let bytes = std::fs::read(&self.path).map_err(|e| self.error(e))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| self.error(e))?;
-        let state_json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(STATE_KEY))
+        let file = ModelFile::from_bytes(&bytes, device).map_err(|e| self.error(e))?;
+        let state_json = file
+            .entries
+            .get(STATE_KEY)
             .ok_or_else(|| self.error("no training state in this file"))?;
         let state: CheckpointState = serde_json::from_str(state_json).map_err(|e| self.error(e))?;
-        let file = ModelFile::from_bytes(&bytes, device)?;
         Ok(Some(Resume {
             tensors: file.tensors,
             state,
         }))
     }
-}
-
-fn add_metadata(bytes: &[u8], key: &str, value: &str) -> Result<Vec<u8>, String> {
-    let tensors = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
-    let mut metadata = header.metadata().clone().unwrap_or_default();
-    metadata.insert(key.to_string(), value.to_string());
-    safetensors::serialize(tensors.tensors(), Some(metadata)).map_err(|e| e.to_string())
 }
 
 /// What identifies a run, so a checkpoint is only resumed by the same run.
@@ -384,45 +387,36 @@ fn fingerprint(card: &ModelCard, config: &FitConfig, data: &FitData) -> String {
 /// Called after every epoch (for logging).
 pub type EpochObserver<'a> = dyn FnMut(&EpochRecord) + 'a;
 
-pub struct Fit<'a> {
-    pub card: &'a ModelCard,
-    pub params: &'a Params,
-    pub model: &'a Model,
-    pub device: &'a Device,
-    pub checkpoint: Option<Checkpoint>,
+struct Fit<'a> {
+    card: &'a ModelCard,
+    params: &'a Params,
+    model: &'a Model,
+    device: &'a Device,
+    checkpoint: Option<Checkpoint>,
+    /// Where an interrupted run stopped; its weights are already in `params`.
+    resume: Option<Resume>,
+    /// Identifies the run in every checkpoint it writes.
+    fingerprint: String,
     /// Told of the batches within an epoch and of feature caching.
-    pub progress: &'a dyn Progress,
+    progress: &'a dyn Progress,
 }
 
 impl Fit<'_> {
-    pub fn run(&self, data: &FitData, config: &FitConfig, on_epoch: &mut EpochObserver) -> Result<History, FitError> {
-        config.validate()?;
-        if data.train.is_empty() {
-            return Err(FitError::Config("no training images".into()));
-        }
-        let fingerprint = fingerprint(self.card, config, data);
+    fn run(&self, data: &FitData, config: &FitConfig, on_epoch: &mut EpochObserver) -> Result<History, FitError> {
+        let fingerprint = &self.fingerprint;
+        let resume = self.resume.as_ref();
         let mut history = History::default();
-        let mut resume = None;
-        if let Some(checkpoint) = &self.checkpoint {
-            if let Some(saved) = checkpoint.load(self.device)? {
-                if saved.state.fingerprint != fingerprint {
-                    return Err(checkpoint.error(
-                        "belongs to a different run (model, data or schedule changed); delete it to start afresh",
-                    ));
-                }
-                self.restore_params(checkpoint, &saved.tensors)?;
-                history = saved.state.history.clone();
-                for record in &history.epochs {
-                    on_epoch(record);
-                }
-                resume = Some(saved);
+        if let Some(saved) = resume {
+            history = saved.state.history.clone();
+            for record in &history.epochs {
+                on_epoch(record);
             }
         }
         let mut average = match config.weight_average {
             0.0 => None,
             decay => Some(WeightAverage::new(self.params, decay)?),
         };
-        if let (Some(average), Some(saved)) = (&mut average, &resume) {
+        if let (Some(average), Some(saved)) = (&mut average, resume) {
             average.load(&saved.tensors, saved.state.average_updates)?;
         }
 
@@ -432,7 +426,7 @@ impl Fit<'_> {
             let prefixes = self.scope_prefixes(&phase.scope);
             let mut adam = Adam::new(self.params.trainable(prefixes.as_deref()), phase.lr)?;
             adam.weight_decay = config.weight_decay;
-            if let Some(saved) = &resume {
+            if let Some(saved) = resume {
                 if phase_index < saved.state.phase {
                     continue;
                 }
@@ -491,22 +485,6 @@ impl Fit<'_> {
             average.swap()?;
         }
         Ok(history)
-    }
-
-    fn restore_params(&self, checkpoint: &Checkpoint, tensors: &HashMap<String, Tensor>) -> Result<(), FitError> {
-        let data = self
-            .params
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| FitError::Config("poisoned parameters".into()))?;
-        for (name, var) in data.iter() {
-            let saved = tensors
-                .get(name)
-                .ok_or_else(|| checkpoint.error(format!("lacks tensor `{name}`")))?;
-            var.set(&saved.to_dtype(DType::F32)?)?;
-        }
-        Ok(())
     }
 
     fn scope_prefixes(&self, scope: &Scope) -> Option<Vec<String>> {
@@ -886,29 +864,62 @@ pub fn train(
     checkpoint: Option<Checkpoint>,
     on_epoch: &mut EpochObserver,
 ) -> Result<Trained, FitError> {
-    let params = match spec.init {
-        Some(tensors) => Params::with_tensors(spec.config.seed, tensors)?,
-        None => Params::new(spec.config.seed),
+    spec.config.validate()?;
+    if data.train.is_empty() {
+        return Err(FitError::Config("no training images".into()));
+    }
+    let fingerprint = fingerprint(spec.card, spec.config, data);
+    let resume = match &checkpoint {
+        Some(checkpoint) => checkpoint.load(spec.device)?,
+        None => None,
+    };
+    if let (Some(checkpoint), Some(saved)) = (&checkpoint, &resume) {
+        if saved.state.fingerprint != fingerprint {
+            return Err(checkpoint
+                .error("belongs to a different run (model, data or schedule changed); delete it to start afresh"));
+        }
+    }
+    // A resumed run's weights come in as --init's do, but complete: the
+    // checkpoint must hold every tensor the model asks for, and nothing else.
+    let params = match (&resume, spec.init) {
+        (Some(saved), _) => Params::resumed(&saved.model_tensors())?,
+        (None, Some(tensors)) => Params::with_tensors(spec.config.seed, tensors)?,
+        (None, None) => Params::new(spec.config.seed),
     };
     let model = Model::new(
         &spec.card.architecture,
         spec.card.input_size(),
         params.var_builder(spec.device),
-    )?;
+    );
     let unused = params.unused_names();
-    if let Some(first) = unused.first() {
-        return Err(FitError::Config(format!(
-            "initial weights hold {} tensor(s) that {} does not have, e.g. `{first}`",
-            unused.len(),
-            spec.card.architecture.display_name()
-        )));
-    }
+    let model = match (&checkpoint, &resume) {
+        (Some(checkpoint), Some(_)) => {
+            let model = model.map_err(|e| checkpoint.error(e))?;
+            if let Some(first) = unused.first() {
+                return Err(checkpoint.error(format!("holds tensor `{first}`, which the model does not have")));
+            }
+            model
+        }
+        _ => {
+            let model = model?;
+            if let Some(first) = unused.first() {
+                return Err(FitError::Config(format!(
+                    "initial weights hold {} tensor(s) that {} does not have, e.g. `{first}`",
+                    unused.len(),
+                    spec.card.architecture.display_name()
+                )));
+            }
+            model
+        }
+    };
     let fit = Fit {
         card: spec.card,
         params: &params,
         model: &model,
         device: spec.device,
         checkpoint,
+        resume,
+        fingerprint,
         progress: spec.progress,
     };
     let history = fit.run(data, spec.config, on_epoch)?;

@@ -9,6 +9,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use fracture_core::ops::{contiguous_range, contiguous_slice, unsupported_dtype};
 
+/// Names of the moments in a checkpoint: `adam.m.` or `adam.v.`, then the weight's name.
+pub(crate) const STATE_PREFIX: &str = "adam.";
+
 pub struct Adam {
     params: Vec<(String, Var)>,
     first: Vec<Tensor>,
@@ -94,16 +97,16 @@ impl Adam {
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut state = HashMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
-            state.insert(format!("adam.m.{name}"), self.first[i].copy()?);
-            state.insert(format!("adam.v.{name}"), self.second[i].copy()?);
+            state.insert(format!("{STATE_PREFIX}m.{name}"), self.first[i].copy()?);
+            state.insert(format!("{STATE_PREFIX}v.{name}"), self.second[i].copy()?);
         }
         Ok(state)
     }
 
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: usize) -> Result<()> {
         for (i, (name, var)) in self.params.iter().enumerate() {
-            for (prefix, slot) in [("adam.m.", &mut self.first[i]), ("adam.v.", &mut self.second[i])] {
-                let key = format!("{prefix}{name}");
+            for (moment, slot) in [("m", &mut self.first[i]), ("v", &mut self.second[i])] {
+                let key = format!("{STATE_PREFIX}{moment}.{name}");
                 let saved = state
                     .get(&key)
                     .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint lacks optimiser state `{key}`")))?;

@@ -1,15 +1,15 @@
-//! Trainable parameters: a VarMap whose fresh variables are drawn from a
-//! seeded generator (candle cannot seed its CPU generator), optionally
-//! pre-filled from earlier weights.
+//! Trainable parameters: core's tracked backend holding `Var`s, whose fresh
+//! variables are drawn from a seeded generator (candle cannot seed its CPU
+//! generator), optionally pre-filled from earlier weights.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Mutex;
+use std::sync::MutexGuard;
 
-use candle_core::{DType, Device, Result, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder, VarMap};
+use candle_core::{Device, Result, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
 use fracture_core::models::batch_norm::RUNNING_STAT_SUFFIXES;
+use fracture_core::tracked::{Missing, TrackedWeights};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -24,57 +24,61 @@ pub fn derive_seed(seed: u64, purpose: impl Hash) -> u64 {
     hasher.finish()
 }
 
+/// The trainable model's tensors: a tracked backend holding `Var`s, whose
+/// missing tensors are drawn from a generator seeded by the run's seed and
+/// the tensor's name.
 pub struct Params {
-    pub varmap: VarMap,
-    seed: u64,
-    /// Names the model asked for, to spot initial weights of another architecture.
-    requested: Mutex<BTreeSet<String>>,
+    weights: TrackedWeights<Var>,
 }
 
 impl Params {
+    /// Every tensor drawn fresh.
     pub fn new(seed: u64) -> Self {
         Self {
-            varmap: VarMap::new(),
-            seed,
-            requested: Mutex::new(BTreeSet::new()),
+            weights: TrackedWeights::empty(Missing::Draw(Self::drawing(seed))),
         }
+    }
+
+    /// Starts from `tensors` (earlier weights); names the model does not ask
+    /// for are reported by [`Params::unused_names`], and missing ones are
+    /// drawn fresh.
+    pub fn with_tensors(seed: u64, tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        Ok(Self {
+            weights: TrackedWeights::new(tensors, Missing::Draw(Self::drawing(seed)))?,
+        })
+    }
+
+    fn drawing(seed: u64) -> Box<fracture_core::tracked::Draw> {
+        Box::new(move |name, shape, init, device| draw(seed, name, shape, init, device))
+    }
+
+    /// Exactly `tensors`, as a checkpoint holds them: a tensor the model
+    /// asks for and they lack is an error, not a fresh draw.
+    pub fn resumed(tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        Ok(Self {
+            weights: TrackedWeights::new(tensors, Missing::Refuse)?,
+        })
     }
 
     /// Tensors present (from initial weights) that no model layer asked for.
     pub fn unused_names(&self) -> Vec<String> {
-        let requested = self.requested.lock().unwrap_or_else(|p| p.into_inner());
-        let data = self.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
-        let mut unused: Vec<String> = data.keys().filter(|k| !requested.contains(*k)).cloned().collect();
-        unused.sort();
-        unused
-    }
-
-    /// Starts from `tensors` (earlier weights); names the model does not ask
-    /// for are simply never used, and missing ones are drawn fresh.
-    pub fn with_tensors(seed: u64, tensors: &HashMap<String, Tensor>) -> Result<Self> {
-        let params = Self::new(seed);
-        {
-            let mut data = params
-                .varmap
-                .data()
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-            for (name, tensor) in tensors {
-                data.insert(name.clone(), Var::from_tensor(&tensor.to_dtype(DType::F32)?.copy()?)?);
-            }
-        }
-        Ok(params)
+        self.weights.unrequested()
     }
 
     pub fn var_builder(&self, device: &Device) -> VarBuilder<'_> {
-        VarBuilder::from_backend(Box::new(self), DType::F32, device.clone())
+        self.weights.var_builder(device)
+    }
+
+    /// Every variable by name.
+    pub fn vars(&self) -> MutexGuard<'_, HashMap<String, Var>> {
+        self.weights.slots()
     }
 
     /// The variables an optimiser may change: never BatchNorm's running
     /// statistics, and only those under `prefixes` when some are given.
     pub fn trainable(&self, prefixes: Option<&[String]>) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
-        let mut vars: Vec<(String, Var)> = data
+        let mut vars: Vec<(String, Var)> = self
+            .vars()
             .iter()
             .filter(|(name, _)| !RUNNING_STAT_SUFFIXES.iter().any(|s| name.ends_with(s)))
             .filter(|(name, _)| prefixes.is_none_or(|ps| ps.iter().any(|p| name.starts_with(p.as_str()))))
@@ -104,67 +108,28 @@ impl Params {
 
     /// A snapshot of every tensor, as written to the model file.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        let data = self.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
-        data.iter()
+        self.vars()
+            .iter()
             .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
             .collect()
     }
-
-    fn draw(&self, shape: &Shape, name: &str, init: Init, device: &Device) -> Result<Tensor> {
-        let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(self.seed, ("init", name)));
-        let count = shape.elem_count();
-        let values: Vec<f32> = match init {
-            Init::Const(value) => vec![value as f32; count],
-            Init::Uniform { lo, up } => (0..count).map(|_| rng.random_range(lo..up) as f32).collect(),
-            Init::Randn { mean, stdev } => {
-                let normal = Normal::new(mean, stdev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                (0..count).map(|_| normal.sample(&mut rng) as f32).collect()
-            }
-            Init::Kaiming { .. } => candle_core::bail!("`{name}`: models here state their initialiser explicitly"),
-        };
-        Tensor::from_vec(values, shape, device)
-    }
 }
 
-impl SimpleBackend for &Params {
-    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, device: &Device) -> Result<Tensor> {
-        if let Ok(mut requested) = self.requested.lock() {
-            requested.insert(name.to_string());
+/// A fresh tensor for `name`, from its own stream of the run's seed: the same
+/// seed gives the same weights whatever order the layers are built in.
+fn draw(seed: u64, name: &str, shape: &Shape, init: Init, device: &Device) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, ("init", name)));
+    let count = shape.elem_count();
+    let values: Vec<f32> = match init {
+        Init::Const(value) => vec![value as f32; count],
+        Init::Uniform { lo, up } => (0..count).map(|_| rng.random_range(lo..up) as f32).collect(),
+        Init::Randn { mean, stdev } => {
+            let normal = Normal::new(mean, stdev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            (0..count).map(|_| normal.sample(&mut rng) as f32).collect()
         }
-        let mut data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        if let Some(var) = data.get(name) {
-            if var.shape() != &shape {
-                candle_core::bail!(
-                    "initial weights: tensor `{name}` has shape {:?}, the model needs {:?}",
-                    var.dims(),
-                    shape.dims()
-                );
-            }
-            return Ok(var.as_tensor().clone());
-        }
-        let var = Var::from_tensor(&self.draw(&shape, name, init, device)?.to_dtype(dtype)?)?;
-        data.insert(name.to_string(), var.clone());
-        Ok(var.as_tensor().clone())
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        let data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        data.get(name)
-            .map(|v| v.as_tensor().clone())
-            .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{name}`")))
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
-    }
+        Init::Kaiming { .. } => candle_core::bail!("`{name}`: models here state their initialiser explicitly"),
+    };
+    Tensor::from_vec(values, shape, device)
 }
 
 #[cfg(test)]

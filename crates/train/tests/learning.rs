@@ -211,6 +211,55 @@ fn interrupted_training_resumes_to_identical_weights() {
     }
 }
 
+/// A resumed run takes its weights from the checkpoint alone: a tensor the
+/// checkpoint lacks is an error naming it, never a fresh random draw.
+#[test]
+fn a_checkpoint_missing_a_weight_is_refused_by_name() {
+    use fracture_core::weights::{ModelFile, StorageDType};
+
+    let (images, labels) = synthetic_set(4, 9);
+    let card = ModelCard::new(Architecture::Densenet(DenseNetConfig::tiny()), SIZE);
+    let device = Device::Cpu;
+    let config = one_phase(2, 1e-3, 4);
+    let spec = TrainSpec {
+        card: &card,
+        init: None,
+        config: &config,
+        device: &device,
+        progress: &fracture_train::progress::Silent,
+    };
+    let data = FitData {
+        images: &images,
+        labels: &labels,
+        train: (0..8).collect(),
+        validation: Vec::new(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.checkpoint");
+    let checkpoint = || Checkpoint { path: path.clone() };
+    let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fit::train(&spec, &data, Some(checkpoint()), &mut |record| {
+            if record.epoch == 2 {
+                panic!("simulated interruption");
+            }
+        })
+    }));
+    assert!(interrupted.is_err());
+
+    let mut file = ModelFile::from_bytes(&std::fs::read(&path).unwrap(), &device).unwrap();
+    assert!(file.tensors.remove("features.conv0.weight").is_some());
+    let bytes = ModelFile::to_bytes_with_entries(&file.card, &file.tensors, StorageDType::F32, file.entries).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    let error = fit::train(&spec, &data, Some(checkpoint()), &mut |_| {})
+        .err()
+        .expect("an incomplete checkpoint must not resume")
+        .to_string();
+    assert!(
+        error.contains("missing tensor `features.conv0.weight`") && error.contains("run.checkpoint"),
+        "{error}"
+    );
+}
+
 #[test]
 fn kfold_keeps_each_patient_in_one_fold_and_its_metrics_add_up() {
     use fracture_train::dataset::{scan, ScanOptions};
