@@ -4,7 +4,6 @@
 //! resumes where it stopped.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -22,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::augment::Augmentation;
 use crate::average::WeightAverage;
+use crate::fingerprint::RunFingerprint;
 use crate::optim::Adam;
 use crate::params::{derive_seed, Params};
 use crate::progress::Progress;
@@ -356,32 +356,6 @@ impl Checkpoint {
             state,
         }))
     }
-}
-
-/// What identifies a run, so a checkpoint is only resumed by the same run.
-fn fingerprint(card: &ModelCard, config: &FitConfig, data: &FitData) -> String {
-    let mut hasher = DefaultHasher::new();
-    serde_json::to_string(&card.architecture)
-        .unwrap_or_default()
-        .hash(&mut hasher);
-    card.input_size().hash(&mut hasher);
-    serde_json::to_string(config).unwrap_or_default().hash(&mut hasher);
-    data.train.hash(&mut hasher);
-    data.validation.hash(&mut hasher);
-    data.labels.hash(&mut hasher);
-    // The pixels themselves: another data set with the same count and labels
-    // (or the same images edited) is another run.
-    for image in data.images {
-        (image.width(), image.height()).hash(&mut hasher);
-        for value in image.as_raw() {
-            value.to_bits().hash(&mut hasher);
-        }
-    }
-    serde_json::to_string(&card.preprocessing)
-        .unwrap_or_default()
-        .hash(&mut hasher);
-    card.init.as_ref().map(|init| init.sha256.clone()).hash(&mut hasher);
-    format!("{:016x}", hasher.finish())
 }
 
 /// Called after every epoch (for logging).
@@ -868,7 +842,7 @@ pub fn train(
     if data.train.is_empty() {
         return Err(FitError::Config("no training images".into()));
     }
-    let fingerprint = fingerprint(spec.card, spec.config, data);
+    let fingerprint = RunFingerprint::training(spec.card, spec.config, data).to_string();
     let resume = match &checkpoint {
         Some(checkpoint) => checkpoint.load(spec.device)?,
         None => None,

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 
 use crate::calibration::HeldOut;
 use crate::dataset::Dataset;
+use crate::fingerprint::RunFingerprint;
 use crate::fit::{self, Checkpoint, FitConfig, FitData, FitError, TrainSpec};
 use crate::folds::{grouped_split, stratified_group_kfold};
 use crate::metrics::{mean_std, BinaryMetrics};
@@ -256,6 +257,22 @@ pub struct KfoldSpec<'a> {
     pub progress: &'a dyn Progress,
     /// Where finished folds and the running fold's checkpoint are kept.
     pub state_dir: &'a Path,
+}
+
+/// Where a k-fold run keeps its finished folds until its report is written:
+/// beside the report (`REPORT.partial-ID`), else in the temporary folder.
+/// The run's fingerprint names it, so only the same run resumes from it.
+pub fn state_dir(report: Option<&Path>, run: &RunFingerprint) -> PathBuf {
+    match report {
+        Some(report) => {
+            let stem = report
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            report.with_file_name(format!("{stem}.partial-{run}"))
+        }
+        None => std::env::temp_dir().join(format!("fracture-kfold-{run}")),
+    }
 }
 
 /// Called when a fold starts (`fold`, `folds`) and after each epoch.

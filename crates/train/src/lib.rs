@@ -9,6 +9,7 @@ pub mod bench;
 pub mod calibration;
 pub mod dataset;
 pub mod files;
+pub mod fingerprint;
 pub mod fit;
 pub mod folds;
 pub mod import;

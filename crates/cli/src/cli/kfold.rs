@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 use fracture_train::files;
+use fracture_train::fingerprint::RunFingerprint;
 use fracture_train::kfold::{self, FoldResult, KfoldObserver, KfoldSpec, RunIdentity, ShardReport};
 use fracture_train::merge;
 use fracture_train::report::{self, EpochRecord};
@@ -94,29 +95,8 @@ pub(super) fn kfold(args: KfoldArgs) -> Result<()> {
     card.classes = dataset.classes.clone();
 
     // Finished folds are kept here until the report is written, so a rerun resumes.
-    let run_id = format!(
-        "{:016x}",
-        fracture_train::params::derive_seed(
-            args.model.seed,
-            (
-                serde_json::to_string(&config)?,
-                serde_json::to_string(&card.architecture)?,
-                card.input_size(),
-                args.folds,
-                args.val_split.to_bits(),
-                dataset
-                    .samples
-                    .iter()
-                    .map(|s| s.path.display().to_string())
-                    .collect::<Vec<_>>(),
-                card.init.as_ref().map(|s| s.sha256.clone()),
-            )
-        )
-    );
-    let state_dir = match &args.report {
-        Some(report) => with_suffix(report, &format!(".partial-{run_id}")),
-        None => std::env::temp_dir().join(format!("fracture-kfold-{run_id}")),
-    };
+    let run = RunFingerprint::kfold(&card, &config, args.folds, args.val_split, &dataset);
+    let state_dir = kfold::state_dir(args.report.as_deref(), &run);
     if state_dir.exists() {
         eprintln!("resuming from {}", state_dir.display());
     }
