@@ -20,6 +20,15 @@ pub enum Recipe {
     Scratch,
 }
 
+/// The recipe used when none is named: the study's, except for a DenseNet
+/// without initial weights, whose frozen random base would learn nothing.
+pub fn default_recipe(architecture: &Architecture, has_init: bool) -> Recipe {
+    match architecture {
+        Architecture::Densenet(_) if !has_init => Recipe::Scratch,
+        _ => Recipe::Study,
+    }
+}
+
 impl Recipe {
     pub fn default_batch(self) -> usize {
         match self {

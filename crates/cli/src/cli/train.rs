@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 
 use fracture_core::card::SourceWeights;
 use fracture_core::weights::{ModelFile, StorageDType};
-use fracture_core::{Architecture, ModelCard};
+use fracture_core::ModelCard;
 use fracture_train::augment::Augmentation;
 use fracture_train::dataset;
 use fracture_train::files;
@@ -54,16 +54,19 @@ pub(super) fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
         }
         None => None,
     };
-    let recipe = args.recipe.map(Recipe::from).unwrap_or(match (&architecture, &init) {
-        (Architecture::Densenet(_), None) => {
-            eprintln!(
-                "note: the study's DenseNet recipe freezes a pretrained base; without --init it would \
-                 freeze random weights, so training from scratch uses --recipe scratch"
-            );
-            Recipe::Scratch
+    let recipe = match args.recipe {
+        Some(recipe) => recipe.into(),
+        None => {
+            let recipe = schedule::default_recipe(&architecture, init.is_some());
+            if recipe == Recipe::Scratch {
+                eprintln!(
+                    "note: the study's DenseNet recipe freezes a pretrained base; without --init it would \
+                     freeze random weights, so training from scratch uses --recipe scratch"
+                );
+            }
+            recipe
         }
-        _ => Recipe::Study,
-    });
+    };
     if args.progressive.is_some() && !architecture.pools_globally() {
         bail!("--progressive needs a model that pools globally (densenet); the cnn's head is sized for --size");
     }
