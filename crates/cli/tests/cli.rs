@@ -352,6 +352,19 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
     let out = calibrate(&other, &["--out-of-fold", &report]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("schedule"), "{}", text(&out.stderr));
+    // The same schedule on fewer images (a fifth held out to validate) is not the recipe the folds ran.
+    let partial = path("partial.safetensors");
+    assert_exit(&run("train", "2", &["-o".into(), partial.clone()]), 0);
+    let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", &partial]).stdout).unwrap();
+    let training = &card["training"];
+    assert_eq!(
+        training["images"].as_u64().unwrap() + training["validation_images"].as_u64().unwrap(),
+        predictions.len() as u64,
+        "the card counts the images trained on and those held out"
+    );
+    let out = calibrate(&partial, &["--out-of-fold", &report]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("images"), "{}", text(&out.stderr));
     // The folds predicted without the mirror.
     let out = calibrate(&all, &["--out-of-fold", &report, "--tta", "flip"]);
     assert_exit(&out, 1);

@@ -35,10 +35,16 @@ pub struct TrainingSummary {
     /// Where the data came from, in words (a directory name, "MURA v1.1 XR_HUMERUS train").
     pub source: String,
     pub layout: String,
+    /// The images (and their patients) the weights were trained on.
     pub images: usize,
     pub positives: usize,
     pub negatives: usize,
     pub patients: Option<usize>,
+    /// Images of the same data set held out of training to validate on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_images: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_patients: Option<usize>,
     pub skipped: usize,
     /// Licence or terms of use of the training data, where they bind the weights.
     pub terms: Option<String>,

@@ -513,6 +513,7 @@ impl Dataset {
         hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The whole data set, as a k-fold run sees it.
     pub fn training_summary(&self, schedule: serde_json::Value) -> TrainingSummary {
         TrainingSummary {
             source: self.root.display().to_string(),
@@ -521,9 +522,35 @@ impl Dataset {
             positives: self.positives(),
             negatives: self.negatives(),
             patients: self.patients(),
+            validation_images: None,
+            validation_patients: None,
             skipped: self.skipped.len(),
             terms: None,
             schedule,
+        }
+    }
+
+    /// A model trained on the samples `train` and validated on `validation`:
+    /// the counts are those it learnt from, the held-out ones beside them.
+    pub fn split_summary(&self, train: &[usize], validation: &[usize], schedule: serde_json::Value) -> TrainingSummary {
+        let patients = |indices: &[usize]| {
+            self.has_patients.then(|| {
+                indices
+                    .iter()
+                    .map(|&i| self.samples[i].group)
+                    .collect::<BTreeSet<_>>()
+                    .len()
+            })
+        };
+        let positives = train.iter().filter(|&&i| self.samples[i].positive).count();
+        TrainingSummary {
+            images: train.len(),
+            positives,
+            negatives: train.len() - positives,
+            patients: patients(train),
+            validation_images: (!validation.is_empty()).then_some(validation.len()),
+            validation_patients: (!validation.is_empty()).then(|| patients(validation)).flatten(),
+            ..self.training_summary(schedule)
         }
     }
 

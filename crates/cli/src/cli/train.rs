@@ -173,7 +173,7 @@ pub(super) fn train(args: TrainArgs) -> Result<()> {
     let trained = fit::train(&spec, &data, Some(checkpoint), &mut |r| print_epoch("", r))?;
 
     let schedule = serde_json::to_value(&config)?;
-    card.training = Some(dataset.training_summary(schedule));
+    card.training = Some(dataset.split_summary(&data.train, &data.validation, schedule));
     args.card.apply(&mut card)?;
     if !data.validation.is_empty() {
         let probabilities = fit::predict(
