@@ -265,46 +265,28 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
     let data = dir.path().join("mura");
     synth(&data, "mura", 24, 48);
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    let recipe = |epochs: &'static str| {
-        [
+    // The recipe both the folds and the weights are trained with, but for the epochs.
+    let run = |command: &str, epochs: &str, extra: &[&str]| {
+        let data = data.to_str().unwrap();
+        let mut args = vec![
+            command,
             "-i",
-            data.to_str().unwrap(),
+            data,
             "--model",
             "densenet-tiny",
             "--size",
             "48",
-            "--epochs",
-            epochs,
             "--lr",
             "3e-3",
-            "--quiet",
-        ]
-        .map(String::from)
-    };
-    let run = |command: &str, epochs: &'static str, extra: &[String]| {
-        let mut args = vec![command.to_string()];
-        args.extend(recipe(epochs));
+        ];
+        args.extend_from_slice(&["--epochs", epochs, "--quiet"]);
         args.extend_from_slice(extra);
-        fracture(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        fracture(&args)
     };
     let report = path("kfold.json");
-    assert_exit(
-        &run(
-            "kfold",
-            "2",
-            &["--folds".into(), "3".into(), "--report".into(), report.clone()],
-        ),
-        0,
-    );
+    assert_exit(&run("kfold", "2", &["--folds", "3", "--report", &report]), 0);
     let all = path("all.safetensors");
-    assert_exit(
-        &run(
-            "train",
-            "2",
-            &["--val-split".into(), "0".into(), "-o".into(), all.clone()],
-        ),
-        0,
-    );
+    assert_exit(&run("train", "2", &["--val-split", "0", "-o", &all]), 0);
     let calibrated = path("calibrated.safetensors");
     let calibrate = |weights: &str, extra: &[&str]| {
         let mut args = vec!["calibrate", "--weights", weights, "-o", calibrated.as_str(), "--quiet"];
@@ -341,20 +323,13 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
 
     // Weights of another schedule: the folds' predictions say nothing about them.
     let other = path("other.safetensors");
-    assert_exit(
-        &run(
-            "train",
-            "3",
-            &["--val-split".into(), "0".into(), "-o".into(), other.clone()],
-        ),
-        0,
-    );
+    assert_exit(&run("train", "3", &["--val-split", "0", "-o", &other]), 0);
     let out = calibrate(&other, &["--out-of-fold", &report]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("schedule"), "{}", text(&out.stderr));
     // The same schedule on fewer images (a fifth held out to validate) is not the recipe the folds ran.
     let partial = path("partial.safetensors");
-    assert_exit(&run("train", "2", &["-o".into(), partial.clone()]), 0);
+    assert_exit(&run("train", "2", &["-o", &partial]), 0);
     let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", &partial]).stdout).unwrap();
     let training = &card["training"];
     assert_eq!(

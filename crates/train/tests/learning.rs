@@ -27,6 +27,17 @@ fn synthetic_set(per_class: usize, first_seed: u64) -> (Vec<Rgb32FImage>, Vec<bo
     (images, labels)
 }
 
+/// Training from random weights, reporting nothing.
+fn silent_spec<'a>(card: &'a ModelCard, config: &'a FitConfig, device: &'a Device) -> TrainSpec<'a> {
+    TrainSpec {
+        card,
+        init: None,
+        config,
+        device,
+        progress: &fracture_train::progress::Silent,
+    }
+}
+
 fn one_phase(epochs: usize, lr: f64, batch_size: usize) -> FitConfig {
     FitConfig {
         phases: vec![Phase::constant("train", epochs, lr, Scope::All, true)],
@@ -51,13 +62,7 @@ fn held_out_accuracy_with(architecture: Architecture, config: &FitConfig, per_cl
     let (test_images, test_labels) = synthetic_set(60, 900_000);
     let card = ModelCard::new(architecture, SIZE);
     let device = Device::Cpu;
-    let spec = TrainSpec {
-        card: &card,
-        init: None,
-        config,
-        device: &device,
-        progress: &fracture_train::progress::Silent,
-    };
+    let spec = silent_spec(&card, config, &device);
     let data = FitData {
         images: &train_images,
         labels: &train_labels,
@@ -129,13 +134,7 @@ fn interrupted_training_resumes_to_identical_weights() {
         // The weight average is state of its own that a resume must restore.
         weight_average: 0.9,
     };
-    let spec = TrainSpec {
-        card: &card,
-        init: None,
-        config: &config,
-        device: &device,
-        progress: &fracture_train::progress::Silent,
-    };
+    let spec = silent_spec(&card, &config, &device);
     let data = || FitData {
         images: &images,
         labels: &labels,
@@ -221,13 +220,7 @@ fn a_checkpoint_missing_a_weight_is_refused_by_name() {
     let card = ModelCard::new(Architecture::Densenet(DenseNetConfig::tiny()), SIZE);
     let device = Device::Cpu;
     let config = one_phase(2, 1e-3, 4);
-    let spec = TrainSpec {
-        card: &card,
-        init: None,
-        config: &config,
-        device: &device,
-        progress: &fracture_train::progress::Silent,
-    };
+    let spec = silent_spec(&card, &config, &device);
     let data = FitData {
         images: &images,
         labels: &labels,
@@ -357,13 +350,7 @@ fn banked_head_phase_trains_like_running_the_frozen_base() {
     };
     let run = |feature_bank| {
         let config = config(feature_bank);
-        let spec = TrainSpec {
-            card: &card,
-            init: None,
-            config: &config,
-            device: &device,
-            progress: &fracture_train::progress::Silent,
-        };
+        let spec = silent_spec(&card, &config, &device);
         fit::train(&spec, &data(), None, &mut |_| {}).unwrap()
     };
     let (plain, banked) = (run(0), run(4));
