@@ -265,8 +265,8 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
     let data = dir.path().join("mura");
     synth(&data, "mura", 24, 48);
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    // The recipe both the folds and the weights are trained with, but for the epochs.
-    let run = |command: &str, epochs: &str, extra: &[&str]| {
+    // The recipe both the folds and the weights are trained with, but for the size and epochs.
+    let run = |command: &str, size: &str, epochs: &str, extra: &[&str]| {
         let data = data.to_str().unwrap();
         let mut args = vec![
             command,
@@ -275,7 +275,7 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
             "--model",
             "densenet-tiny",
             "--size",
-            "48",
+            size,
             "--lr",
             "3e-3",
         ];
@@ -284,9 +284,9 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
         fracture(&args)
     };
     let report = path("kfold.json");
-    assert_exit(&run("kfold", "2", &["--folds", "3", "--report", &report]), 0);
+    assert_exit(&run("kfold", "48", "2", &["--folds", "3", "--report", &report]), 0);
     let all = path("all.safetensors");
-    assert_exit(&run("train", "2", &["--val-split", "0", "-o", &all]), 0);
+    assert_exit(&run("train", "48", "2", &["--val-split", "0", "-o", &all]), 0);
     let calibrated = path("calibrated.safetensors");
     let calibrate = |weights: &str, extra: &[&str]| {
         let mut args = vec!["calibrate", "--weights", weights, "-o", calibrated.as_str(), "--quiet"];
@@ -323,13 +323,13 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
 
     // Weights of another schedule: the folds' predictions say nothing about them.
     let other = path("other.safetensors");
-    assert_exit(&run("train", "3", &["--val-split", "0", "-o", &other]), 0);
+    assert_exit(&run("train", "48", "3", &["--val-split", "0", "-o", &other]), 0);
     let out = calibrate(&other, &["--out-of-fold", &report]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("schedule"), "{}", text(&out.stderr));
     // The same schedule on fewer images (a fifth held out to validate) is not the recipe the folds ran.
     let partial = path("partial.safetensors");
-    assert_exit(&run("train", "2", &["-o", &partial]), 0);
+    assert_exit(&run("train", "48", "2", &["-o", &partial]), 0);
     let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", &partial]).stdout).unwrap();
     let training = &card["training"];
     assert_eq!(
@@ -340,6 +340,12 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
     let out = calibrate(&partial, &["--out-of-fold", &report]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("images"), "{}", text(&out.stderr));
+    // Another input size is another model, whatever the schedule.
+    let smaller = path("smaller.safetensors");
+    assert_exit(&run("train", "40", "2", &["--val-split", "0", "-o", &smaller]), 0);
+    let out = calibrate(&smaller, &["--out-of-fold", &report]);
+    assert_exit(&out, 1);
+    assert!(text(&out.stderr).contains("40 px"), "{}", text(&out.stderr));
     // The folds predicted without the mirror.
     let out = calibrate(&all, &["--out-of-fold", &report, "--tta", "flip"]);
     assert_exit(&out, 1);

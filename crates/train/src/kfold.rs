@@ -594,6 +594,44 @@ fn train_fold(
 
 #[cfg(test)]
 mod tests {
+    /// The folder of finished folds sits beside the report and carries the run's fingerprint.
+    #[test]
+    fn the_state_folder_is_named_after_the_report_and_the_run() {
+        let run = crate::fingerprint::RunFingerprint::kfold(
+            &fracture_core::ModelCard::new(
+                fracture_core::Architecture::Cnn(fracture_core::models::cnn::CnnConfig::study()),
+                32,
+            ),
+            &crate::fit::FitConfig {
+                phases: Vec::new(),
+                batch_size: 1,
+                augmentation: crate::augment::Augmentation::NONE,
+                seed: 1,
+                feature_bank: 0,
+                weight_decay: 0.0,
+                label_smoothing: 0.0,
+                mixup: 0.0,
+                weight_average: 0.0,
+            },
+            3,
+            0.0,
+            &crate::dataset::Dataset {
+                root: "/d".into(),
+                layout: crate::dataset::Layout::ClassFolders,
+                classes: fracture_core::Classes::default(),
+                samples: Vec::new(),
+                group_names: Vec::new(),
+                has_patients: false,
+                skipped: Vec::new(),
+            },
+        );
+        assert_eq!(
+            super::state_dir(Some(std::path::Path::new("out/k.json")), &run),
+            std::path::PathBuf::from(format!("out/k.partial-{run}"))
+        );
+        assert!(super::state_dir(None, &run).ends_with(format!("fracture-kfold-{run}")));
+    }
+
     /// A resumed run reads finished folds back from JSON: their floats must
     /// come back bit for bit, or its report differs from an uninterrupted one.
     #[test]
