@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 use candle_core::{DType, Device, Tensor};
 use fracture_core::models::densenet::DenseNetConfig;
 use fracture_core::models::{Mode, Model};
+use fracture_core::testing::{max_abs, max_abs_diff};
 use fracture_core::weights::ModelFile;
 use fracture_core::Architecture;
 use fracture_train::import::{import_torchvision, Head, ImportError, Imported, SourceFormat};
@@ -18,21 +19,12 @@ use fracture_train::params::Params;
 use sha2::{Digest, Sha256};
 
 /// Agreement required on logits (f32 both sides, absolute).
-const TOLERANCE: f32 = 1e-4;
+const TOLERANCE: f64 = 1e-4;
 
 /// The same for feature maps, relative to their largest value: densenet121's
 /// reach ~70, where f32 rounding in a different summation order alone is ~1e-5.
-fn feature_tolerance(torch: &Tensor) -> f32 {
-    let scale = torch
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    TOLERANCE * scale.max(1.0)
+fn feature_tolerance(torch: &Tensor) -> f64 {
+    TOLERANCE * max_abs(torch).max(1.0)
 }
 
 fn fixtures() -> PathBuf {
@@ -50,20 +42,6 @@ fn import(path: &Path) -> Imported {
 
 fn torch_outputs(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).expect("io.safetensors loads")
-}
-
-fn max_abs_diff(ours: &Tensor, torch: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), torch.dims(), "shapes differ");
-    (ours - torch)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Inputs in io.safetensors: `input` and, for tiny, `input_67`.

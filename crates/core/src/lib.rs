@@ -14,6 +14,8 @@ pub mod models;
 pub mod ops;
 pub mod predict;
 pub mod preprocess;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tracked;
 pub mod weights;
 

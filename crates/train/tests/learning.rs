@@ -4,6 +4,7 @@
 
 use candle_core::Device;
 use fracture_core::models::{cnn::CnnConfig, densenet::DenseNetConfig};
+use fracture_core::testing::max_abs_diff;
 use fracture_core::{preprocess, Architecture, ModelCard};
 use fracture_train::augment::Augmentation;
 use fracture_train::fit::{self, Checkpoint, FitConfig, FitData, LrSchedule, Phase, Progressive, Scope, TrainSpec};
@@ -365,15 +366,7 @@ fn banked_head_phase_trains_like_running_the_frozen_base() {
     };
     assert_ne!(classifier(&plain_tensors), classifier(&start), "the head did not train");
     for (name, tensor) in &plain_tensors {
-        let diff = (tensor - &banked_tensors[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{name} differs");
+        assert!(max_abs_diff(tensor, &banked_tensors[name]) < 1e-5, "{name} differs");
     }
     for (a, b) in plain.history.epochs.iter().zip(&banked.history.epochs) {
         assert!((a.val_loss.unwrap() - b.val_loss.unwrap()).abs() < 1e-5);

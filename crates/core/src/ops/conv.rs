@@ -546,34 +546,13 @@ impl CustomOp2 for Conv2dWeightGrad {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
-    use rand::{Rng, SeedableRng};
+    pub(crate) use crate::testing::max_abs_diff;
+    use crate::testing::uniform;
+    use candle_core::{DType, Var};
 
     /// Uniform values in [-1, 1) from `seed`, as `dtype`.
     pub(crate) fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let data: Vec<f64> = (0..shape.iter().product::<usize>())
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        uniform(shape, seed, -1.0, 1.0).to_dtype(dtype).unwrap()
     }
 
     /// Ours against candle's reference convolution (and its autograd), in f64 so that

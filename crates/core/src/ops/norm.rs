@@ -371,28 +371,11 @@ impl candle_core::CustomOp2 for AffineGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
-    use rand::{Rng, SeedableRng};
+    use crate::testing::{max_abs_diff, uniform};
+    use candle_core::{Var, D};
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let data: Vec<f64> = (0..shape.iter().product::<usize>())
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        uniform(shape, seed, -1.0, 1.0)
     }
 
     /// Gradients of `sum(ours · probe)` and `sum(reference · probe)` with respect to

@@ -1,42 +1,6 @@
 use super::*;
-use candle_core::{DType, Device, Var};
-use rand::{Rng, SeedableRng};
-
-fn random(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Tensor {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let data: Vec<f64> = (0..shape.iter().product::<usize>())
-        .map(|_| rng.random_range(lo..hi))
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
+use crate::testing::{max_abs, max_abs_diff, uniform as random};
+use candle_core::{DType, Var};
 
 /// Random layers whose trainable tensors are variables; running statistics are
 /// plain tensors away from 0 and 1 so that inference mode is not the identity.
