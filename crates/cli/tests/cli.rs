@@ -3,23 +3,19 @@
 
 mod common;
 
-use common::{assert_exit, fracture, text};
+use common::{assert_exit, fracture, fracture_line, s, text};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn synth(dir: &Path, layout: &str, count: usize, size: u32) {
-    let out = fracture(&[
-        "synth",
-        "-o",
-        dir.to_str().unwrap(),
-        "--layout",
+    let out = fracture_line(&format!(
+        "synth -o {} --layout {} --count {} --size {}",
+        s(dir),
         layout,
-        "--count",
-        &count.to_string(),
-        "--size",
-        &size.to_string(),
-    ]);
+        count,
+        size
+    ));
     assert_exit(&out, 0);
 }
 
@@ -28,22 +24,11 @@ fn trained_model(dir: &Path) -> PathBuf {
     let data = dir.join("data");
     synth(&data, "classes", 30, 48);
     let model = dir.join("cnn.safetensors");
-    let out = fracture(&[
-        "train",
-        "-i",
-        data.to_str().unwrap(),
-        "--model",
-        "cnn",
-        "-o",
-        model.to_str().unwrap(),
-        "--epochs",
-        "2",
-        "--size",
-        "48",
-        "--batch",
-        "8",
-        "--quiet",
-    ]);
+    let out = fracture_line(&format!(
+        "train -i {} --model cnn -o {} --epochs 2 --size 48 --batch 8 --quiet",
+        s(&data),
+        s(&model)
+    ));
     assert_exit(&out, 0);
     model
 }
@@ -62,15 +47,7 @@ fn train_writes_model_card_history_and_curves_then_detect_reads_them() {
 
     // CSV: header and one row per image, probability in [0, 1], label from the class folders.
     let data = dir.path().join("data");
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        model.to_str().unwrap(),
-        "-i",
-        data.to_str().unwrap(),
-        "--format",
-        "csv",
-    ]);
+    let out = fracture(&["detect", "--weights", s(&model), "-i", s(&data), "--format", "csv"]);
     assert_exit(&out, 0);
     let stdout = text(&out.stdout);
     let mut lines = stdout.lines();
@@ -86,20 +63,12 @@ fn train_writes_model_card_history_and_curves_then_detect_reads_them() {
 
     // JSON and text agree with CSV on the same file.
     let one = rows[0][0];
-    let json = fracture(&[
-        "detect",
-        "--weights",
-        model.to_str().unwrap(),
-        "-i",
-        one,
-        "--format",
-        "json",
-    ]);
+    let json = fracture(&["detect", "--weights", s(&model), "-i", one, "--format", "json"]);
     assert_exit(&json, 0);
     let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let p_json = parsed[0]["probability"].as_f64().unwrap();
     assert!((p_json - rows[0][1].parse::<f64>().unwrap()).abs() < 1e-6);
-    let plain = fracture(&["detect", "--weights", model.to_str().unwrap(), "-i", one]);
+    let plain = fracture(&["detect", "--weights", s(&model), "-i", one]);
     assert_exit(&plain, 0);
     assert!(text(&plain.stdout).contains('%'));
 }
@@ -124,27 +93,13 @@ fn detect_skips_a_bad_file_in_a_directory_and_fails_on_a_named_one() {
     .unwrap();
     std::fs::write(mixed.join("broken.png"), b"\x89PNG but not really").unwrap();
 
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        model.to_str().unwrap(),
-        "-i",
-        mixed.to_str().unwrap(),
-        "--format",
-        "csv",
-    ]);
+    let out = fracture(&["detect", "--weights", s(&model), "-i", s(&mixed), "--format", "csv"]);
     assert_exit(&out, 0);
     assert!(text(&out.stderr).contains("broken.png"), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).lines().count(), 2, "header and the good image");
 
     let named = mixed.join("broken.png");
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        model.to_str().unwrap(),
-        "-i",
-        named.to_str().unwrap(),
-    ]);
+    let out = fracture(&["detect", "--weights", s(&model), "-i", s(&named)]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("broken.png"));
 }
@@ -169,13 +124,7 @@ fn wrong_weights_files_are_clear_errors() {
 
     let not_model = dir.path().join("notes.safetensors");
     std::fs::write(&not_model, b"this is text").unwrap();
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        not_model.to_str().unwrap(),
-        "-i",
-        image.to_str().unwrap(),
-    ]);
+    let out = fracture(&["detect", "--weights", s(&not_model), "-i", s(&image)]);
     assert_exit(&out, 1);
     let stderr = text(&out.stderr);
     assert!(
@@ -185,13 +134,7 @@ fn wrong_weights_files_are_clear_errors() {
     assert!(!stderr.contains("panicked"));
 
     let missing = dir.path().join("nope.safetensors");
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        missing.to_str().unwrap(),
-        "-i",
-        image.to_str().unwrap(),
-    ]);
+    let out = fracture(&["detect", "--weights", s(&missing), "-i", s(&image)]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("nope.safetensors"));
 }
@@ -201,18 +144,11 @@ fn dataset_errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let out_model = dir.path().join("m.safetensors");
     let train = |input: &Path| {
-        fracture(&[
-            "train",
-            "-i",
-            input.to_str().unwrap(),
-            "-o",
-            out_model.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--size",
-            "40",
-            "--quiet",
-        ])
+        fracture_line(&format!(
+            "train -i {} -o {} --epochs 1 --size 40 --quiet",
+            s(input),
+            s(&out_model)
+        ))
     };
 
     let empty = dir.path().join("empty");
@@ -267,7 +203,7 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     // The recipe both the folds and the weights are trained with, but for the size and epochs.
     let run = |command: &str, size: &str, epochs: &str, extra: &[&str]| {
-        let data = data.to_str().unwrap();
+        let data = s(&data);
         let mut args = vec![
             command,
             "-i",
@@ -351,10 +287,7 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("--tta none"), "{}", text(&out.stderr));
     // One source of held-out predictions, and at least one.
-    assert_exit(
-        &calibrate(&all, &["--out-of-fold", &report, "-i", data.to_str().unwrap()]),
-        2,
-    );
+    assert_exit(&calibrate(&all, &["--out-of-fold", &report, "-i", s(&data)]), 2);
     assert_exit(&calibrate(&all, &[]), 2);
 }
 
@@ -367,52 +300,22 @@ fn calibrate_then_detect_by_operating_point_and_by_study() {
     synth(&data, "mura", 30, 64);
     let dev = dir.path().join("dev.txt");
     assert_exit(
-        &fracture(&[
-            "split",
-            "-i",
-            data.to_str().unwrap(),
-            "--images",
-            "24",
-            "--seed",
-            "3",
-            "-o",
-            dev.to_str().unwrap(),
-        ]),
+        &fracture(&["split", "-i", s(&data), "--images", "24", "--seed", "3", "-o", s(&dev)]),
         0,
     );
     let (model, calibrated) = (
         dir.path().join("tiny.safetensors"),
         dir.path().join("calibrated.safetensors"),
     );
-    let out = fracture(&[
-        "train",
-        "-i",
-        data.to_str().unwrap(),
-        "--model",
-        "densenet-tiny",
-        "--val-patients",
-        dev.to_str().unwrap(),
-        "--size",
-        "48",
-        "--epochs",
-        "3",
-        "--lr",
-        "3e-3",
-        "-o",
-        model.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = fracture_line(&format!(
+        "train -i {} --model densenet-tiny --val-patients {} --size 48 --epochs 3 --lr 3e-3 -o {} --quiet",
+        s(&data),
+        s(&dev),
+        s(&model)
+    ));
     assert_exit(&out, 0);
     let detect = |weights: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "detect",
-            "--weights",
-            weights.to_str().unwrap(),
-            "-i",
-            data.to_str().unwrap(),
-            "--format",
-            "csv",
-        ];
+        let mut args = vec!["detect", "--weights", s(weights), "-i", s(&data), "--format", "csv"];
         args.extend_from_slice(extra);
         fracture(&args)
     };
@@ -421,18 +324,13 @@ fn calibrate_then_detect_by_operating_point_and_by_study() {
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("calibrate"), "{}", text(&out.stderr));
 
-    let out = fracture(&[
-        "calibrate",
-        "--weights",
-        model.to_str().unwrap(),
-        "-i",
-        data.to_str().unwrap(),
-        "--patients",
-        dev.to_str().unwrap(),
-        "-o",
-        calibrated.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = fracture_line(&format!(
+        "calibrate --weights {} -i {} --patients {} -o {} --quiet",
+        s(&model),
+        s(&data),
+        s(&dev),
+        s(&calibrated)
+    ));
     assert_exit(&out, 0);
     assert!(
         text(&out.stdout).contains("temperature") && text(&out.stdout).contains("sensitive"),
@@ -440,8 +338,7 @@ fn calibrate_then_detect_by_operating_point_and_by_study() {
         text(&out.stdout)
     );
     assert!(dir.path().join("calibrated.reliability.svg").is_file());
-    let card: serde_json::Value =
-        serde_json::from_slice(&fracture(&["card", calibrated.to_str().unwrap()]).stdout).unwrap();
+    let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", s(&calibrated)]).stdout).unwrap();
     assert_eq!(card["tta"], serde_json::json!(["identity", "horizontal_flip"]));
     let points = &card["operating_points"];
     assert_eq!(card["threshold"], points["balanced"]);
@@ -521,22 +418,11 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
     synth(&data, "mura", 12, 40);
     let report = dir.path().join("report.json");
     // `eval-w-kfold` is the study's name for the command.
-    let out = fracture(&[
-        "eval-w-kfold",
-        "-i",
-        data.to_str().unwrap(),
-        "--model",
-        "cnn",
-        "--folds",
-        "3",
-        "--epochs",
-        "1",
-        "--size",
-        "40",
-        "--report",
-        report.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = fracture_line(&format!(
+        "eval-w-kfold -i {} --model cnn --folds 3 --epochs 1 --size 40 --report {} --quiet",
+        s(&data),
+        s(&report)
+    ));
     assert_exit(&out, 0);
     let stdout = text(&out.stdout);
     assert!(
@@ -577,7 +463,7 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
     // `roc` overlays reports, each named in the legend.
     let svg = dir.path().join("both.svg");
     let named = format!("first run={}", report.display());
-    let out = fracture(&["roc", &named, report.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    let out = fracture(&["roc", &named, s(&report), "-o", s(&svg)]);
     assert_exit(&out, 0);
     let drawn = std::fs::read_to_string(&svg).unwrap();
     assert!(
@@ -585,7 +471,7 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
         "legend lacks a curve"
     );
     let not_a_report = dir.path().join("report.roc.svg");
-    let out = fracture(&["roc", not_a_report.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    let out = fracture(&["roc", s(&not_a_report), "-o", s(&svg)]);
     assert_exit(&out, 1);
     assert!(
         text(&out.stderr).contains("report.roc.svg is not a kfold report"),
@@ -596,20 +482,7 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
 
 #[test]
 fn bench_prints_throughput_and_memory() {
-    let out = fracture(&[
-        "bench",
-        "--model",
-        "densenet-tiny",
-        "--mode",
-        "train",
-        "--batch",
-        "2",
-        "--size",
-        "48",
-        "--reps",
-        "2",
-        "--json",
-    ]);
+    let out = fracture_line("bench --model densenet-tiny --mode train --batch 2 --size 48 --reps 2 --json");
     assert_exit(&out, 0);
     let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(parsed["images_per_second"].as_f64().unwrap() > 0.0);
@@ -631,32 +504,20 @@ fn detect_writes_heat_map_overlays_for_densenet_and_refuses_them_for_cnn() {
     let data = dir.path().join("data");
     synth(&data, "classes", 4, 48);
     let model = dir.path().join("tiny.safetensors");
-    let out = fracture(&[
-        "train",
-        "-i",
-        data.to_str().unwrap(),
-        "--model",
-        "densenet-tiny",
-        "-o",
-        model.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--size",
-        "48",
-        "--quiet",
-    ]);
+    let out = fracture_line(&format!(
+        "train -i {} --model densenet-tiny -o {} --epochs 1 --size 48 --quiet",
+        s(&data),
+        s(&model)
+    ));
     assert_exit(&out, 0);
     let heat = dir.path().join("heat");
     let fractures = data.join("Fracture");
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        model.to_str().unwrap(),
-        "-i",
-        fractures.to_str().unwrap(),
-        "--heatmap",
-        heat.to_str().unwrap(),
-    ]);
+    let out = fracture_line(&format!(
+        "detect --weights {} -i {} --heatmap {}",
+        s(&model),
+        s(&fractures),
+        s(&heat)
+    ));
     assert_exit(&out, 0);
     let written: Vec<_> = std::fs::read_dir(&heat)
         .unwrap()
@@ -668,15 +529,7 @@ fn detect_writes_heat_map_overlays_for_densenet_and_refuses_them_for_cnn() {
     assert_eq!((overlay.width(), overlay.height()), (48, 48));
     // The heat map's single-image pass must give the batched pass's probabilities.
     let csv = |extra: &[&str]| {
-        let mut args = vec![
-            "detect",
-            "--weights",
-            model.to_str().unwrap(),
-            "-i",
-            fractures.to_str().unwrap(),
-            "--format",
-            "csv",
-        ];
+        let mut args = vec!["detect", "--weights", s(&model), "-i", s(&fractures), "--format", "csv"];
         args.extend_from_slice(extra);
         let out = fracture(&args);
         assert_exit(&out, 0);
@@ -689,7 +542,7 @@ fn detect_writes_heat_map_overlays_for_densenet_and_refuses_them_for_cnn() {
             })
             .collect::<Vec<_>>()
     };
-    let (batched, single) = (csv(&[]), csv(&["--heatmap", heat.to_str().unwrap()]));
+    let (batched, single) = (csv(&[]), csv(&["--heatmap", s(&heat)]));
     assert_eq!(batched.len(), 4);
     for ((path_b, p_b), (path_s, p_s)) in batched.iter().zip(&single) {
         assert_eq!(path_b, path_s);
@@ -700,15 +553,12 @@ fn detect_writes_heat_map_overlays_for_densenet_and_refuses_them_for_cnn() {
     }
 
     let cnn = trained_model(dir.path());
-    let out = fracture(&[
-        "detect",
-        "--weights",
-        cnn.to_str().unwrap(),
-        "-i",
-        fractures.to_str().unwrap(),
-        "--heatmap",
-        heat.to_str().unwrap(),
-    ]);
+    let out = fracture_line(&format!(
+        "detect --weights {} -i {} --heatmap {}",
+        s(&cnn),
+        s(&fractures),
+        s(&heat)
+    ));
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("DenseNet"));
 }
@@ -789,17 +639,7 @@ mod dicom {
     fn a_dicom_dataset_trains_and_detects_and_unsupported_syntaxes_are_named() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let data = dir.path().join("data");
-        let out = fracture(&[
-            "synth",
-            "-o",
-            path(&data),
-            "--count",
-            "6",
-            "--size",
-            "48",
-            "--format",
-            "dcm",
-        ]);
+        let out = fracture_line(&format!("synth -o {} --count 6 --size 48 --format dcm", path(&data)));
         assert_exit(&out, 0);
         for class in ["Fracture", "Normal"] {
             let names: Vec<String> = std::fs::read_dir(data.join(class))
@@ -813,20 +653,11 @@ mod dicom {
         // A file the decoder cannot read is skipped by training, with the reason.
         write_jpeg2000_dicom(&data.join("Normal").join("jpeg2000.dcm"));
         let model = dir.path().join("cnn.safetensors");
-        let out = fracture(&[
-            "train",
-            "-i",
+        let out = fracture_line(&format!(
+            "train -i {} --model cnn -o {} --epochs 1 --size 48 --quiet",
             path(&data),
-            "--model",
-            "cnn",
-            "-o",
-            path(&model),
-            "--epochs",
-            "1",
-            "--size",
-            "48",
-            "--quiet",
-        ]);
+            path(&model)
+        ));
         assert_exit(&out, 0);
         let report = text(&out.stdout) + &text(&out.stderr);
         assert!(
@@ -881,19 +712,9 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mura");
     synth(&data, "mura", 30, 32);
-    let data = data.to_str().unwrap();
+    let data = s(&data);
     let list = dir.path().join("held-out.txt");
-    let out = fracture(&[
-        "split",
-        "-i",
-        data,
-        "--images",
-        "10",
-        "--seed",
-        "3",
-        "-o",
-        list.to_str().unwrap(),
-    ]);
+    let out = fracture(&["split", "-i", data, "--images", "10", "--seed", "3", "-o", s(&list)]);
     assert_exit(&out, 0);
     let listed: Vec<String> = std::fs::read_to_string(&list)
         .unwrap()
@@ -918,7 +739,7 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
 
     let images_in = |filter: &[&str]| {
         let other = dir.path().join("x.txt");
-        let mut args = vec!["split", "-i", data, "--images", "1", "-o", other.to_str().unwrap()];
+        let mut args = vec!["split", "-i", data, "--images", "1", "-o", s(&other)];
         args.extend_from_slice(filter);
         let out = fracture(&args);
         assert_exit(&out, 0);
@@ -930,7 +751,7 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
             .map(|l| l.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap())
             .sum::<usize>()
     };
-    let list_arg = list.to_str().unwrap();
+    let list_arg = s(&list);
     let (kept, left) = (
         images_in(&["--patients", list_arg]),
         images_in(&["--exclude-patients", list_arg]),
@@ -947,7 +768,7 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
         "-i",
         data,
         "--patients",
-        bad.to_str().unwrap(),
+        s(&bad),
         "-o",
         dir.path().join("m.safetensors").to_str().unwrap(),
     ]);
@@ -958,15 +779,7 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
         "{stderr}"
     );
 
-    let out = fracture(&[
-        "split",
-        "-i",
-        data,
-        "--images",
-        &all.to_string(),
-        "-o",
-        list.to_str().unwrap(),
-    ]);
+    let out = fracture(&["split", "-i", data, "--images", &all.to_string(), "-o", s(&list)]);
     assert_exit(&out, 1);
 }
 
@@ -976,7 +789,7 @@ fn split_writes_patients_that_the_data_filters_keep_or_drop() {
 fn card_prints_and_updates_what_a_model_says_about_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let model = trained_model(dir.path());
-    let model_arg = model.to_str().unwrap();
+    let model_arg = s(&model);
     let detect = || {
         text(
             &fracture(&[
@@ -1038,7 +851,7 @@ fn card_prints_and_updates_what_a_model_says_about_its_data() {
 
     let not_a_model = dir.path().join("notes.safetensors");
     std::fs::write(&not_a_model, "hello").unwrap();
-    let out = fracture(&["card", not_a_model.to_str().unwrap()]);
+    let out = fracture(&["card", s(&not_a_model)]);
     assert_exit(&out, 1);
     assert!(text(&out.stderr).contains("notes.safetensors"));
 

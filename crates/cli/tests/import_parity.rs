@@ -4,11 +4,13 @@
 //! The full densenet121 check needs fixtures made with `--full DIR` (not
 //! committed): `FRACTURE_PARITY_DIR=DIR cargo test -p fracture-cli --test import_parity -- --ignored`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
+use common::{assert_exit, fracture, s};
 use fracture_core::models::densenet::DenseNetConfig;
 use fracture_core::models::{Mode, Model};
 use fracture_core::testing::{max_abs, max_abs_diff};
@@ -312,29 +314,12 @@ fn other_files_are_rejected_with_reasons() {
     ));
 }
 
-fn fracture(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fracture"))
-        .args(args)
-        .output()
-        .expect("the fracture binary runs")
-}
-
-fn assert_exit(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "expected exit {code}\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 #[test]
 fn cli_import_writes_a_loadable_model_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("imported.safetensors");
     let from = fixtures().join("tiny_legacy.pth");
-    let run = fracture(&["import", "--from", from.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let run = fracture(&["import", "--from", s(&from), "-o", s(&out)]);
     assert_exit(&run, 0);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
@@ -349,7 +334,7 @@ fn cli_import_writes_a_loadable_model_file() {
     // A file that is not weights: exit 1, and the message names it.
     let bad = dir.path().join("notes.pth");
     std::fs::write(&bad, b"not a checkpoint").unwrap();
-    let run = fracture(&["import", "--from", bad.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let run = fracture(&["import", "--from", s(&bad), "-o", s(&out)]);
     assert_exit(&run, 1);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(
@@ -357,18 +342,12 @@ fn cli_import_writes_a_loadable_model_file() {
         "{stderr}"
     );
     let missing = dir.path().join("missing.pth");
-    let run = fracture(&[
-        "import",
-        "--from",
-        missing.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let run = fracture(&["import", "--from", s(&missing), "-o", s(&out)]);
     assert_exit(&run, 1);
     assert!(String::from_utf8_lossy(&run.stderr).contains("missing.pth"));
 
     // A bad command line.
-    assert_exit(&fracture(&["import", "--from", from.to_str().unwrap()]), 2);
+    assert_exit(&fracture(&["import", "--from", s(&from)]), 2);
 }
 
 #[test]
@@ -376,32 +355,23 @@ fn cli_train_starts_from_a_headless_import() {
     let dir = tempfile::tempdir().unwrap();
     let imported = dir.path().join("backbone.safetensors");
     let from = fixtures().join("tiny_imagenet_head.pth");
-    let run = fracture(&[
-        "import",
-        "--from",
-        from.to_str().unwrap(),
-        "-o",
-        imported.to_str().unwrap(),
-    ]);
+    let run = fracture(&["import", "--from", s(&from), "-o", s(&imported)]);
     assert_exit(&run, 0);
     assert!(String::from_utf8_lossy(&run.stdout).contains("10-output classifier dropped"));
 
     let data = dir.path().join("data");
-    assert_exit(
-        &fracture(&["synth", "-o", data.to_str().unwrap(), "--count", "6", "--size", "48"]),
-        0,
-    );
+    assert_exit(&fracture(&["synth", "-o", s(&data), "--count", "6", "--size", "48"]), 0);
     let model = dir.path().join("model.safetensors");
     let run = fracture(&[
         "train",
         "-i",
-        data.to_str().unwrap(),
+        s(&data),
         "--model",
         "densenet121",
         "--init",
-        imported.to_str().unwrap(),
+        s(&imported),
         "-o",
-        model.to_str().unwrap(),
+        s(&model),
         "--epochs",
         "1",
         "--fine-tune-epochs",

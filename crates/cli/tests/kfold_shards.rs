@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_exit, fracture, text};
+use common::{assert_exit, fracture, s, text};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +12,7 @@ fn synth_mura(dir: &Path, patients: usize) {
     let out = fracture(&[
         "synth",
         "-o",
-        dir.to_str().unwrap(),
+        s(dir),
         "--layout",
         "mura",
         "--count",
@@ -29,7 +29,7 @@ fn kfold_args(data: &Path, seed: &str) -> Vec<String> {
     [
         "kfold",
         "-i",
-        data.to_str().unwrap(),
+        s(data),
         "--model",
         "densenet-tiny",
         "--size",
@@ -86,7 +86,7 @@ fn three_fold_shards_run_at_once_merge_into_the_unsharded_report() {
     let str_args: Vec<&str> = args.iter().map(String::as_str).collect();
 
     let whole = dir.path().join("whole.json");
-    let out = fracture(&[str_args.as_slice(), &["--report", whole.to_str().unwrap()]].concat());
+    let out = fracture(&[str_args.as_slice(), &["--report", s(&whole)]].concat());
     assert_exit(&out, 0);
 
     let shard = |i: usize| dir.path().join(format!("shard{i}.json"));
@@ -121,7 +121,7 @@ fn three_fold_shards_run_at_once_merge_into_the_unsharded_report() {
         shard(1).to_str().unwrap(),
         shard(2).to_str().unwrap(),
         "--report",
-        merged.to_str().unwrap(),
+        s(&merged),
     ]);
     assert_exit(&out, 0);
     assert!(text(&out.stdout).contains("Pooled ROC AUC"), "{}", text(&out.stdout));
@@ -141,8 +141,8 @@ fn check_bad_shard_sets(dir: &Path, data: &Path, shard: &dyn Fn(usize) -> PathBu
     let merge = |shards: &[&Path]| {
         let out_path = dir.join("bad.json");
         let mut args = vec!["kfold", "merge"];
-        args.extend(shards.iter().map(|p| p.to_str().unwrap()));
-        args.extend(["--report", out_path.to_str().unwrap()]);
+        args.extend(shards.iter().map(|p| s(p)));
+        args.extend(["--report", s(&out_path)]);
         let out = fracture(&args);
         assert_exit(&out, 1);
         assert!(!out_path.exists(), "a failed merge wrote a report");
@@ -163,7 +163,7 @@ fn check_bad_shard_sets(dir: &Path, data: &Path, shard: &dyn Fn(usize) -> PathBu
     let args = kfold_args(data, "7");
     let other_seed = dir.join("seed7-fold3.json");
     let mut command: Vec<&str> = args.iter().map(String::as_str).collect();
-    command.extend(["--fold", "3", "--report", other_seed.to_str().unwrap()]);
+    command.extend(["--fold", "3", "--report", s(&other_seed)]);
     assert_exit(&fracture(&command), 0);
     let foreign = merge(&[&one, &two, &other_seed]);
     assert!(
@@ -177,7 +177,7 @@ fn check_bad_shard_sets(dir: &Path, data: &Path, shard: &dyn Fn(usize) -> PathBu
     let args = kfold_args(&other_data, "42");
     let other_set = dir.join("other-fold1.json");
     let mut command: Vec<&str> = args.iter().map(String::as_str).collect();
-    command.extend(["--fold", "1", "--report", other_set.to_str().unwrap()]);
+    command.extend(["--fold", "1", "--report", s(&other_set)]);
     assert_exit(&fracture(&command), 0);
     let foreign = merge(&[&other_set, &two, &three]);
     assert!(

@@ -147,25 +147,11 @@ mod tests {
     use crate::card::{Architecture, TtaView};
     use crate::models::densenet::DenseNetConfig;
     use crate::weights::StorageDType;
-    use candle_nn::{VarBuilder, VarMap};
     use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb};
 
     fn tiny_predictor() -> Predictor {
         let card = ModelCard::new(Architecture::Densenet(DenseNetConfig::tiny()), 48);
-        let varmap = VarMap::new();
-        Model::new(
-            &card.architecture,
-            48,
-            VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu),
-        )
-        .unwrap();
-        let tensors = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let tensors = crate::testing::random_weights(&card);
         let bytes = ModelFile::to_bytes(&card, &tensors, StorageDType::F32).unwrap();
         Predictor::from_bytes(&bytes, &Device::Cpu).unwrap()
     }

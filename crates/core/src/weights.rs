@@ -160,24 +160,10 @@ mod tests {
     use crate::models::cnn::CnnConfig;
     use crate::models::densenet::DenseNetConfig;
     use crate::models::Mode;
-    use candle_nn::{VarBuilder, VarMap};
 
     fn fresh(arch: Architecture, size: usize) -> (ModelCard, HashMap<String, Tensor>) {
         let card = ModelCard::new(arch, size);
-        let varmap = VarMap::new();
-        Model::new(
-            &card.architecture,
-            size,
-            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-        )
-        .unwrap();
-        let tensors = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let tensors = crate::testing::random_weights(&card);
         (card, tensors)
     }
 
