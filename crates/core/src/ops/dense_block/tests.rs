@@ -181,23 +181,11 @@ fn reports_the_batch_statistics_it_normalised_with() {
     let stats = stats.unwrap();
     // Layer 2 reads the input and layer 1's channels; norm2 sees its own bottleneck.
     let input = out.narrow(1, 0, 5).unwrap();
-    let mean: Vec<f64> = input
-        .mean_keepdim((0, 2, 3))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let centred = input.broadcast_sub(&input.mean_keepdim((0, 2, 3)).unwrap()).unwrap();
-    let var: Vec<f64> = centred
-        .sqr()
-        .unwrap()
-        .mean_keepdim((0, 2, 3))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let channel_means = |t: &Tensor| t.mean_keepdim((0, 2, 3)).unwrap();
+    let as_vec = |t: Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let mean = as_vec(channel_means(&input));
+    let centred = input.broadcast_sub(&channel_means(&input)).unwrap();
+    let var = as_vec(channel_means(&centred.sqr().unwrap()));
     for c in 0..5 {
         assert!((stats[1].mean1[c] - mean[c]).abs() < 1e-12 && (stats[1].var1[c] - var[c]).abs() < 1e-12);
     }
