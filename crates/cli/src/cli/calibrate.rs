@@ -20,6 +20,11 @@ pub(super) fn calibrate(args: CalibrateArgs) -> Result<()> {
     let bytes = files::read_regular_file(&args.weights, files::MAX_INPUT_BYTES).context("--weights")?;
     let file =
         ModelFile::from_bytes(&bytes, &device).with_context(|| format!("--weights {}", args.weights.display()))?;
+    // Built even when the predictions come from a report: weights that do not
+    // make their architecture are refused before a card is written for them.
+    let model = file
+        .build_model(&device)
+        .with_context(|| format!("--weights {}", args.weights.display()))?;
     let mut card = file.card.clone();
     let (held_out, views, entry) = match (&args.out_of_fold, &args.data) {
         (Some(report_path), _) => {
@@ -52,9 +57,6 @@ pub(super) fn calibrate(args: CalibrateArgs) -> Result<()> {
                 TtaArg::Flip => vec![TtaView::Identity, TtaView::HorizontalFlip],
                 TtaArg::None => vec![TtaView::Identity],
             };
-            let model = file
-                .build_model(&device)
-                .with_context(|| format!("--weights {}", args.weights.display()))?;
             (
                 development_predictions(&model, &card, data, &views, args.quiet)?,
                 views,
