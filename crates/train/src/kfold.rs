@@ -147,6 +147,87 @@ impl KfoldReport {
             "images"
         }
     }
+
+    /// The out-of-fold predictions as held-out predictions to calibrate on.
+    /// The folds predicted each image once, without test-time views and at
+    /// temperature 1, so its logit is the logit of its probability.
+    pub fn held_out(&self, described_as: &str) -> HeldOut {
+        let logit = |p: f64| {
+            // A probability that rounded to 0 or 1 keeps a large finite logit.
+            let p = p.clamp(1e-12, 1.0 - 1e-12);
+            (p / (1.0 - p)).ln()
+        };
+        HeldOut {
+            view_logits: self.predictions.iter().map(|p| vec![logit(p.probability)]).collect(),
+            labels: self.predictions.iter().map(|p| p.positive).collect(),
+            groups: self.grouped_by_patient.then(|| group_indices(&self.predictions)),
+            study_keys: study_keys(&self.predictions),
+            chosen_on: format!(
+                "{} out-of-fold predictions{} of a {}-fold run ({described_as})",
+                self.predictions.len(),
+                self.dataset
+                    .patients
+                    .filter(|_| self.grouped_by_patient)
+                    .map(|p| format!(" ({p} patients)"))
+                    .unwrap_or_default(),
+                self.folds
+            ),
+        }
+    }
+
+    /// The first way the weights behind `card` were trained differently from
+    /// this run's folds (model, input size, data, schedule), in words; `None`
+    /// when the card's training is this run's recipe on this run's images, so
+    /// that operating points chosen on its out-of-fold predictions belong to
+    /// them. The seed may differ: it changes one draw, not the recipe.
+    pub fn recipe_difference(&self, card: &ModelCard) -> Option<String> {
+        let model = card.architecture.display_name();
+        if model != self.model {
+            return Some(format!(
+                "the weights are a {model}, the k-fold run trained a {}",
+                self.model
+            ));
+        }
+        let Some(size) = self.input_size else {
+            return Some(
+                "the report does not record its input size (it was written by an older fracture): \
+                 run its kfold command again, which reassembles the report from the saved folds"
+                    .into(),
+            );
+        };
+        if size != card.input_size() {
+            return Some(format!(
+                "the weights take {} px, the k-fold run trained at {size} px",
+                card.input_size()
+            ));
+        }
+        let Some(training) = &card.training else {
+            return Some("the weights' card does not say how they were trained".into());
+        };
+        let counts = |t: &fracture_core::card::TrainingSummary| (t.images, t.positives, t.negatives, t.patients);
+        if counts(training) != counts(&self.dataset) {
+            return Some(format!(
+                "the weights were trained on {} images ({} abnormal, {} normal), the k-fold run's data set has {} ({} abnormal, {} normal)",
+                training.images, training.positives, training.negatives,
+                self.dataset.images, self.dataset.positives, self.dataset.negatives
+            ));
+        }
+        let without_seed = |value: &serde_json::Value| {
+            let mut value = value.clone();
+            if let Some(map) = value.as_object_mut() {
+                map.remove("seed");
+            }
+            value
+        };
+        let folds = serde_json::to_value(&self.config).unwrap_or_default();
+        (without_seed(&training.schedule) != without_seed(&folds)).then(|| {
+            format!(
+                "the weights were trained with another schedule: {} against the folds' {}",
+                without_seed(&training.schedule),
+                without_seed(&folds)
+            )
+        })
+    }
 }
 
 /// What makes fold results parts of one run: shards merge only when all of
@@ -383,10 +464,7 @@ pub fn assemble(run: &RunIdentity, shards: Vec<FoldShard>, seconds: f64) -> Kfol
     let group_ids = group_indices(&predictions);
     let groups = run.grouped_by_patient.then_some(group_ids.as_slice());
     let pooled = BinaryMetrics::compute(&scores, &truth, groups, run.threshold, run.seed);
-    let study_keys: Vec<String> = predictions
-        .iter()
-        .map(|p| crate::study::mura_study(std::path::Path::new(&p.path)).unwrap_or_else(|| p.path.clone()))
-        .collect();
+    let study_keys = study_keys(&predictions);
     let study_level = crate::calibration::study_metrics(&study_keys, &scores, &truth, groups, run.threshold, run.seed);
     let calibration = crate::calibration::CalibrationFigures::of(&scores, &truth);
     let (mean_loss, std_loss) = mean_std(&results.iter().map(|r| r.loss).collect::<Vec<_>>());
@@ -413,91 +491,12 @@ pub fn assemble(run: &RunIdentity, shards: Vec<FoldShard>, seconds: f64) -> Kfol
     }
 }
 
-impl KfoldReport {
-    /// The out-of-fold predictions as held-out predictions to calibrate on.
-    /// The folds predicted each image once, without test-time views and at
-    /// temperature 1, so its logit is the logit of its probability.
-    pub fn held_out(&self, described_as: &str) -> HeldOut {
-        let logit = |p: f64| {
-            // A probability that rounded to 0 or 1 keeps a large finite logit.
-            let p = p.clamp(1e-12, 1.0 - 1e-12);
-            (p / (1.0 - p)).ln()
-        };
-        HeldOut {
-            view_logits: self.predictions.iter().map(|p| vec![logit(p.probability)]).collect(),
-            labels: self.predictions.iter().map(|p| p.positive).collect(),
-            groups: self.grouped_by_patient.then(|| group_indices(&self.predictions)),
-            study_keys: self
-                .predictions
-                .iter()
-                .map(|p| crate::study::mura_study(Path::new(&p.path)).unwrap_or_else(|| p.path.clone()))
-                .collect(),
-            chosen_on: format!(
-                "{} out-of-fold predictions{} of a {}-fold run ({described_as})",
-                self.predictions.len(),
-                self.dataset
-                    .patients
-                    .filter(|_| self.grouped_by_patient)
-                    .map(|p| format!(" ({p} patients)"))
-                    .unwrap_or_default(),
-                self.folds
-            ),
-        }
-    }
-
-    /// The first way the weights behind `card` were trained differently from
-    /// this run's folds (model, input size, data, schedule), in words; `None`
-    /// when the card's training is this run's recipe on this run's images, so
-    /// that operating points chosen on its out-of-fold predictions belong to
-    /// them. The seed may differ: it changes one draw, not the recipe.
-    pub fn recipe_difference(&self, card: &ModelCard) -> Option<String> {
-        let model = card.architecture.display_name();
-        if model != self.model {
-            return Some(format!(
-                "the weights are a {model}, the k-fold run trained a {}",
-                self.model
-            ));
-        }
-        let Some(size) = self.input_size else {
-            return Some(
-                "the report does not record its input size (it was written by an older fracture): \
-                 run its kfold command again, which reassembles the report from the saved folds"
-                    .into(),
-            );
-        };
-        if size != card.input_size() {
-            return Some(format!(
-                "the weights take {} px, the k-fold run trained at {size} px",
-                card.input_size()
-            ));
-        }
-        let Some(training) = &card.training else {
-            return Some("the weights' card does not say how they were trained".into());
-        };
-        let counts = |t: &fracture_core::card::TrainingSummary| (t.images, t.positives, t.negatives, t.patients);
-        if counts(training) != counts(&self.dataset) {
-            return Some(format!(
-                "the weights were trained on {} images ({} abnormal, {} normal), the k-fold run's data set has {} ({} abnormal, {} normal)",
-                training.images, training.positives, training.negatives,
-                self.dataset.images, self.dataset.positives, self.dataset.negatives
-            ));
-        }
-        let without_seed = |value: &serde_json::Value| {
-            let mut value = value.clone();
-            if let Some(map) = value.as_object_mut() {
-                map.remove("seed");
-            }
-            value
-        };
-        let folds = serde_json::to_value(&self.config).unwrap_or_default();
-        (without_seed(&training.schedule) != without_seed(&folds)).then(|| {
-            format!(
-                "the weights were trained with another schedule: {} against the folds' {}",
-                without_seed(&training.schedule),
-                without_seed(&folds)
-            )
-        })
-    }
+/// Each prediction's study: its MURA study folder, else the image itself.
+fn study_keys(predictions: &[OutOfFold]) -> Vec<String> {
+    predictions
+        .iter()
+        .map(|p| crate::study::mura_study(Path::new(&p.path)).unwrap_or_else(|| p.path.clone()))
+        .collect()
 }
 
 fn group_indices(predictions: &[OutOfFold]) -> Vec<usize> {
