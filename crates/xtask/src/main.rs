@@ -5,8 +5,8 @@
 
 mod models;
 mod serve;
-mod threads;
 mod tools;
+mod wasm_builds;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -128,7 +128,7 @@ fn site_hook() -> Result<(), String> {
         .ok_or("site-hook runs as trunk's post-build hook (TRUNK_STAGING_DIR is not set): use `cargo xtask site`")?;
     let staging = Path::new(&staging);
     models::write_hashes(staging)?;
-    threads::build_into(staging)
+    wasm_builds::build_into(staging)
 }
 
 fn serve_site(args: &[String]) -> Result<(), String> {
