@@ -71,6 +71,14 @@ async function reloadUnderIsolation(registration, threads) {
   return true;
 }
 
+// `?simd=simd128` forces the plain SIMD builds; otherwise the worker loads the
+// relaxed-SIMD ones (fused multiply-add) wherever the browser validates them.
+function requestedSimd() {
+  return new URLSearchParams(location.search).get('simd') === 'simd128' ? 'simd128' : 'auto';
+}
+
+const SIMD_NOTES = { relaxed: 'fused multiply-add (relaxed SIMD)', simd128: 'SIMD128' };
+
 function whySingleThread(threads, forced) {
   if (threads === 1) return forced ? 'one thread, as ?threads=1 asks' : 'one thread: the browser reports one core';
   if (!self.crossOriginIsolated || typeof SharedArrayBuffer === 'undefined') {
@@ -85,29 +93,31 @@ function startWorker(threads) {
   pending.clear();
   worker = new Worker('./worker.js', { type: 'module' });
   worker.onmessage = onWorkerMessage;
-  return call('start', null, { threads });
+  return call('start', null, { threads, simd: requestedSimd() });
 }
 
 // Starts the threaded detector where the page allows it, else (or if it fails) the
-// single-thread one; the status line says which and why.
+// single-thread one; the status line says which and why. Resolves to the worker's
+// 'started' message: the threads and the SIMD the detector uses.
 async function startDetector() {
   const { threads, forced } = requestedThreads();
   const reason = whySingleThread(threads, forced);
+  let started = null;
   if (reason === null) {
     try {
       // A pool worker that never reports (a browser bug, a blocked script) must not stall the page.
       const timeout = new Promise((_, reject) => setTimeout(() => reject(new Error('no answer in 30 s')), 30_000));
-      const started = await Promise.race([startWorker(threads), timeout]);
+      started = await Promise.race([startWorker(threads), timeout]);
       threadNote = `${started.threads} threads`;
-      return started.threads;
     } catch (error) {
       threadNote = `one thread: the threaded build failed (${error.message})`;
     }
   } else {
     threadNote = reason;
   }
-  const started = await startWorker(1);
-  return started.threads;
+  started ??= await startWorker(1);
+  threadNote += `, ${SIMD_NOTES[started.simd]}`;
+  return started;
 }
 
 function setStatus(text, isError = false) {
@@ -488,7 +498,9 @@ async function main() {
   if (await reloadUnderIsolation(registration, requestedThreads().threads)) return;
   if (self.crossOriginIsolated) sessionStorage.removeItem(ISOLATION_RELOAD);
   try {
-    document.body.dataset.threads = String(await startDetector());
+    const started = await startDetector();
+    document.body.dataset.threads = String(started.threads);
+    document.body.dataset.simd = started.simd;
   } catch (error) {
     setStatus(`Cannot start the detector: ${error.message}`, true);
     return;

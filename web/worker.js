@@ -1,12 +1,14 @@
 // Runs the model off the main thread, so the page never freezes.
-// Messages in: {type: 'start', id, threads}, then {type: 'load', id, bytes}, {type: 'detect', id, bytes}
+// Messages in: {type: 'start', id, threads, simd}, then {type: 'load', id, bytes}, {type: 'detect', id, bytes}
 // and {type: 'view', id, bytes, heatmap}.
-// Messages out: {type: 'started', id, threads}, {type: 'loaded', id, card},
+// Messages out: {type: 'started', id, threads, simd}, {type: 'loaded', id, card},
 // {type: 'result', id, result, ms}, {type: 'view', id, view}, {type: 'error', id, message}.
 //
-// 'start' picks the build: with threads > 1 the one with atomics (threads/, which needs
-// a cross-origin isolated page), whose rayon pool runs on pool-worker.js workers that
-// share this worker's wasm memory; otherwise the single-thread build.
+// 'start' picks the build: with threads > 1 one with atomics (threads/ or threads-relaxed/,
+// which need a cross-origin isolated page), whose rayon pool runs on pool-worker.js workers
+// that share this worker's wasm memory; otherwise a single-thread build (the site root or
+// relaxed/). The relaxed-SIMD builds (products on fused multiply-add) load where the probe
+// below validates and `simd` is not 'simd128'; 'started' says which ran.
 
 let wasm = null;
 let detector = null;
@@ -28,9 +30,31 @@ function startPoolWorker(module, memory, receiver) {
   });
 }
 
-async function start(threads) {
+// The smallest module with a relaxed-SIMD instruction: one function that returns
+// f32x4.relaxed_madd of three zero vectors. Browsers without relaxed SIMD fail to
+// validate it, as they would the relaxed builds.
+const V128_ZERO = [0xfd, 0x0c, ...new Array(16).fill(0)];
+const PROBE_BODY = [0, ...V128_ZERO, ...V128_ZERO, ...V128_ZERO, 0xfd, 0x85, 0x02, 0x0b];
+const RELAXED_SIMD_PROBE = new Uint8Array([
+  0x00, 0x61, 0x73, 0x6d, 1, 0, 0, 0, // magic, version
+  1, 5, 1, 0x60, 0, 1, 0x7b, // types: () -> v128
+  3, 2, 1, 0, // one function of type 0
+  10, PROBE_BODY.length + 2, 1, PROBE_BODY.length, ...PROBE_BODY, // its code
+]);
+
+function relaxedSimd(simd) {
+  if (simd === 'simd128') return false;
+  try {
+    return WebAssembly.validate(RELAXED_SIMD_PROBE);
+  } catch {
+    return false;
+  }
+}
+
+async function start(threads, simd) {
+  const relaxed = relaxedSimd(simd);
   if (threads > 1) {
-    wasm = await import('./threads/fracture-web.js');
+    wasm = await import(relaxed ? './threads-relaxed/fracture-web.js' : './threads/fracture-web.js');
     await wasm.default();
     pool = new wasm.ThreadPool(threads);
     const module = wasm.sharedModule();
@@ -38,10 +62,10 @@ async function start(threads) {
     await Promise.all(Array.from({ length: threads }, () => startPoolWorker(module, memory, pool.receiver())));
     pool.build();
   } else {
-    wasm = await import('./fracture-web.js');
+    wasm = await import(relaxed ? './relaxed/fracture-web.js' : './fracture-web.js');
     await wasm.default();
   }
-  return wasm.threads();
+  return { threads: wasm.threads(), simd: relaxed ? 'relaxed' : 'simd128' };
 }
 
 self.onmessage = async (event) => {
@@ -49,7 +73,7 @@ self.onmessage = async (event) => {
   try {
     if (type === 'start') {
       if (wasm) throw new Error('the detector has already started');
-      self.postMessage({ type: 'started', id, threads: await start(event.data.threads) });
+      self.postMessage({ type: 'started', id, ...(await start(event.data.threads, event.data.simd)) });
     } else if (!wasm) {
       throw new Error('the detector has not started');
     } else if (type === 'load') {

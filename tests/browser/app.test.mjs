@@ -292,15 +292,25 @@ function assertAgreesWithNative(browserProbabilities, what) {
   }
 }
 
-test("the browser's probability equals native `fracture detect` to 1e-4, threaded and on one thread", async () => {
-  for (const threads of [2, 1]) {
-    const { context, page, consoleErrors } = await openApp(`${BASE_URL}?threads=${threads}`);
-    assert.equal(await page.evaluate(() => document.body.dataset.threads), String(threads));
-    await upload(page, images);
-    await waitForCards(page, images.length);
-    assertAgreesWithNative(await pageProbabilities(page), `${threads} thread(s)`);
-    assert.deepEqual(consoleErrors, []);
-    await context.close();
+test("the browser's probability equals native `fracture detect` to 1e-4, threaded and on one thread, with relaxed SIMD and without", async () => {
+  // Chromium validates relaxed SIMD, so by default it gets the builds whose products
+  // use fused multiply-add; `?simd=simd128` forces the plain ones (what Safari gets).
+  for (const [simd, expected] of [['', 'relaxed'], ['&simd=simd128', 'simd128']]) {
+    for (const threads of [2, 1]) {
+      const { context, page, consoleErrors, requests } = await openApp(`${BASE_URL}?threads=${threads}${simd}`);
+      const what = `${threads} thread(s), ${expected}`;
+      assert.equal(await page.evaluate(() => document.body.dataset.threads), String(threads), what);
+      assert.equal(await page.evaluate(() => document.body.dataset.simd), expected, what);
+      const folder = { '2 relaxed': '/threads-relaxed/', '2 simd128': '/threads/', '1 relaxed': '/relaxed/', '1 simd128': '/' };
+      const build = `${folder[`${threads} ${expected}`]}fracture-web_bg.wasm`;
+      const wasm = requests.filter((url) => url.endsWith('fracture-web_bg.wasm')).map((url) => new URL(url).pathname);
+      assert.ok(wasm.length > 0 && wasm.every((p) => p === build), `${what}: expected ${build}, loaded ${wasm.join(', ')}`);
+      await upload(page, images);
+      await waitForCards(page, images.length);
+      assertAgreesWithNative(await pageProbabilities(page), what);
+      assert.deepEqual(consoleErrors, []);
+      await context.close();
+    }
   }
 });
 
@@ -308,7 +318,7 @@ test('on a host that sends no isolation headers, the service worker isolates the
   const { context, page, consoleErrors, navigations } = await openApp(`${BASE_URL}?threads=2`);
   assert.equal(await page.evaluate(() => self.crossOriginIsolated), true);
   assert.equal(await page.evaluate(() => document.body.dataset.threads), '2');
-  assert.match(await page.locator('[data-testid="model-status"]').textContent(), /· 2 threads$/);
+  assert.match(await page.locator('[data-testid="model-status"]').textContent(), /· 2 threads, fused multiply-add \(relaxed SIMD\)$/);
   // The first visit reloads once, when the service worker has taken over; never more.
   assert.equal(navigations.length, 2, navigations.join(', '));
   assert.deepEqual(consoleErrors, []);

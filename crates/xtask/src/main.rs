@@ -41,8 +41,8 @@ fn usage() -> &'static str {
      commands:\n  \
      test            every test: cargo fmt --check and clippy -D warnings first, then cargo test --workspace, then the site's wasm32 build and the browser suite in headless Chromium\n  \
      test-browser    the browser suite alone\n  \
-     site            build the static site into dist/ (trunk build --release; its hook adds the threaded build)\n  \
-     site-hook       trunk's post-build hook: the threaded wasm build and the models' hashes, into trunk's staging folder\n  \
+     site            build the static site into dist/ (trunk build --release; its hook adds the threaded and relaxed-SIMD builds)\n  \
+     site-hook       trunk's post-build hook: the threaded and relaxed-SIMD wasm builds and the models' hashes, into trunk's staging folder\n  \
      serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)\n  \
      fuzz [TARGET] [--seconds N]  run the cargo-fuzz targets (all, or one of decode_image, model_file, card, pth_import) for N seconds each (default 60)"
 }
@@ -121,8 +121,8 @@ fn site() -> Result<PathBuf, String> {
 }
 
 /// Trunk's post-build hook (Trunk.toml), so that `trunk build --release` alone
-/// gives the whole site: the threaded build beside trunk's, and models.json with
-/// each model's hash.
+/// gives the whole site: the threaded and relaxed-SIMD builds beside trunk's, and
+/// models.json with each model's hash.
 fn site_hook() -> Result<(), String> {
     let staging = std::env::var_os("TRUNK_STAGING_DIR")
         .ok_or("site-hook runs as trunk's post-build hook (TRUNK_STAGING_DIR is not set): use `cargo xtask site`")?;
@@ -239,7 +239,16 @@ fn gates() -> Result<(), String> {
         "fracture-web/threads",
     ]);
     clippy.args(["--", "-D", "warnings"]);
-    run(clippy, "cargo clippy --workspace --all-targets -D warnings")
+    run(clippy, "cargo clippy --workspace --all-targets -D warnings")?;
+    // The relaxed-SIMD lanes exist only in the browser's build.
+    tools::ensure_wasm_target()?;
+    let mut clippy_wasm = cargo();
+    clippy_wasm.args(["clippy", "-p", "fracture-web", "--target", tools::WASM_TARGET]);
+    clippy_wasm.args(["--features", "relaxed-simd", "--", "-D", "warnings"]);
+    run(
+        clippy_wasm,
+        "cargo clippy -p fracture-web --target wasm32 --features relaxed-simd -D warnings",
+    )
 }
 
 /// Serves `root` on a free loopback port for the rest of the process; returns its URL.

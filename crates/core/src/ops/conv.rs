@@ -4,7 +4,8 @@
 //! through a naive transposed convolution and its weight gradient as a convolution whose
 //! "kernel" is the whole output gradient. DenseNet121 spends most of a training step
 //! there. Here all three are one matrix product per image on the `gemm` crate (which
-//! picks AVX-512, AVX2/FMA, NEON or SIMD128 at run time): a 1×1 convolution with stride 1
+//! picks AVX-512, AVX2/FMA, NEON or SIMD128 at run time; the browser's relaxed-SIMD
+//! builds use our own fused kernel, `fused_gemm`): a 1×1 convolution with stride 1
 //! multiplies the image directly, other kernels first unfold it (im2col) and fold the
 //! input gradient back (col2im).
 //!
@@ -216,6 +217,36 @@ pub(crate) fn matmul_strided<T: Float>(
         "destination of {} elements, {m}x{n} with strides ({dst_row_stride}, {dst_col_stride})",
         dst.len()
     );
+    #[cfg(all(target_arch = "wasm32", feature = "relaxed-simd"))]
+    if T::DTYPE == candle_core::DType::F32 {
+        use super::fused_gemm::{matmul_relaxed, Strided};
+        // Only f32 has the dtype F32, so the casts keep the element type.
+        fn strided<P>(ptr: P, row_stride: isize, col_stride: isize) -> Strided<P> {
+            Strided {
+                ptr,
+                row_stride,
+                col_stride,
+            }
+        }
+        // SAFETY: as for gemm below; the module was loaded after a relaxed-SIMD probe.
+        unsafe {
+            matmul_relaxed(
+                strided(
+                    dst.as_mut_ptr().cast(),
+                    dst_row_stride as isize,
+                    dst_col_stride as isize,
+                ),
+                m,
+                n,
+                k,
+                strided(lhs.ptr.cast(), lhs.row_stride, lhs.col_stride),
+                strided(rhs.ptr.cast(), rhs.row_stride, rhs.col_stride),
+                accumulate,
+                parallelism,
+            )
+        };
+        return;
+    }
     // SAFETY: every destination element lies in `dst` (checked above) and the
     // callers build `lhs` and `rhs` from slices that hold m×k and k×n elements at
     // their strides.

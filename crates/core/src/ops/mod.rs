@@ -5,6 +5,9 @@ pub mod conv_relu_pool;
 pub mod dense_block;
 pub mod norm;
 pub mod pool;
+// The relaxed-SIMD browser builds' products; native builds compile it for its tests.
+#[cfg(any(test, all(target_arch = "wasm32", feature = "relaxed-simd")))]
+pub(crate) mod fused_gemm;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
 
