@@ -6,10 +6,15 @@
 //! development split, or out-of-fold predictions); choosing it on test data
 //! would make the test figures optimistic.
 
-use fracture_core::{ModelCard, OperatingPoint, OperatingPoints, TtaView};
+use candle_core::Device;
+use fracture_core::{Model, ModelCard, OperatingPoint, OperatingPoints, TtaView};
+use image::Rgb32FImage;
 use serde::{Deserialize, Serialize};
 
+use crate::dataset::Dataset;
 use crate::metrics::{BinaryMetrics, Confusion};
+use crate::progress::Progress;
+use crate::study::study_key;
 
 /// Sensitivity of the `sensitive` point and specificity of the `specific` one.
 pub const TARGET_RATE: f64 = 0.90;
@@ -236,6 +241,45 @@ pub struct HeldOut {
     pub study_keys: Vec<String>,
     /// Which images, in words, for the card and the printout.
     pub chosen_on: String,
+}
+
+impl HeldOut {
+    /// `model`'s logits under each of `views` for every image of a development
+    /// split (`images`, decoded from `dataset` at the card's preprocessing);
+    /// `source` says in words where the split came from (a patient list, a folder).
+    pub fn predict(
+        model: &Model,
+        card: &ModelCard,
+        dataset: &Dataset,
+        images: &[Rgb32FImage],
+        views: &[TtaView],
+        source: &str,
+        progress: &dyn Progress,
+    ) -> fracture_core::Result<Self> {
+        let device = Device::Cpu;
+        progress.start("predicting", "images", images.len() as u64);
+        let mut view_logits = Vec::with_capacity(images.len());
+        let batch = fracture_core::predict::images_per_batch(card.input_size()).min(32);
+        for chunk in images.chunks(batch) {
+            let refs: Vec<&Rgb32FImage> = chunk.iter().collect();
+            view_logits.extend(model.view_logits(&refs, &card.preprocessing, views, batch, &device)?);
+            progress.advance(chunk.len() as u64);
+        }
+        progress.finish();
+        let patients = dataset
+            .patients()
+            .map(|p| format!(" ({p} patients)"))
+            .unwrap_or_default();
+        Ok(HeldOut {
+            view_logits,
+            labels: dataset.samples.iter().map(|s| s.positive).collect(),
+            groups: dataset
+                .has_patients
+                .then(|| dataset.samples.iter().map(|s| s.group).collect()),
+            study_keys: dataset.samples.iter().map(|s| study_key(&s.path)).collect(),
+            chosen_on: format!("{} images{patients} of {source}", images.len()),
+        })
+    }
 }
 
 /// What calibration chose and how the held-out predictions score under it.

@@ -495,7 +495,7 @@ pub fn assemble(run: &RunIdentity, shards: Vec<FoldShard>, seconds: f64) -> Kfol
 fn study_keys(predictions: &[OutOfFold]) -> Vec<String> {
     predictions
         .iter()
-        .map(|p| crate::study::mura_study(Path::new(&p.path)).unwrap_or_else(|| p.path.clone()))
+        .map(|p| crate::study::study_key(Path::new(&p.path)))
         .collect()
 }
 

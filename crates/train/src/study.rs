@@ -22,6 +22,12 @@ pub fn mura_study(path: &Path) -> Option<String> {
     }
 }
 
+/// The study of an image known by its path alone: its MURA study folder, else
+/// the image itself (a study of one).
+pub fn study_key(path: &Path) -> String {
+    mura_study(path).unwrap_or_else(|| path.display().to_string())
+}
+
 /// One study's images (indices into the image list) and mean probability.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Study {

@@ -8,7 +8,6 @@ use fracture_core::{ModelCard, OperatingPoint, TtaView};
 use fracture_train::calibration::{self, HeldOut};
 use fracture_train::files;
 use fracture_train::kfold;
-use fracture_train::progress::Progress;
 use fracture_train::report;
 
 use super::args::{CalibrateArgs, DataArgs, TtaArg};
@@ -124,8 +123,7 @@ pub(super) fn calibrate(args: CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model's logits under each view for every image of a development
-/// split, with what calibration needs to know about those images.
+/// The model's logits under each view for every image of a development split.
 fn development_predictions(
     model: &fracture_core::Model,
     card: &ModelCard,
@@ -133,41 +131,18 @@ fn development_predictions(
     views: &[TtaView],
     quiet: bool,
 ) -> Result<HeldOut> {
-    let device = Device::Cpu;
     let (dataset, images) = load_dataset(data, card, quiet)?;
-    let progress = Bars::new(quiet);
-    progress.start("predicting", "images", images.len() as u64);
-    let mut view_logits = Vec::with_capacity(images.len());
-    let batch = fracture_core::predict::images_per_batch(card.input_size()).min(32);
-    for chunk in images.chunks(batch) {
-        let refs: Vec<&image::Rgb32FImage> = chunk.iter().collect();
-        view_logits.extend(model.view_logits(&refs, &card.preprocessing, views, batch, &device)?);
-        progress.advance(chunk.len() as u64);
-    }
-    progress.finish();
-    let chosen_on = format!(
-        "{} images{} of {}",
-        images.len(),
-        dataset
-            .patients()
-            .map(|p| format!(" ({p} patients)"))
-            .unwrap_or_default(),
-        data.patients.as_ref().map_or_else(
-            || data.input.display().to_string(),
-            |list| format!("the patients in {}", list.display())
-        ),
+    let source = data.patients.as_ref().map_or_else(
+        || data.input.display().to_string(),
+        |list| format!("the patients in {}", list.display()),
     );
-    Ok(HeldOut {
-        view_logits,
-        labels: dataset.samples.iter().map(|s| s.positive).collect(),
-        groups: dataset
-            .has_patients
-            .then(|| dataset.samples.iter().map(|s| s.group).collect()),
-        study_keys: dataset
-            .samples
-            .iter()
-            .map(|s| fracture_train::study::mura_study(&s.path).unwrap_or_else(|| s.path.display().to_string()))
-            .collect(),
-        chosen_on,
-    })
+    Ok(HeldOut::predict(
+        model,
+        card,
+        &dataset,
+        &images,
+        views,
+        &source,
+        &Bars::new(quiet),
+    )?)
 }

@@ -190,7 +190,7 @@ fn study_of(path: &Path, bytes: &[u8]) -> fracture_core::Result<String> {
             return Ok(uid);
         }
     }
-    Ok(fracture_train::study::mura_study(path).unwrap_or_else(|| path.display().to_string()))
+    Ok(fracture_train::study::study_key(path))
 }
 
 /// Detect's output: a row per image as it comes, or with --by-study a row per
