@@ -219,7 +219,7 @@ pub(crate) fn matmul_strided<T: Float>(
     );
     #[cfg(all(target_arch = "wasm32", feature = "relaxed-simd"))]
     if T::DTYPE == candle_core::DType::F32 {
-        use super::fused_gemm::{matmul_relaxed, Strided};
+        use super::fused_gemm::{self, Relaxed, Strided};
         // Only f32 has the dtype F32, so the casts keep the element type.
         fn strided<P>(ptr: P, row_stride: isize, col_stride: isize) -> Strided<P> {
             Strided {
@@ -230,7 +230,7 @@ pub(crate) fn matmul_strided<T: Float>(
         }
         // SAFETY: as for gemm below; the module was loaded after a relaxed-SIMD probe.
         unsafe {
-            matmul_relaxed(
+            fused_gemm::matmul::<Relaxed>(
                 strided(
                     dst.as_mut_ptr().cast(),
                     dst_row_stride as isize,

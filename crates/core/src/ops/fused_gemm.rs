@@ -16,6 +16,8 @@
 //! latency, few enough that V8's register allocator (16 vector registers on
 //! x86-64) never spills.
 
+use std::ops::Range;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -132,25 +134,8 @@ mod relaxed {
     }
 }
 
-/// The f32 product with relaxed SIMD's FMA; see [`matmul`] for the arguments.
-///
-/// # Safety
-/// As [`matmul`]'s.
 #[cfg(all(target_arch = "wasm32", feature = "relaxed-simd"))]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul_relaxed(
-    dst: Strided<*mut f32>,
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Strided<*const f32>,
-    rhs: Strided<*const f32>,
-    accumulate: bool,
-    parallelism: Parallelism,
-) {
-    // SAFETY: the caller's.
-    unsafe { matmul::<relaxed::Relaxed>(dst, m, n, k, lhs, rhs, accumulate, parallelism) }
-}
+pub(crate) use relaxed::Relaxed;
 
 /// A matrix in memory: its first element and its (row, column) strides in elements.
 #[derive(Clone, Copy)]
@@ -199,10 +184,17 @@ pub(crate) unsafe fn matmul<L: Lanes>(
         Parallelism::Rayon(0) => rayon::current_num_threads(),
         Parallelism::Rayon(threads) => threads,
     };
+    let operands = Operands {
+        dst,
+        k,
+        lhs,
+        rhs,
+        accumulate,
+    };
     let (m_tiles, n_tiles) = (m.div_ceil(MR), n.div_ceil(NR));
     if threads <= 1 || m_tiles.max(n_tiles) < 2 {
         // SAFETY: the caller's.
-        return unsafe { product::<L>(dst, 0..m, 0..n, k, lhs, rhs, accumulate) };
+        return unsafe { product::<L>(&operands, 0..m, 0..n) };
     }
     // Whole tiles per thread, along the dimension with more of them: each thread
     // packs the other operand for itself, which costs little beside its products.
@@ -218,22 +210,25 @@ pub(crate) unsafe fn matmul<L: Lanes>(
         let part = share * per_share..((share + 1) * per_share).min(extent);
         let (rows, cols) = if along_columns { (0..m, part) } else { (part, 0..n) };
         // SAFETY: the shares' destination elements are disjoint; the rest is the caller's.
-        unsafe { product::<L>(dst, rows, cols, k, lhs, rhs, accumulate) }
+        unsafe { product::<L>(&operands, rows, cols) }
     });
+}
+
+/// One product's matrices, depth and mode, shared by the threads that split it.
+#[derive(Clone, Copy)]
+struct Operands {
+    dst: Strided<*mut f32>,
+    k: usize,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    accumulate: bool,
 }
 
 /// The product restricted to `rows` of `lhs` and `dst` and `cols` of `rhs` and `dst`,
 /// on this thread.
 #[inline(always)]
-unsafe fn product<L: Lanes>(
-    dst: Strided<*mut f32>,
-    rows: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-    k: usize,
-    lhs: Strided<*const f32>,
-    rhs: Strided<*const f32>,
-    accumulate: bool,
-) {
+unsafe fn product<L: Lanes>(operands: &Operands, rows: Range<usize>, cols: Range<usize>) {
+    let &Operands { dst, k, accumulate, .. } = operands;
     if k == 0 {
         if !accumulate {
             for row in rows {
@@ -257,7 +252,7 @@ unsafe fn product<L: Lanes>(
             packed_lhs.resize(lhs_len, 0.0);
         }
         // SAFETY: the caller's; the buffers hold a block each (grown just above).
-        unsafe { blocked::<L>(dst, rows, cols, k, lhs, rhs, accumulate, packed_rhs, packed_lhs) }
+        unsafe { blocked::<L>(operands, rows, cols, packed_rhs, packed_lhs) }
     })
 }
 
@@ -268,19 +263,21 @@ thread_local! {
 }
 
 /// [`product`] with its packing buffers, each large enough for one block.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn blocked<L: Lanes>(
-    dst: Strided<*mut f32>,
-    rows: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-    k: usize,
-    lhs: Strided<*const f32>,
-    rhs: Strided<*const f32>,
-    accumulate: bool,
+    operands: &Operands,
+    rows: Range<usize>,
+    cols: Range<usize>,
     packed_rhs: &mut [f32],
     packed_lhs: &mut [f32],
 ) {
+    let &Operands {
+        dst,
+        k,
+        lhs,
+        rhs,
+        accumulate,
+    } = operands;
     for jc in cols.clone().step_by(NC) {
         let nc = NC.min(cols.end - jc);
         for pc in (0..k).step_by(KC) {
