@@ -72,15 +72,23 @@ const VARIANTS: [Variant; 3] = [
 
 /// Builds every variant into its folder of `site`.
 pub fn build_into(site: &Path) -> Result<(), String> {
+    let found = BuildTools {
+        wasm_bindgen: tools::ensure_wasm_bindgen()?,
+        wasm_opt: tools::ensure_wasm_opt()?.join("wasm-opt"),
+    };
     for variant in &VARIANTS {
-        build_variant(variant, site)?;
+        build_variant(variant, &found, site)?;
     }
     Ok(())
 }
 
-fn build_variant(variant: &Variant, site: &Path) -> Result<(), String> {
-    let wasm_bindgen = tools::ensure_wasm_bindgen()?;
-    let wasm_opt = tools::ensure_wasm_opt()?.join("wasm-opt");
+/// What every variant's build runs after cargo, found (or installed) once.
+struct BuildTools {
+    wasm_bindgen: PathBuf,
+    wasm_opt: PathBuf,
+}
+
+fn build_variant(variant: &Variant, found: &BuildTools, site: &Path) -> Result<(), String> {
     let features: Vec<&str> = [(variant.threads, "threads"), (variant.relaxed_simd, "relaxed-simd")]
         .into_iter()
         .filter_map(|(on, feature)| on.then_some(feature))
@@ -121,7 +129,7 @@ fn build_variant(variant: &Variant, site: &Path) -> Result<(), String> {
         .join("release")
         .join("fracture_web.wasm");
     let out = site.join(variant.folder);
-    let mut bindgen = Command::new(wasm_bindgen);
+    let mut bindgen = Command::new(&found.wasm_bindgen);
     bindgen
         .args([
             "--target",
@@ -136,7 +144,7 @@ fn build_variant(variant: &Variant, site: &Path) -> Result<(), String> {
     run(bindgen, &format!("wasm-bindgen of {what}"))?;
 
     let module = out.join("fracture-web_bg.wasm");
-    let mut optimise = Command::new(wasm_opt);
+    let mut optimise = Command::new(&found.wasm_opt);
     optimise.arg("-O3").arg(&module).arg("-o").arg(&module);
     run(optimise, &format!("wasm-opt -O3 of {what}"))
 }
