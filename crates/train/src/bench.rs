@@ -4,7 +4,8 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use fracture_core::models::{Mode, Model};
 use fracture_core::{Architecture, ModelCard};
 use serde::Serialize;
@@ -63,6 +64,17 @@ pub fn run(
     card.validate()?;
     let params = Params::new(0);
     let model = Model::new(architecture, size, params.var_builder(&device))?;
+    // Inference on plain tensors, as `detect` and the browser load a model file:
+    // on variables the dense blocks would keep what a backward pass needs and take
+    // the training path, not the one detection runs.
+    let detector = match mode {
+        BenchMode::Infer => Some(Model::new(
+            architecture,
+            size,
+            VarBuilder::from_tensors(params.tensors(), DType::F32, &device),
+        )?),
+        _ => None,
+    };
     let xs = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &device)?;
     let targets = Tensor::from_vec((0..batch).map(|i| (i % 2) as f32).collect::<Vec<_>>(), batch, &device)?;
 
@@ -73,7 +85,8 @@ pub fn run(
     let mut step = |seed: u64| -> Result<(), FitError> {
         match mode {
             BenchMode::Infer => {
-                model.forward(&xs, Mode::EVAL)?.detach().to_vec1::<f32>()?;
+                let detector = detector.as_ref().unwrap_or(&model);
+                detector.forward(&xs, Mode::EVAL)?.to_vec1::<f32>()?;
             }
             BenchMode::Train => {
                 let loss = bce_with_logits(&model.forward(&xs, Mode::train(seed))?, &targets)?;
