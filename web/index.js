@@ -117,6 +117,7 @@ async function startDetector() {
   }
   started ??= await startWorker(1);
   threadNote += `, ${SIMD_NOTES[started.simd]}`;
+  if (started.fallback) threadNote += ` (${started.fallback})`;
   return started;
 }
 

@@ -1,14 +1,15 @@
 // Runs the model off the main thread, so the page never freezes.
 // Messages in: {type: 'start', id, threads, simd}, then {type: 'load', id, bytes}, {type: 'detect', id, bytes}
 // and {type: 'view', id, bytes, heatmap}.
-// Messages out: {type: 'started', id, threads, simd}, {type: 'loaded', id, card},
+// Messages out: {type: 'started', id, threads, simd, fallback?}, {type: 'loaded', id, card},
 // {type: 'result', id, result, ms}, {type: 'view', id, view}, {type: 'error', id, message}.
 //
 // 'start' picks the build: with threads > 1 one with atomics (threads/ or threads-relaxed/,
 // which need a cross-origin isolated page), whose rayon pool runs on pool-worker.js workers
 // that share this worker's wasm memory; otherwise a single-thread build (the site root or
 // relaxed/). The relaxed-SIMD builds (products on fused multiply-add) load where the probe
-// below validates and `simd` is not 'simd128'; 'started' says which ran.
+// below validates and `simd` is not 'simd128', and where one fails to start the plain
+// build of its kind does; 'started' says which ran (and in `fallback`, why).
 
 let wasm = null;
 let detector = null;
@@ -51,8 +52,8 @@ function relaxedSimd(simd) {
   }
 }
 
-async function start(threads, simd) {
-  const relaxed = relaxedSimd(simd);
+// Loads one build (with atomics and its pool where `threads` > 1) and says which ran.
+async function startBuild(threads, relaxed) {
   if (threads > 1) {
     wasm = await import(relaxed ? './threads-relaxed/fracture-web.js' : './threads/fracture-web.js');
     await wasm.default();
@@ -66,6 +67,20 @@ async function start(threads, simd) {
     await wasm.default();
   }
   return { threads: wasm.threads(), simd: relaxed ? 'relaxed' : 'simd128' };
+}
+
+async function start(threads, simd) {
+  if (!relaxedSimd(simd)) return startBuild(threads, false);
+  try {
+    return await startBuild(threads, true);
+  } catch (error) {
+    // The probe validating does not promise that the whole relaxed module compiles
+    // (nor that its download succeeds); the plain build of the same kind does the
+    // same work, and 'started' says why it runs.
+    wasm = null;
+    const started = await startBuild(threads, false);
+    return { ...started, fallback: `the relaxed-SIMD build failed: ${error && error.message ? error.message : error}` };
+  }
 }
 
 self.onmessage = async (event) => {

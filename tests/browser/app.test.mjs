@@ -335,6 +335,27 @@ test('`?threads=1` loads the single-thread build and the status line says so', a
   await context.close();
 });
 
+test('where a relaxed-SIMD build fails to start, the plain build of its kind runs, agrees with native, and the status line says why', async () => {
+  for (const [threads, wasm] of [[2, 'threads-relaxed'], [1, 'relaxed']]) {
+    // The probe validates here, so only a broken download (or a browser that validates the
+    // probe but not the whole module) gets this far: a body that is no wasm at all stands in.
+    const context = await browser.newContext({ serviceWorkers: 'block' });
+    await context.route(`**/${wasm}/fracture-web_bg.wasm`, (route) =>
+      route.fulfill({ status: 200, contentType: 'application/wasm', body: Buffer.from('not a wasm module') }));
+    const page = await context.newPage();
+    await page.goto(`${ISOLATING_URL}?threads=${threads}`);
+    await page.waitForSelector('body[data-ready="true"]', { timeout: 60_000 });
+    assert.equal(await page.evaluate(() => document.body.dataset.threads), String(threads));
+    assert.equal(await page.evaluate(() => document.body.dataset.simd), 'simd128');
+    assert.match(await page.locator('[data-testid="model-status"]').textContent(),
+      /SIMD128 \(the relaxed-SIMD build failed: .*magic word/);
+    await upload(page, images);
+    await waitForCards(page, images.length);
+    assertAgreesWithNative(await pageProbabilities(page), `the plain ${threads}-thread build after the relaxed one failed`);
+    await context.close();
+  }
+});
+
 test("`cargo xtask serve`'s headers isolate the page at the first visit, with no reload", async () => {
   const { context, page, navigations } = await openApp(`${ISOLATING_URL}?threads=2`);
   assert.equal(await page.evaluate(() => self.crossOriginIsolated), true);
