@@ -67,13 +67,13 @@ pub fn run(
     // Inference on plain tensors, as `detect` and the browser load a model file:
     // on variables the dense blocks would keep what a backward pass needs and take
     // the training path, not the one detection runs.
-    let detector = match mode {
-        BenchMode::Infer => Some(Model::new(
+    let model = match mode {
+        BenchMode::Infer => Model::new(
             architecture,
             size,
             VarBuilder::from_tensors(params.tensors(), DType::F32, &device),
-        )?),
-        _ => None,
+        )?,
+        _ => model,
     };
     let xs = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &device)?;
     let targets = Tensor::from_vec((0..batch).map(|i| (i % 2) as f32).collect::<Vec<_>>(), batch, &device)?;
@@ -85,8 +85,7 @@ pub fn run(
     let mut step = |seed: u64| -> Result<(), FitError> {
         match mode {
             BenchMode::Infer => {
-                let detector = detector.as_ref().unwrap_or(&model);
-                detector.forward(&xs, Mode::EVAL)?.to_vec1::<f32>()?;
+                model.forward(&xs, Mode::EVAL)?.to_vec1::<f32>()?;
             }
             BenchMode::Train => {
                 let loss = bce_with_logits(&model.forward(&xs, Mode::train(seed))?, &targets)?;
