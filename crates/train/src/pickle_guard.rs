@@ -1,8 +1,9 @@
 //! Checks the lengths a pickle claims before candle's unpickler allocates
 //! them: a string or bytes opcode claiming 4 GiB in a 200-byte file made it
 //! allocate 4 GiB (found by the `pth_import` fuzz target). The walk knows
-//! the opcodes `torch.save` writes; it stops at STOP, or at an opcode it does
-//! not know, leaving that to the unpickler to refuse.
+//! every opcode candle's unpickler reads (a test holds it to that: an opcode
+//! candle reads and the walk stops at let a later length through unchecked);
+//! it stops at STOP, or at an opcode it does not know, which candle refuses.
 
 use std::io::Read;
 
@@ -28,36 +29,72 @@ impl std::fmt::Display for Overlong {
     }
 }
 
+/// What follows an opcode in the pickle.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Argument {
+    /// STOP: the pickle ends.
+    End,
+    /// A fixed number of bytes.
+    Fixed(usize),
+    /// A little-endian length `width` bytes wide, then (if `payload`) that many bytes.
+    Length { width: usize, payload: bool },
+    /// GLOBAL: module and name, each to a newline.
+    TwoLines,
+}
+
+/// The argument of `opcode`, for every opcode `torch.save` writes; None for others.
+fn argument(opcode: u8) -> Option<Argument> {
+    use Argument::*;
+    Some(match opcode {
+        b'.' => End,
+        // MARK, EMPTY_DICT/LIST/TUPLE, DICT, TUPLE(1-3), NEWTRUE/FALSE, NONE, REDUCE,
+        // SETITEM(S), BUILD, APPEND(S), BINPERSID, MEMOIZE, STACK_GLOBAL, NEWOBJ, POP, DUP
+        b'(' | b'}' | b']' | b')' | b'd' | b't' | 0x85 | 0x86 | 0x87 | 0x88 | 0x89 | b'N' | b'R' | b'u' | b's'
+        | b'b' | b'e' | b'a' | b'Q' | 0x94 | 0x93 | 0x81 | b'0' | b'2' => Fixed(0),
+        // PROTO, BINPUT, BINGET, BININT1
+        0x80 | b'q' | b'h' | b'K' => Fixed(1),
+        b'M' => Fixed(2),
+        // LONG_BINPUT, LONG_BINGET, BININT
+        b'r' | b'j' | b'J' => Fixed(4),
+        b'G' => Fixed(8),
+        // FRAME: its length is only a hint, checked as a claim.
+        0x95 => Length {
+            width: 8,
+            payload: false,
+        },
+        // SHORT_BINUNICODE, SHORT_BINBYTES, SHORT_BINSTRING, LONG1
+        0x8c | b'C' | b'U' | 0x8a => Length {
+            width: 1,
+            payload: true,
+        },
+        // BINUNICODE, BINBYTES, BINSTRING, LONG4
+        b'X' | b'B' | b'T' | 0x8b => Length {
+            width: 4,
+            payload: true,
+        },
+        // BINUNICODE8, BINBYTES8
+        0x8d | 0x8e => Length {
+            width: 8,
+            payload: true,
+        },
+        b'c' => TwoLines,
+        _ => return None,
+    })
+}
+
 /// Walks one pickle from the start of `bytes` to its STOP opcode.
 pub fn check_lengths(bytes: &[u8]) -> Result<(), Overlong> {
     let mut at = 0;
     while let Some(&opcode) = bytes.get(at) {
         let start = at;
         at += 1;
-        let fixed = |n: usize| -> Option<usize> { Some(n) };
-        // (bytes of argument before any payload, how the payload length is encoded)
-        let (argument, length): (Option<usize>, Option<(usize, bool)>) = match opcode {
-            b'.' => return Ok(()),
-            // MARK, EMPTY_DICT/LIST/TUPLE, TUPLE(1-3), NEWTRUE/FALSE, NONE, REDUCE,
-            // SETITEM(S), BUILD, APPEND(S), BINPERSID, MEMOIZE, STACK_GLOBAL, NEWOBJ, POP, DUP
-            b'(' | b'}' | b']' | b')' | b't' | 0x85 | 0x86 | 0x87 | 0x88 | 0x89 | b'N' | b'R' | b'u' | b's' | b'b'
-            | b'e' | b'a' | b'Q' | 0x94 | 0x93 | 0x81 | b'0' | b'2' => (fixed(0), None),
-            // PROTO, BINPUT, BINGET, BININT1
-            0x80 | b'q' | b'h' | b'K' => (fixed(1), None),
-            b'M' => (fixed(2), None),
-            // LONG_BINPUT, LONG_BINGET, BININT
-            b'r' | b'j' | b'J' => (fixed(4), None),
-            // BINFLOAT, FRAME (its length is only a hint: checked as a claim)
-            b'G' => (fixed(8), None),
-            0x95 => (None, Some((8, false))),
-            // SHORT_BINUNICODE, SHORT_BINBYTES, SHORT_BINSTRING, LONG1
-            0x8c | b'C' | b'U' | 0x8a => (None, Some((1, true))),
-            // BINUNICODE, BINBYTES, BINSTRING, LONG4
-            b'X' | b'B' | b'T' | 0x8b => (None, Some((4, true))),
-            // BINUNICODE8, BINBYTES8
-            0x8d | 0x8e => (None, Some((8, true))),
-            // GLOBAL: module and name, each to a newline.
-            b'c' => {
+        let (width, skips_payload) = match argument(opcode) {
+            None | Some(Argument::End) => return Ok(()),
+            Some(Argument::Fixed(n)) => {
+                at += n;
+                continue;
+            }
+            Some(Argument::TwoLines) => {
                 for _ in 0..2 {
                     match bytes[at..].iter().position(|&b| b == b'\n') {
                         Some(end) => at += end + 1,
@@ -72,14 +109,7 @@ pub fn check_lengths(bytes: &[u8]) -> Result<(), Overlong> {
                 }
                 continue;
             }
-            _ => return Ok(()),
-        };
-        if let Some(n) = argument {
-            at += n;
-            continue;
-        }
-        let Some((width, skips_payload)) = length else {
-            continue;
+            Some(Argument::Length { width, payload }) => (width, payload),
         };
         let left = bytes.len().saturating_sub(at);
         let Some(field) = bytes.get(at..at + width) else {
@@ -150,5 +180,24 @@ mod tests {
             check_lengths(b"\x80\x02cmodule").is_err(),
             "a GLOBAL without its newline"
         );
+    }
+
+    #[test]
+    fn a_claim_after_a_dict_opcode_is_checked() {
+        // MARK, DICT, then a BINUNICODE claiming 2 GiB: the pth_import fuzz target's
+        // out-of-memory input (fuzz/regressions/pth_import/pickle-after-dict-claims-2-gib.pth),
+        // which the walk let through because it stopped at DICT while candle read on.
+        let pickle = b"\x80\x02(dX\x00\x00\x00\x80ab.";
+        let error = check_lengths(pickle).unwrap_err();
+        assert_eq!((error.at, error.claimed), (4, 0x8000_0000));
+    }
+
+    #[test]
+    fn every_opcode_candle_reads_is_walked() {
+        for byte in 0..=u8::MAX {
+            if candle_core::pickle::OpCode::try_from(byte).is_ok() {
+                assert!(argument(byte).is_some(), "opcode {byte:#04x} ({:?})", byte as char);
+            }
+        }
     }
 }
