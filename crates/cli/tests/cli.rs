@@ -866,3 +866,50 @@ fn card_prints_and_updates_what_a_model_says_about_its_data() {
     let out = child.wait_with_output().unwrap();
     assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_rotation_pretext_trains_a_start_for_train_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mura");
+    synth(&data, "mura", 12, 48);
+    let (pretext, tuned) = (
+        dir.path().join("pretext.safetensors"),
+        dir.path().join("tuned.safetensors"),
+    );
+    let out = fracture_line(&format!(
+        "train -i {} --model densenet-tiny --pretext rotation --size 32 --epochs 1 -o {} --quiet",
+        s(&data),
+        s(&pretext)
+    ));
+    assert_exit(&out, 0);
+    assert!(
+        text(&out.stderr).contains("each upright and turned"),
+        "{}",
+        text(&out.stderr)
+    );
+    let card: serde_json::Value =
+        serde_json::from_slice(&fracture(&["card", s(&pretext)]).stdout).expect("the card as JSON");
+    assert_eq!(card["classes"]["positive"], "turned");
+    assert_eq!(card["classes"]["negative"], "upright");
+    // Twice the images: each upright and turned, 20% of the patients held out.
+    let training = &card["training"];
+    let images = training["images"].as_u64().unwrap() + training["validation_images"].as_u64().unwrap();
+    assert_eq!(images % 2, 0, "{training}");
+    assert_eq!(training["positives"], training["negatives"], "{training}");
+    assert!(card["notes"].to_string().contains("--init"), "{}", card["notes"]);
+
+    let out = fracture_line(&format!(
+        "train -i {} --model densenet-tiny --init {} --recipe scratch --size 32 --epochs 1 -o {} --quiet",
+        s(&data),
+        s(&pretext),
+        s(&tuned)
+    ));
+    assert_exit(&out, 0);
+    let card: serde_json::Value = serde_json::from_slice(&fracture(&["card", s(&tuned)]).stdout).unwrap();
+    assert_eq!(card["classes"]["positive"], "abnormal", "the real labels again");
+    assert!(
+        card["init"]["file"].as_str().unwrap().ends_with("pretext.safetensors"),
+        "{}",
+        card["init"]
+    );
+}

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod pickle_guard;
+pub mod pretext;
 pub mod progress;
 pub mod report;
 pub mod schedule;

@@ -214,8 +214,20 @@ pub struct TrainArgs {
     /// Store weights as f16 (half the size; loaded as f32).
     #[arg(long)]
     pub f16: bool,
+    /// Train on labels the images give themselves instead of the data set's, for
+    /// a first stage whose weights start `train --init` (the output is no detector).
+    #[arg(long, value_enum, value_name = "TASK")]
+    pub pretext: Option<PretextTask>,
     #[command(flatten)]
     pub card: CardArgs,
+}
+
+/// `train --pretext`: a self-supervised task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PretextTask {
+    /// Each image upright (negative) and turned by a random quarter, half or
+    /// three-quarter turn (positive)
+    Rotation,
 }
 
 /// What a model card says about its data, beyond what the dataset itself shows.

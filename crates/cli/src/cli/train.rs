@@ -16,7 +16,7 @@ use fracture_train::fit::{self, Checkpoint, FitConfig, FitData, TrainSpec};
 use fracture_train::report::{self, EpochRecord};
 use fracture_train::schedule::{self, Overrides, Recipe};
 
-use super::args::{AugmentStrength, ModelArgs, ModelName, TrainArgs};
+use super::args::{AugmentStrength, ModelArgs, ModelName, PretextTask, TrainArgs};
 use super::{load_dataset, sha256_hex, with_suffix, Bars};
 
 pub(super) struct Prepared {
@@ -130,6 +130,23 @@ pub(super) fn train(args: TrainArgs) -> Result<()> {
     }
     let Prepared { mut card, init, config } = prepare(&args.model, &device)?;
     let (dataset, images) = load_dataset(&args.data, &card, args.model.quiet)?;
+    let (dataset, images) = match args.pretext {
+        Some(PretextTask::Rotation) => {
+            let (task, images) = fracture_train::pretext::rotation(&dataset, &images, args.model.seed);
+            eprintln!(
+                "pretext: {} images, each upright and turned (labels: {} / {})",
+                dataset.samples.len(),
+                task.classes.negative,
+                task.classes.positive
+            );
+            card.notes.push(
+                "Self-supervised rotation pretext (upright or turned?), not a detector: its weights start `fracture train --init`."
+                    .into(),
+            );
+            (task, images)
+        }
+        None => (dataset, images),
+    };
     card.classes = dataset.classes.clone();
     let labels: Vec<bool> = dataset.samples.iter().map(|s| s.positive).collect();
     let groups: Vec<usize> = dataset.samples.iter().map(|s| s.group).collect();
