@@ -1,5 +1,5 @@
-//! Replays the `pth_import` fuzz target's seeds and saved regressions
-//! (`fuzz/`) on stable: importing any of them may fail, never panic.
+//! Replays the `pth_import` fuzz target's seeds, minimised corpus and saved
+//! regressions (`fuzz/`) on stable: importing any of them may fail, never panic.
 
 use std::path::Path;
 
@@ -7,7 +7,7 @@ use std::path::Path;
 fn pth_import_inputs_import_or_fail_cleanly() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
     let mut seen = 0;
-    for folder in [fuzz.join("seeds/pth_import"), fuzz.join("regressions/pth_import")] {
+    for folder in ["seeds", "minimised", "regressions"].map(|kind| fuzz.join(kind).join("pth_import")) {
         let Ok(entries) = std::fs::read_dir(&folder) else {
             continue;
         };

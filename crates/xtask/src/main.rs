@@ -3,6 +3,7 @@
 //! needs on a fresh machine (from crates.io, npm and Debian only) and skips
 //! tools whose pinned version is already installed.
 
+mod fuzz;
 mod models;
 mod serve;
 mod tools;
@@ -20,7 +21,7 @@ fn main() -> ExitCode {
         Some("site") => site().map(|_| ()),
         Some("site-hook") => site_hook(),
         Some("serve") => serve_site(&args[1..]),
-        Some("fuzz") => fuzz(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("help") | Some("--help") | Some("-h") | None => {
             println!("{}", usage());
             Ok(())
@@ -44,7 +45,7 @@ fn usage() -> &'static str {
      site            build the static site into dist/ (trunk build --release; its hook adds the threaded and relaxed-SIMD builds)\n  \
      site-hook       trunk's post-build hook: the threaded and relaxed-SIMD wasm builds and the models' hashes, into trunk's staging folder\n  \
      serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)\n  \
-     fuzz [TARGET] [--seconds N]  run the cargo-fuzz targets (all, or one of decode_image, model_file, card, pth_import) for N seconds each (default 60)"
+     fuzz [TARGET] [--seconds N] [--minimise]  run the cargo-fuzz targets (all, or one of decode_image, model_file, card, pth_import) for N seconds each (default 60), then say when each last found new coverage; --minimise merges what the run found into fuzz/minimised/ (committed)"
 }
 
 pub(crate) fn workspace_root() -> PathBuf {
@@ -147,65 +148,6 @@ fn serve_site(args: &[String]) -> Result<(), String> {
         dist.display()
     );
     serve::serve(listener, dist, serve::Headers::Isolation);
-    Ok(())
-}
-
-const FUZZ_TARGETS: [&str; 4] = ["decode_image", "model_file", "card", "pth_import"];
-
-/// Runs the fuzz targets under libFuzzer, each from the committed seeds plus
-/// its working corpus (`fuzz/corpus/`, not committed). A crash stops the run
-/// and leaves its input in `fuzz/artifacts/TARGET/`; once fixed, copy it to
-/// `fuzz/regressions/TARGET/`, which the tests replay.
-fn fuzz(args: &[String]) -> Result<(), String> {
-    let mut targets: Vec<&str> = Vec::new();
-    let mut seconds = 60u64;
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        match arg.as_str() {
-            "--seconds" => {
-                let value = rest.next().ok_or("--seconds needs a number")?;
-                seconds = value
-                    .parse()
-                    .map_err(|_| format!("--seconds {value}: not a number of seconds"))?;
-            }
-            target if FUZZ_TARGETS.contains(&target) => {
-                targets.push(FUZZ_TARGETS.iter().find(|t| **t == target).unwrap())
-            }
-            other => {
-                return Err(format!(
-                    "unknown fuzz target or flag `{other}` (targets: {})",
-                    FUZZ_TARGETS.join(", ")
-                ))
-            }
-        }
-    }
-    if targets.is_empty() {
-        targets = FUZZ_TARGETS.to_vec();
-    }
-    let toolchain = tools::ensure_fuzz_toolchain()?;
-    let cargo_fuzz = tools::ensure_cargo_fuzz()?;
-    let fuzz_dir = workspace_root().join("fuzz");
-    for target in targets {
-        let corpus = fuzz_dir.join("corpus").join(target);
-        std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
-        let mut command = Command::new("rustup");
-        command
-            .current_dir(workspace_root())
-            .args(["run", toolchain])
-            .arg(&cargo_fuzz)
-            .args(["fuzz", "run", "--release", "--debug-assertions", target])
-            .arg(&corpus)
-            .arg(fuzz_dir.join("seeds").join(target))
-            // Out of memory at 2 GiB, a hang at 10 s an input: both count as crashes.
-            .args([
-                "--",
-                &format!("-max_total_time={seconds}"),
-                "-rss_limit_mb=2048",
-                "-timeout=10",
-                "-print_final_stats=1",
-            ]);
-        run(command, &format!("fuzzing {target} for {seconds} s"))?;
-    }
     Ok(())
 }
 
