@@ -239,6 +239,11 @@ fn calibrate_on_out_of_fold_predictions_of_the_same_recipe_only() {
     assert_eq!(card["tta"], serde_json::json!(["identity"]));
     let chosen = &card["metrics"]["out_of_fold"];
     assert_eq!(chosen["images"]["n"].as_u64().unwrap() as usize, predictions.len());
+    let log_loss = |key: &str| chosen[key].as_f64().unwrap_or_else(|| panic!("{key} in {chosen}"));
+    assert!(
+        log_loss("log_loss") <= log_loss("log_loss_before_temperature"),
+        "{chosen}"
+    );
     assert_eq!(card["threshold"], card["operating_points"]["balanced"]);
     // Each threshold is one of the out-of-fold probabilities under the card's temperature.
     let temperature = card["temperature"].as_f64().unwrap();

@@ -131,9 +131,10 @@ impl KfoldReport {
         }
         if let Some(calibration) = &self.calibration {
             out += &format!(
-                "Expected calibration error: {:.3} ({} bins)\n",
+                "Expected calibration error: {:.3} ({} bins), log loss {:.4}\n",
                 calibration.ece,
-                calibration.bins.len()
+                calibration.bins.len(),
+                calibration.log_loss
             );
         }
         out += &format!("{} folds, {} images, {:.0} s\n", self.folds, p.n, self.seconds);

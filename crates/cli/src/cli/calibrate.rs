@@ -99,8 +99,13 @@ pub(super) fn calibrate(args: CalibrateArgs) -> Result<()> {
     };
     println!("calibrated on {chosen_on}, TTA {:?}", card.tta);
     println!(
-        "temperature {temperature:.3}: expected calibration error {:.3} -> {:.3}",
-        before.ece, after.ece
+        "temperature {temperature:.3}: log loss {:.4} -> {:.4} (what the temperature minimises), \
+         expected calibration error {:.3} -> {:.3} ({} bins)",
+        before.log_loss,
+        after.log_loss,
+        before.ece,
+        after.ece,
+        after.bins.len()
     );
     println!(
         "images: ROC AUC {}  kappa {:.3} at the balanced point",
