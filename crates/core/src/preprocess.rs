@@ -339,6 +339,49 @@ mod tests {
         assert_eq!(small.dimensions(), (150, 150));
         assert!(small.as_raw().chunks(3).all(|p| (p[1] - 0.5).abs() < 1e-5));
     }
+
+    /// Writes the `decode_image` fuzz seeds of the layouts the first seeds
+    /// lacked (32-bit BMP, grey JPEG, grey-alpha PNG, 16-bit RGB
+    /// PNG, RGBA TIFF): run with `cargo test -p fracture-core --lib
+    /// write_image_fuzz_seeds -- --ignored`, then commit them. Each is a
+    /// different decoder loop, which mutating another layout rarely reaches.
+    #[test]
+    #[ignore = "writes fuzz/seeds/decode_image; run by hand"]
+    fn write_image_fuzz_seeds() {
+        let grey = image::GrayImage::from_fn(12, 9, |x, y| image::Luma([(x * 20 + y * 7) as u8]));
+        let rgba = image::RgbaImage::from_fn(7, 5, |x, y| image::Rgba([(x * 30) as u8, (y * 50) as u8, 90, 200]));
+        let grey_alpha = image::GrayAlphaImage::from_fn(6, 4, |x, y| image::LumaA([(x * 40) as u8, (y * 60) as u8]));
+        let rgb16 = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_fn(5, 3, |x, y| {
+            image::Rgb([(x * 9000) as u16, (y * 20000) as u16, 40000])
+        });
+        let seeds = [
+            (
+                "rgba.bmp",
+                encoded(image::DynamicImage::ImageRgba8(rgba.clone()), ImageFormat::Bmp),
+            ),
+            (
+                "grey.jpg",
+                encoded(image::DynamicImage::ImageLuma8(grey), ImageFormat::Jpeg),
+            ),
+            (
+                "grey-alpha.png",
+                encoded(image::DynamicImage::ImageLumaA8(grey_alpha), ImageFormat::Png),
+            ),
+            (
+                "rgb-16bit.png",
+                encoded(image::DynamicImage::ImageRgb16(rgb16), ImageFormat::Png),
+            ),
+            (
+                "rgba.tiff",
+                encoded(image::DynamicImage::ImageRgba8(rgba), ImageFormat::Tiff),
+            ),
+        ];
+        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/decode_image");
+        for (name, bytes) in seeds {
+            decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            std::fs::write(folder.join(name), bytes).unwrap();
+        }
+    }
 }
 
 /// Mean chroma (max − min over the channels) on the 0..=1 scale. Radiographs

@@ -434,3 +434,60 @@ fn implicit_vr_and_sequences_pass_the_length_guard() {
     let error = preprocess::decode(&bytes).unwrap_err().to_string();
     assert!(error.contains("(0008,0100) claims 1000000000 bytes"), "{error}");
 }
+
+/// Writes the DICOM seeds of the `decode_image` fuzz target, one for each
+/// path through the decoder: run with `cargo test -p fracture-core --lib
+/// write_dicom_fuzz_seeds -- --ignored` after changing the decoder, then
+/// commit them (the replay test checks that every seed decodes). Mutation
+/// alone had never reached deflated, JPEG or RGB data sets from the one
+/// uncompressed seed: each needs a transfer syntax UID and a valid layout.
+#[test]
+#[ignore = "writes fuzz/seeds/decode_image; run by hand"]
+fn write_dicom_fuzz_seeds() {
+    let gradient: Vec<u16> = (0..64u16).map(|i| i * 61).collect();
+    let mut signed_rescaled = image(8, 8, "MONOCHROME2", 12, words(&gradient));
+    set(&mut signed_rescaled, tags::PIXEL_REPRESENTATION, VR::US, 1u16);
+    set(&mut signed_rescaled, tags::RESCALE_SLOPE, VR::DS, "2");
+    set(&mut signed_rescaled, tags::RESCALE_INTERCEPT, VR::DS, "-1024");
+    set(&mut signed_rescaled, tags::VOILUT_FUNCTION, VR::CS, "SIGMOID");
+    set(&mut signed_rescaled, tags::WINDOW_CENTER, VR::DS, "40");
+    set(&mut signed_rescaled, tags::WINDOW_WIDTH, VR::DS, "400");
+    set(&mut signed_rescaled, tags::STUDY_INSTANCE_UID, VR::UI, "1.2.840.99.7");
+
+    let mut multi_frame = image(2, 1, "MONOCHROME2", 8, bytes(&[10, 20, 200, 100]));
+    set(&mut multi_frame, tags::NUMBER_OF_FRAMES, VR::IS, "2");
+
+    let mut with_sequence = image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500]));
+    let item = InMemDicomObject::from_element_iter([DataElement::new(tags::CODE_VALUE, VR::SH, "R-10206")]);
+    with_sequence.put(DataElement::new(
+        tags::VIEW_CODE_SEQUENCE,
+        VR::SQ,
+        dicom_core::DicomValue::new_sequence(vec![item], dicom_core::Length::UNDEFINED),
+    ));
+
+    let rle_pixels: Vec<u8> = (0..64u8).map(|i| i * 4).collect();
+    let seeds = [
+        ("dicom-monochrome1-windows.dcm", windowed_monochrome("MONOCHROME1")),
+        ("dicom-signed-rescaled-sigmoid.dcm", file(signed_rescaled, EXPLICIT_LE)),
+        (
+            "dicom-rgb.dcm",
+            file(image(2, 1, "RGB", 8, bytes(&[255, 0, 0, 0, 128, 255])), EXPLICIT_LE),
+        ),
+        ("dicom-multi-frame.dcm", file(multi_frame, EXPLICIT_LE)),
+        (
+            "dicom-implicit-vr-sequence.dcm",
+            file(with_sequence.clone(), uids::IMPLICIT_VR_LITTLE_ENDIAN),
+        ),
+        (
+            "dicom-deflated.dcm",
+            file(with_sequence, uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN),
+        ),
+        ("dicom-jpeg-baseline.dcm", jpeg_dicom()),
+        ("dicom-rle.dcm", rle_dicom(8, 8, &rle_pixels)),
+    ];
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/decode_image");
+    for (name, bytes) in seeds {
+        preprocess::decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        std::fs::write(folder.join(name), bytes).unwrap();
+    }
+}
