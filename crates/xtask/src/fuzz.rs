@@ -192,6 +192,9 @@ struct Progress {
     last_new_edge: Duration,
     last_new_feature: Duration,
     ran_for: Duration,
+    /// When the edge count grew, and to what: what a run added, and whether
+    /// its last quarter still added any, say more than one "last new" time.
+    edge_history: Vec<(Duration, u64)>,
 }
 
 impl Progress {
@@ -216,6 +219,7 @@ impl Progress {
                         if edges > self.edges {
                             self.edges = edges;
                             self.last_new_edge = elapsed;
+                            self.edge_history.push((elapsed, edges));
                         }
                     }
                 }
@@ -232,12 +236,26 @@ impl Progress {
         }
     }
 
+    /// Edges known at `time` into the run (those of the corpus it started from at 0).
+    fn edges_at(&self, time: Duration) -> u64 {
+        self.edge_history
+            .iter()
+            .take_while(|(at, _)| *at <= time)
+            .last()
+            .map_or(0, |&(_, edges)| edges)
+    }
+
     fn summary(&self, target: &str) -> String {
         let ran = self.ran_for.as_secs();
+        let last_quarter_from = self.ran_for.mul_f64(0.75);
         format!(
-            "{target}: {} runs in {ran} s; {} edges, {} features; last new edge at {} s, last new feature at {} s ({} s without)",
+            "{target}: {} runs in {ran} s; {} edges (+{} in this run, +{} in its last quarter, from {} s), {} features; \
+             last new edge at {} s, last new feature at {} s ({} s without)",
             self.runs,
             self.edges,
+            self.edges - self.edges_at(Duration::ZERO),
+            self.edges - self.edges_at(last_quarter_from),
+            last_quarter_from.as_secs(),
             self.features,
             self.last_new_edge.as_secs(),
             self.last_new_feature.as_secs(),
@@ -282,10 +300,21 @@ mod tests {
         assert_eq!((progress.edges, progress.features), (120, 360));
         assert_eq!(progress.last_new_edge, Duration::from_secs(5));
         assert_eq!(progress.last_new_feature, Duration::from_secs(20));
+        let summary = progress.summary("card");
+        assert!(summary.contains("(10 s without)"), "{summary}");
         assert!(
-            progress.summary("card").contains("(10 s without)"),
-            "{}",
-            progress.summary("card")
+            summary.contains("120 edges (+20 in this run, +0 in its last quarter, from 22 s)"),
+            "{summary}"
+        );
+        progress.observe(
+            "#7000\tNEW    cov: 125 ft: 361 corp: 12/3Kb lim: 4 exec/s: 600 rss: 41Mb",
+            Duration::from_secs(40),
+        );
+        progress.ran_for = Duration::from_secs(40);
+        let summary = progress.summary("card");
+        assert!(
+            summary.contains("125 edges (+25 in this run, +5 in its last quarter, from 30 s)"),
+            "{summary}"
         );
     }
 
