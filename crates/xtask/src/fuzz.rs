@@ -195,6 +195,8 @@ struct Progress {
     /// When the edge count grew, and to what: what a run added, and whether
     /// its last quarter still added any, say more than one "last new" time.
     edge_history: Vec<(Duration, u64)>,
+    /// Edges of the corpus the run started from (libFuzzer's `INITED` line).
+    initial_edges: u64,
 }
 
 impl Progress {
@@ -211,6 +213,7 @@ impl Progress {
         };
         self.runs = self.runs.max(runs);
         let mut words = words.peekable();
+        let initialised = words.peek() == Some(&"INITED");
         while let Some(word) = words.next() {
             let number = words.peek().and_then(|w| w.parse::<u64>().ok());
             match word {
@@ -220,6 +223,9 @@ impl Progress {
                             self.edges = edges;
                             self.last_new_edge = elapsed;
                             self.edge_history.push((elapsed, edges));
+                        }
+                        if initialised {
+                            self.initial_edges = edges;
                         }
                     }
                 }
@@ -236,13 +242,13 @@ impl Progress {
         }
     }
 
-    /// Edges known at `time` into the run (those of the corpus it started from at 0).
+    /// Edges known at `time` into the run.
     fn edges_at(&self, time: Duration) -> u64 {
         self.edge_history
             .iter()
             .take_while(|(at, _)| *at <= time)
             .last()
-            .map_or(0, |&(_, edges)| edges)
+            .map_or(self.initial_edges, |&(_, edges)| edges.max(self.initial_edges))
     }
 
     fn summary(&self, target: &str) -> String {
@@ -253,7 +259,7 @@ impl Progress {
              last new edge at {} s, last new feature at {} s ({} s without)",
             self.runs,
             self.edges,
-            self.edges - self.edges_at(Duration::ZERO),
+            self.edges - self.initial_edges,
             self.edges - self.edges_at(last_quarter_from),
             last_quarter_from.as_secs(),
             self.features,
@@ -273,27 +279,30 @@ mod tests {
         let mut progress = Progress::default();
         let lines = [
             ("INFO: Seed: 12345", 0),
-            ("#2\tINITED cov: 100 ft: 300 corp: 10/2Kb exec/s: 0 rss: 40Mb", 0),
+            // Read while loading the corpus, before the clock starts.
+            ("#8\tpulse  cov: 50 ft: 90 exec/s: 0 rss: 40Mb", 0),
+            // The clock starts on this line, so it is a moment past zero.
+            ("#10\tINITED cov: 100 ft: 300 corp: 10/2Kb exec/s: 0 rss: 40Mb", 1),
             (
                 "#50\tNEW    cov: 120 ft: 350 corp: 11/3Kb lim: 4 exec/s: 0 rss: 41Mb L: 3/4 MS: 1 ChangeBit-",
-                5,
+                5000,
             ),
             (
                 "#4096\tpulse  cov: 120 ft: 350 corp: 11/3Kb lim: 4 exec/s: 800 rss: 41Mb",
-                9,
+                9000,
             ),
             (
                 "#5000\tREDUCE cov: 120 ft: 360 corp: 11/3Kb lim: 4 exec/s: 700 rss: 41Mb L: 2/4 MS: 1 EraseBytes-",
-                20,
+                20000,
             ),
             (
                 "#6000\tDONE   cov: 120 ft: 360 corp: 11/3Kb lim: 4 exec/s: 600 rss: 41Mb",
-                30,
+                30000,
             ),
-            ("Done 6000 runs in 30 second(s)", 30),
+            ("Done 6000 runs in 30 second(s)", 30_000),
         ];
         for (line, at) in lines {
-            progress.observe(line, Duration::from_secs(at));
+            progress.observe(line, Duration::from_millis(at));
         }
         progress.ran_for = Duration::from_secs(30);
         assert_eq!(progress.runs, 6000);
