@@ -173,11 +173,16 @@ impl LengthGuard<'_> {
                 at = next;
             } else {
                 let next = self.skip(&header, header.value_len())?;
-                if header.vr == Some(*b"SQ") && self.items(header.value_at, Some(next), encoding, depth + 1)?.is_none()
-                {
-                    return Ok(None);
-                }
-                at = next;
+                at = if header.vr == Some(*b"SQ") {
+                    // The parser reads on linearly: a sequence delimiter
+                    // inside a defined-length sequence ends it there.
+                    let Some(after) = self.items(header.value_at, Some(next), encoding, depth + 1)? else {
+                        return Ok(None);
+                    };
+                    after
+                } else {
+                    next
+                };
             }
         }
     }
@@ -199,10 +204,13 @@ impl LengthGuard<'_> {
             let next = match header.tag {
                 SEQUENCE_END => return Ok(Some(header.value_at)),
                 ITEM if header.length == UNDEFINED_LENGTH => self.data_set(header.value_at, None, encoding, depth)?,
+                // The parser reads on linearly: an item delimiter inside a
+                // defined-length item ends the item there, and what follows
+                // the delimiter is read as the sequence's next entry. Going
+                // on from the declared end instead left those bytes unchecked.
                 ITEM => {
-                    let next = self.skip(&header, header.length as usize)?;
-                    self.data_set(header.value_at, Some(next), encoding, depth)?
-                        .map(|_| next)
+                    let end = self.skip(&header, header.length as usize)?;
+                    self.data_set(header.value_at, Some(end), encoding, depth)?
                 }
                 _ => None,
             };

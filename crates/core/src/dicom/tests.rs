@@ -415,6 +415,18 @@ fn a_deflated_data_set_claiming_4_gib_is_refused_before_allocating() {
     assert!(error.contains("inflates to more than"), "{error}");
 }
 
+/// Found by `cargo xtask fuzz decode_image`: an item delimiter inside a
+/// defined-length item. The parser ends the item there and reads on; the
+/// guard went on from the item's declared end, found no item there and
+/// stopped checking, so a 3.7 GB length after the sequence reached the parser.
+#[test]
+fn an_item_delimiter_inside_a_defined_length_item_does_not_end_the_guard() {
+    let bytes =
+        include_bytes!("../../../../fuzz/regressions/decode_image/oom-3cfca98266bb668eba3724ea2402938c372efb8b");
+    let error = preprocess::decode(bytes).unwrap_err().to_string();
+    assert!(error.contains("(7FE0,5110) claims 3690942290 bytes"), "{error}");
+}
+
 #[test]
 fn implicit_vr_and_sequences_pass_the_length_guard() {
     let mut object = image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500]));
