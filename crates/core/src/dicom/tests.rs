@@ -427,8 +427,8 @@ fn an_item_delimiter_inside_a_defined_length_item_does_not_end_the_guard() {
     assert!(error.contains("(7FE0,5110) claims 3690942290 bytes"), "{error}");
 }
 
-#[test]
-fn implicit_vr_and_sequences_pass_the_length_guard() {
+/// A 2×2 16-bit image with an undefined-length View Code Sequence of one item.
+fn image_with_a_sequence() -> InMemDicomObject {
     let mut object = image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500]));
     let item = InMemDicomObject::from_element_iter([DataElement::new(tags::CODE_VALUE, VR::SH, "R-10206")]);
     object.put(DataElement::new(
@@ -436,6 +436,12 @@ fn implicit_vr_and_sequences_pass_the_length_guard() {
         VR::SQ,
         dicom_core::DicomValue::new_sequence(vec![item], dicom_core::Length::UNDEFINED),
     ));
+    object
+}
+
+#[test]
+fn implicit_vr_and_sequences_pass_the_length_guard() {
+    let object = image_with_a_sequence();
     for syntax in [uids::IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_LE] {
         assert_close(&grey(&file(object.clone(), syntax)), &[0.0, 0.25, 0.5, 1.0]);
     }
@@ -469,13 +475,7 @@ fn write_dicom_fuzz_seeds() {
     let mut multi_frame = image(2, 1, "MONOCHROME2", 8, bytes(&[10, 20, 200, 100]));
     set(&mut multi_frame, tags::NUMBER_OF_FRAMES, VR::IS, "2");
 
-    let mut with_sequence = image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500]));
-    let item = InMemDicomObject::from_element_iter([DataElement::new(tags::CODE_VALUE, VR::SH, "R-10206")]);
-    with_sequence.put(DataElement::new(
-        tags::VIEW_CODE_SEQUENCE,
-        VR::SQ,
-        dicom_core::DicomValue::new_sequence(vec![item], dicom_core::Length::UNDEFINED),
-    ));
+    let with_sequence = image_with_a_sequence();
 
     let rle_pixels: Vec<u8> = (0..64u8).map(|i| i * 4).collect();
     let seeds = [
