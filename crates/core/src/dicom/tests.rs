@@ -427,6 +427,36 @@ fn an_item_delimiter_inside_a_defined_length_item_does_not_end_the_guard() {
     assert!(error.contains("(7FE0,5110) claims 3690942290 bytes"), "{error}");
 }
 
+/// The other half of that fix: a sequence delimiter inside a defined-length
+/// sequence. The parser ends the sequence at the delimiter and reads what
+/// follows as the next element, so the guard must check it as one too.
+#[test]
+fn a_sequence_delimiter_inside_a_defined_length_sequence_does_not_end_the_guard() {
+    // Implicit VR, before the pixel data: View Code Sequence (SQ in the
+    // dictionary) with a defined length that covers a sequence delimiter and
+    // the header of a Code Value claiming `claimed` bytes, then its value.
+    let with_stray_delimiter = |claimed: u32, value: &[u8]| {
+        let mut bytes = file(
+            image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500])),
+            uids::IMPLICIT_VR_LITTLE_ENDIAN,
+        );
+        let pixel_data = bytes.windows(4).rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00]).unwrap();
+        let mut inserted = vec![0x54, 0x00, 0x20, 0x02];
+        inserted.extend_from_slice(&(16 + value.len() as u32).to_le_bytes());
+        inserted.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        inserted.extend_from_slice(&[0x08, 0x00, 0x00, 0x01]);
+        inserted.extend_from_slice(&claimed.to_le_bytes());
+        inserted.extend_from_slice(value);
+        bytes.splice(pixel_data..pixel_data, inserted);
+        bytes
+    };
+    assert_close(&grey(&with_stray_delimiter(2, b"AB")), &[0.0, 0.25, 0.5, 1.0]);
+    let error = preprocess::decode(&with_stray_delimiter(1_000_000_000, b""))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("(0008,0100) claims 1000000000 bytes"), "{error}");
+}
+
 /// A 2×2 16-bit image with an undefined-length View Code Sequence of one item.
 fn image_with_a_sequence() -> InMemDicomObject {
     let mut object = image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500]));
