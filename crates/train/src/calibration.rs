@@ -235,6 +235,16 @@ impl CalibrationFigures {
             bins: reliability(scores, labels, BINS),
         }
     }
+
+    /// One line for text reports; a report written before the log loss was
+    /// recorded says nothing of it rather than "NaN".
+    pub fn summary(&self) -> String {
+        let mut line = format!("Expected calibration error: {:.3} ({} bins)", self.ece, self.bins.len());
+        if self.log_loss.is_finite() {
+            line += &format!(", log loss {:.4}", self.log_loss);
+        }
+        line
+    }
 }
 
 /// Held-out predictions a card's temperature and operating points are chosen
@@ -417,6 +427,15 @@ mod tests {
         let old_report = r#"{"ece": 0.05, "bins": []}"#;
         let figures: CalibrationFigures = serde_json::from_str(old_report).unwrap();
         assert!(figures.log_loss.is_nan() && figures.ece == 0.05);
+        assert_eq!(figures.summary(), "Expected calibration error: 0.050 (0 bins)");
+        let fresh = CalibrationFigures {
+            log_loss: 0.53125,
+            ..figures
+        };
+        assert_eq!(
+            fresh.summary(),
+            "Expected calibration error: 0.050 (0 bins), log loss 0.5312"
+        );
     }
 
     #[test]

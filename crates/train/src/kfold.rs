@@ -130,12 +130,8 @@ impl KfoldReport {
             );
         }
         if let Some(calibration) = &self.calibration {
-            out += &format!(
-                "Expected calibration error: {:.3} ({} bins), log loss {:.4}\n",
-                calibration.ece,
-                calibration.bins.len(),
-                calibration.log_loss
-            );
+            out += &calibration.summary();
+            out += "\n";
         }
         out += &format!("{} folds, {} images, {:.0} s\n", self.folds, p.n, self.seconds);
         out
