@@ -25,7 +25,7 @@ fn trained_model(dir: &Path) -> PathBuf {
     synth(&data, "classes", 30, 48);
     let model = dir.join("cnn.safetensors");
     let out = fracture_line(&format!(
-        "train -i {} --model cnn -o {} --epochs 2 --size 48 --batch 8 --quiet",
+        "train -i {} --model cnn -o {} --epochs 2 --size 48 --batch 8 --augment strong --quiet",
         s(&data),
         s(&model)
     ));
@@ -43,6 +43,15 @@ fn train_writes_model_card_history_and_curves_then_detect_reads_them() {
     assert!(
         !dir.path().join("cnn.safetensors.checkpoint").exists(),
         "checkpoint is removed after success"
+    );
+    let out = fracture(&["card", s(&model)]);
+    assert_exit(&out, 0);
+    let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let augmentation = &card["training"]["schedule"]["augmentation"];
+    assert_eq!(
+        (augmentation["translation"].as_f64(), augmentation["contrast"].as_f64()),
+        (Some(0.1f32 as f64), Some(0.3f32 as f64)),
+        "{augmentation}"
     );
 
     // CSV: header and one row per image, probability in [0, 1], label from the class folders.

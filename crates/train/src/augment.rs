@@ -32,6 +32,15 @@
 //! * **Brightness** (`RandomBrightness(b)`): a single delta `U(-b, b)` is added
 //!   to every pixel and channel, then the result is clipped to `[0, 1]`.
 //!
+//! Two transforms are not in the study's stack (its presets leave them off):
+//!
+//! * **Translation** `t`: the picture moves by `U(-t, t)` of its width and,
+//!   drawn separately, of its height, in the zoom's resampling pass
+//!   (`in = c + s·(out - c) - shift`), so it costs no pass of its own.
+//! * **Contrast** `k`: after brightness every value `v` becomes `v^γ` with
+//!   `γ = exp(U(-k, k))`. X-rays differ in exposure and windowing by a curve
+//!   more than by an offset; a power keeps black black and white white.
+//!
 //! Rotation and zoom use bilinear sampling and `fill_mode="reflect"`, which in
 //! TF's `ImageProjectiveTransformV3` kernel (`MapCoordinate<FILL_REFLECT>`) is
 //! `(d c b a | a b c d | d c b a)`: the continuous sample coordinate is
@@ -49,7 +58,9 @@
 //! # Random number order
 //!
 //! [`Augmentation::sample`] draws from the RNG only for enabled transforms, in
-//! this order: flip (one `bool`), rotation angle, zoom scale, brightness delta.
+//! this order: flip (one `bool`), rotation angle, zoom scale, brightness delta,
+//! horizontal and vertical shift, gamma: the study's presets draw what they
+//! always drew.
 //! A seeded RNG therefore reproduces the same output for the same
 //! `Augmentation`, but changing which transforms are enabled changes the
 //! values drawn for the later ones.
@@ -75,6 +86,12 @@ pub struct Augmentation {
     pub zoom: f32,
     /// `RandomBrightness` factor, a fraction of the value range.
     pub brightness: f32,
+    /// Largest shift, a fraction of the width and of the height.
+    #[serde(default)]
+    pub translation: f32,
+    /// Largest |ln γ| of the gamma curve applied after brightness.
+    #[serde(default)]
+    pub contrast: f32,
 }
 
 /// One concrete draw of the augmentation parameters, applied
@@ -90,6 +107,11 @@ pub struct AugmentParams {
     /// Brightness delta on the `0..=1` scale; `None` when the brightness layer
     /// is absent, in which case no clipping happens either.
     pub brightness_delta: Option<f32>,
+    /// Shift of the picture, in fractions of its width and height (positive:
+    /// right and down).
+    pub shift: [f32; 2],
+    /// Exponent applied to every value after brightness (1: unchanged).
+    pub gamma: f32,
 }
 
 impl AugmentParams {
@@ -99,20 +121,28 @@ impl AugmentParams {
         angle_radians: 0.0,
         zoom_scale: 1.0,
         brightness_delta: None,
+        shift: [0.0, 0.0],
+        gamma: 1.0,
     };
 
-    /// Applies flip, rotation, zoom and brightness, in Keras' order.
+    /// Applies flip, rotation, zoom (with the shift) and brightness, in
+    /// Keras' order, then the gamma curve.
     pub fn apply(&self, img: &Rgb32FImage) -> Rgb32FImage {
         let mut out = if self.flip {
             imageops::flip_horizontal(img)
         } else {
             img.clone()
         };
-        if self.angle_radians != 0.0 || self.zoom_scale != 1.0 {
-            out = rotate_zoom(&out, self.angle_radians, self.zoom_scale);
+        if self.angle_radians != 0.0 || self.zoom_scale != 1.0 || self.shift != [0.0, 0.0] {
+            out = rotate_zoom_shift(&out, self.angle_radians, self.zoom_scale, self.shift);
         }
         if let Some(delta) = self.brightness_delta {
             adjust_brightness(&mut out, delta);
+        }
+        if self.gamma.is_finite() && self.gamma > 0.0 && self.gamma != 1.0 {
+            for value in out.iter_mut() {
+                *value = value.clamp(0.0, 1.0).powf(self.gamma);
+            }
         }
         out
     }
@@ -126,6 +156,8 @@ impl Augmentation {
         rotation: 0.1,
         zoom: 0.2,
         brightness: 0.4,
+        translation: 0.0,
+        contrast: 0.0,
     };
 
     /// Half the study's geometry and a quarter of its brightness: X-rays vary
@@ -136,6 +168,21 @@ impl Augmentation {
         rotation: 0.05,
         zoom: 0.1,
         brightness: 0.1,
+        translation: 0.0,
+        contrast: 0.0,
+    };
+
+    /// The mild stack's rotation and brightness with the study's zoom, shifts
+    /// of up to a tenth and a gamma between 0.74 and 1.35: MURA's pictures
+    /// differ in framing and exposure far more than the mild stack draws,
+    /// and the scratch recipe overfits when trained for longer.
+    pub const STRONG: Augmentation = Augmentation {
+        flip_horizontal: true,
+        rotation: 0.05,
+        zoom: 0.2,
+        brightness: 0.1,
+        translation: 0.1,
+        contrast: 0.3,
     };
 
     /// No augmentation at all.
@@ -144,6 +191,8 @@ impl Augmentation {
         rotation: 0.0,
         zoom: 0.0,
         brightness: 0.0,
+        translation: 0.0,
+        contrast: 0.0,
     };
 
     /// True when [`Augmentation::apply`] returns its input unchanged.
@@ -152,6 +201,8 @@ impl Augmentation {
             && sanitize_factor(self.rotation) == 0.0
             && sanitize_factor(self.zoom) == 0.0
             && sanitize_factor(self.brightness) == 0.0
+            && sanitize_factor(self.translation) == 0.0
+            && sanitize_factor(self.contrast) == 0.0
     }
 
     /// Draws one set of parameters (see the module docs for the draw order).
@@ -171,6 +222,17 @@ impl Augmentation {
         let brightness = sanitize_factor(self.brightness);
         if brightness > 0.0 {
             params.brightness_delta = Some(rng.random_range(-brightness..=brightness));
+        }
+        let translation = sanitize_factor(self.translation);
+        if translation > 0.0 {
+            params.shift = [
+                rng.random_range(-translation..=translation),
+                rng.random_range(-translation..=translation),
+            ];
+        }
+        let contrast = sanitize_factor(self.contrast);
+        if contrast > 0.0 {
+            params.gamma = rng.random_range(-contrast..=contrast).exp();
         }
         params
     }
@@ -199,13 +261,23 @@ fn sanitize_factor(factor: f32) -> f32 {
 /// step whose parameter is the identity (or not finite) is skipped. The output
 /// has the input's dimensions.
 pub fn rotate_zoom(img: &Rgb32FImage, angle_radians: f32, zoom: f32) -> Rgb32FImage {
+    rotate_zoom_shift(img, angle_radians, zoom, [0.0, 0.0])
+}
+
+/// [`rotate_zoom`], the zoom pass also moving the picture by `shift` (fractions
+/// of the width and height; positive: right and down).
+pub fn rotate_zoom_shift(img: &Rgb32FImage, angle_radians: f32, zoom: f32, shift: [f32; 2]) -> Rgb32FImage {
     let mut out = img.clone();
     if angle_radians.is_finite() && angle_radians != 0.0 {
         let (sin, cos) = angle_radians.sin_cos();
-        out = resample_about_centre(&out, [[cos, -sin], [sin, cos]]);
+        out = resample_about_centre(&out, [[cos, -sin], [sin, cos]], [0.0, 0.0]);
     }
-    if zoom.is_finite() && zoom != 1.0 {
-        out = resample_about_centre(&out, [[zoom, 0.0], [0.0, zoom]]);
+    let zoom = if zoom.is_finite() { zoom } else { 1.0 };
+    let shift = shift.map(|s| if s.is_finite() { s } else { 0.0 });
+    if zoom != 1.0 || shift != [0.0, 0.0] {
+        let (width, height) = out.dimensions();
+        let offset = [shift[0] * width as f32, shift[1] * height as f32];
+        out = resample_about_centre(&out, [[zoom, 0.0], [0.0, zoom]], offset);
     }
     out
 }
@@ -218,8 +290,9 @@ fn adjust_brightness(img: &mut Rgb32FImage, delta: f32) {
 }
 
 /// Resamples `img` so that output pixel `out` takes the bilinear, reflect-filled
-/// value at input position `c + m·(out - c)`, `c` being the image centre.
-fn resample_about_centre(img: &Rgb32FImage, m: [[f32; 2]; 2]) -> Rgb32FImage {
+/// value at input position `c + m·(out - c) - offset`, `c` being the image
+/// centre (so the picture moves by `offset` pixels).
+fn resample_about_centre(img: &Rgb32FImage, m: [[f32; 2]; 2], offset: [f32; 2]) -> Rgb32FImage {
     let (width, height) = img.dimensions();
     if width == 0 || height == 0 {
         return img.clone();
@@ -229,8 +302,8 @@ fn resample_about_centre(img: &Rgb32FImage, m: [[f32; 2]; 2]) -> Rgb32FImage {
     Rgb32FImage::from_fn(width, height, |x, y| {
         let dx = x as f32 - cx;
         let dy = y as f32 - cy;
-        let src_x = reflect_coordinate(cx + m[0][0] * dx + m[0][1] * dy, width);
-        let src_y = reflect_coordinate(cy + m[1][0] * dx + m[1][1] * dy, height);
+        let src_x = reflect_coordinate(cx + m[0][0] * dx + m[0][1] * dy - offset[0], width);
+        let src_y = reflect_coordinate(cy + m[1][0] * dx + m[1][1] * dy - offset[1], height);
         Rgb(bilinear(img, src_x, src_y))
     })
 }
@@ -494,6 +567,55 @@ mod tests {
     }
 
     #[test]
+    fn the_strong_stack_draws_shifts_and_gammas_over_their_whole_range() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let (mut shifts, mut gammas) = (Vec::new(), Vec::new());
+        for _ in 0..10_000 {
+            let p = Augmentation::STRONG.sample(&mut rng);
+            shifts.extend(p.shift);
+            gammas.push(p.gamma);
+        }
+        let range = |v: &[f32]| {
+            v.iter()
+                .fold((f32::MAX, f32::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+        };
+        let (lo, hi) = range(&shifts);
+        assert!(lo >= -0.1 && lo < -0.099 && hi <= 0.1 && hi > 0.099, "shift {lo}..{hi}");
+        let (lo, hi) = range(&gammas);
+        assert!(lo >= (-0.3f32).exp() - 1e-6 && lo < 0.75, "gamma from {lo}");
+        assert!(hi <= 0.3f32.exp() + 1e-6 && hi > 1.34, "gamma to {hi}");
+        // The study's presets draw neither, so their seeded draws are unchanged.
+        for preset in [Augmentation::STUDY, Augmentation::MILD] {
+            let p = preset.sample(&mut rng);
+            assert_eq!((p.shift, p.gamma), ([0.0, 0.0], 1.0));
+        }
+    }
+
+    #[test]
+    fn a_shift_moves_the_picture_by_that_fraction() {
+        let marker = |x, y| Rgb32FImage::from_fn(16, 8, move |i, j| Rgb([if (i, j) == (x, y) { 1.0 } else { 0.0 }; 3]));
+        let shifted = AugmentParams {
+            shift: [0.25, -0.25],
+            ..AugmentParams::IDENTITY
+        }
+        .apply(&marker(5, 4));
+        // A quarter of 16 to the right, a quarter of 8 up.
+        assert!(max_abs_diff(&shifted, &marker(9, 2)) < 1e-6);
+    }
+
+    #[test]
+    fn gamma_bends_the_grey_curve_and_keeps_its_ends() {
+        let img = Rgb32FImage::from_fn(3, 1, |x, _| Rgb([[0.0, 0.25, 1.0][x as usize]; 3]));
+        let darker = AugmentParams {
+            gamma: 2.0,
+            ..AugmentParams::IDENTITY
+        }
+        .apply(&img);
+        let values: Vec<f32> = (0..3).map(|x| darker.get_pixel(x, 0)[0]).collect();
+        assert_eq!(values, [0.0, 0.0625, 1.0]);
+    }
+
+    #[test]
     fn brightness_shifts_the_mean_by_the_drawn_delta() {
         let brightness_only = Augmentation {
             brightness: 0.4,
@@ -560,7 +682,11 @@ mod tests {
             rotation: -7.0,
             zoom: 3.0,
             brightness: f32::NAN,
+            translation: 5.0,
+            contrast: f32::INFINITY,
         };
         assert!(wild.apply(&img, &mut rng).iter().all(|v| v.is_finite()));
+        let steep = Augmentation { contrast: -9.0, ..wild };
+        assert!(steep.apply(&img, &mut rng).iter().all(|v| v.is_finite()));
     }
 }

@@ -81,6 +81,8 @@ pub enum AugmentStrength {
     Study,
     /// Flip, rotation 0.05, zoom 0.1, brightness 0.1.
     Mild,
+    /// Flip, rotation 0.05, zoom 0.2, brightness 0.1, shifts up to 0.1, gamma 0.74-1.35.
+    Strong,
     None,
 }
 

@@ -84,6 +84,7 @@ pub(super) fn prepare(args: &ModelArgs, device: &Device) -> Result<Prepared> {
             (true, _) | (_, Some(AugmentStrength::None)) => Some(Augmentation::NONE),
             (_, Some(AugmentStrength::Study)) => Some(Augmentation::STUDY),
             (_, Some(AugmentStrength::Mild)) => Some(Augmentation::MILD),
+            (_, Some(AugmentStrength::Strong)) => Some(Augmentation::STRONG),
             (false, None) => None,
         },
         weight_decay: args.weight_decay,
