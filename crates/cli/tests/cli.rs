@@ -510,6 +510,17 @@ fn bench_prints_throughput_and_memory() {
     assert_exit(&out, 0);
     let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(parsed["images_per_second"].as_f64().unwrap() > 0.0);
+
+    // Inference, what detect and the page run.
+    let out = fracture_line("bench --model densenet-tiny --mode infer --batch 2 --size 48 --reps 2 --json");
+    assert_exit(&out, 0);
+    let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (parsed["mode"].as_str(), parsed["batch"].as_u64()),
+        (Some("infer"), Some(2)),
+        "{parsed}"
+    );
+    assert!(parsed["images_per_second"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
