@@ -343,14 +343,13 @@ function showBatch() {
 }
 
 // The study an image belongs to from the folder it was dropped in, as `fracture detect
-// --by-study` names it: a MURA study folder as patientNNNNN/studyK_…, any other folder
-// by its path; a loose file (no folder, no DICOM study) is a study of its own (null).
+// --by-study` groups it: a folder named studyK… (patientNNNNN/studyK_… in MURA's layout)
+// is a study; any other image, in a class folder or loose, is a study of its own (null).
 function studyOfPath(path) {
   const parts = (path || '').split('/').filter(Boolean);
-  if (parts.length < 2) return null;
   const [patient, study] = [parts.at(-3), parts.at(-2)];
-  if (/^study\d/.test(study) && patient?.startsWith('patient')) return `${patient}/${study}`;
-  return parts.slice(0, -1).join('/');
+  if (!/^study\d/.test(study ?? '')) return null;
+  return patient?.startsWith('patient') ? `${patient}/${study}` : parts.slice(0, -1).join('/');
 }
 
 // One verdict per study and model: the mean of its images' (calibrated) probabilities,

@@ -502,6 +502,13 @@ test('a dropped folder of studies gets one verdict per study, as `detect --by-st
       if (Math.abs(Number(probability) - thresholds[point]) > 1e-4) assert.equal(row.label, label, `${point}: ${study}`);
     }
   }
+  // Class folders are not studies: each of their images stands alone, as natively.
+  const studies = await page.locator('[data-testid="study"]').count();
+  const classes = path.join(WORK, 'class-folders');
+  fracture('synth', '-o', classes, '--layout', 'classes', '--count', '3', '--size', '96', '--seed', '22');
+  await page.setInputFiles('[data-testid="folder-input"]', classes);
+  await waitForCards(page, imageCount + 6);
+  assert.equal(await page.locator('[data-testid="study"]').count(), studies);
   assert.deepEqual(consoleErrors, []);
   await context.close();
 });
