@@ -580,7 +580,10 @@ mod tests {
                 .fold((f32::MAX, f32::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))
         };
         let (lo, hi) = range(&shifts);
-        assert!(lo >= -0.1 && lo < -0.099 && hi <= 0.1 && hi > 0.099, "shift {lo}..{hi}");
+        assert!(
+            (-0.1..-0.099).contains(&lo) && hi <= 0.1 && hi > 0.099,
+            "shift {lo}..{hi}"
+        );
         let (lo, hi) = range(&gammas);
         assert!(lo >= (-0.3f32).exp() - 1e-6 && lo < 0.75, "gamma from {lo}");
         assert!(hi <= 0.3f32.exp() + 1e-6 && hi > 1.34, "gamma to {hi}");
