@@ -112,6 +112,11 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb32FImage> {
     let decoder = reader.into_decoder().map_err(|e| Error::Decode(e.to_string()))?;
     let (width, height) = decoder.dimensions();
     check_pixel_budget(width, height)?;
+    if format == ImageFormat::Jpeg && width.max(height) > MAX_JPEG_SIDE {
+        return Err(Error::UnsupportedImage(format!(
+            "{width}x{height} JPEG: the decoder cannot read a side over {MAX_JPEG_SIDE} pixels"
+        )));
+    }
     let image = DynamicImage::from_decoder(decoder).map_err(|e| Error::Decode(e.to_string()))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(Error::Decode("image has no pixels".into()));
@@ -135,6 +140,13 @@ pub(crate) fn check_pixel_budget(width: u32, height: u32) -> Result<()> {
     }
     Ok(())
 }
+
+/// The longest JPEG side the decoder reads whole. zune-jpeg counts a grey
+/// image's 8-pixel blocks as `(side + 7) / 8` in 16 bits: above 65,528 that
+/// wraps to zero rows of blocks, and the image comes back blank, to be scored
+/// like any other (in builds with overflow checks, a panic). The format's own
+/// limit is 65,535.
+const MAX_JPEG_SIDE: u32 = 65_528;
 
 /// Whether a JPEG's last scan is followed by its end-of-image marker. The
 /// decoder fills a cut-off file's missing rows with grey and says nothing,
@@ -228,6 +240,28 @@ mod tests {
             ImageFormat::Png,
         );
         assert_eq!(decode(&within).unwrap().dimensions(), (600, 400));
+    }
+
+    /// Found by `cargo xtask fuzz decode_image`: a grey 40x65535 JPEG with
+    /// vertical subsampling, whose block count overflowed in the decoder.
+    #[test]
+    fn a_jpeg_too_tall_for_the_decoder_is_refused_not_decoded_blank() {
+        let bytes =
+            include_bytes!("../../../fuzz/regressions/decode_image/crash-9f343ec7027efd2222bac60c116864d04716e156");
+        let error = decode(bytes).unwrap_err().to_string();
+        assert!(error.contains("40x65535 JPEG"), "{error}");
+        // The same limit holds for a plain encoder's file, and the longest side read stays readable.
+        let tall = |height: u16| {
+            let mut jpeg = encoded(
+                image::DynamicImage::ImageLuma8(image::GrayImage::new(8, 8)),
+                ImageFormat::Jpeg,
+            );
+            let frame = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+            jpeg[frame + 5..frame + 7].copy_from_slice(&height.to_be_bytes());
+            jpeg
+        };
+        assert!(decode(&tall(65_529)).unwrap_err().to_string().contains("8x65529 JPEG"));
+        assert!(!decode(&tall(65_528)).is_err_and(|e| e.to_string().contains("cannot read a side")));
     }
 
     #[test]
