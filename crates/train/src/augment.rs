@@ -87,11 +87,17 @@ pub struct Augmentation {
     /// `RandomBrightness` factor, a fraction of the value range.
     pub brightness: f32,
     /// Largest shift, a fraction of the width and of the height.
-    #[serde(default)]
+    // Left out when off, so that the study's and the mild stack's schedules
+    // serialise, and so fingerprint, as before (interrupted runs resume).
+    #[serde(default, skip_serializing_if = "is_off")]
     pub translation: f32,
     /// Largest |ln γ| of the gamma curve applied after brightness.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_off")]
     pub contrast: f32,
+}
+
+fn is_off(factor: &f32) -> bool {
+    *factor == 0.0
 }
 
 /// One concrete draw of the augmentation parameters, applied
