@@ -7,6 +7,7 @@ pub mod augment;
 pub mod average;
 pub mod bench;
 pub mod calibration;
+pub mod compare;
 pub mod dataset;
 pub mod files;
 pub mod fingerprint;
