@@ -423,6 +423,62 @@ fn calibrate_then_detect_by_operating_point_and_by_study() {
         expected.values().any(|m| m.len() > 1),
         "the synthetic set should have multi-image studies"
     );
+    compare_scores_both_models_as_calibrate_did(dir.path(), &data, &dev, &model, &calibrated, &card);
+}
+
+/// `compare` on the development patients: B's figures are the ones `calibrate`
+/// recorded for it, the differences are B minus A, and a model against itself
+/// differs by nothing.
+fn compare_scores_both_models_as_calibrate_did(
+    dir: &Path,
+    data: &Path,
+    dev: &Path,
+    model: &Path,
+    calibrated: &Path,
+    card: &serde_json::Value,
+) {
+    let compare = |a: &Path, b: &Path, extra: &[&str]| {
+        let mut args = vec!["compare", s(a), s(b), "-i", s(data), "--patients", s(dev), "--quiet"];
+        args.extend_from_slice(extra);
+        fracture(&args)
+    };
+    let plot = dir.join("compare.svg");
+    let out = compare(model, calibrated, &["--format", "json", "--plot", s(&plot)]);
+    assert_exit(&out, 0);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let comparison = &json["comparison"];
+    let recorded = &card["metrics"]["development"];
+    for level in ["images", "studies"] {
+        let b = &comparison["b"][level];
+        assert_eq!(b["auc"], recorded[level]["auc"], "{level}");
+        assert_eq!(b["auc_ci"], recorded[level]["auc_ci"], "{level}");
+        let gain = b["auc"].as_f64().unwrap() - comparison["a"][level]["auc"].as_f64().unwrap();
+        let difference = comparison[level]["difference"].as_f64().unwrap();
+        assert!((difference - gain).abs() < 1e-12, "{level}: {difference} vs {gain}");
+    }
+    assert_eq!(json["b"]["tta"], "Identity + HorizontalFlip");
+    assert_eq!(json["b"]["balanced_threshold"], card["operating_points"]["balanced"]);
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+
+    let out = compare(model, model, &["--resamples", "200"]);
+    assert_exit(&out, 0);
+    let printed = text(&out.stdout);
+    assert!(printed.contains("resamples of the"), "{printed}");
+    let gains: Vec<&str> = printed.lines().filter(|l| l.contains(" AUC ")).collect();
+    assert_eq!(gains.len(), 2, "{printed}");
+    for line in gains {
+        assert!(line.contains("+0.000 (+0.000 to +0.000; B above A in 0%"), "{line}");
+    }
+
+    assert_exit(&fracture(&["compare", s(model), "-i", s(data)]), 2);
+    let missing = dir.join("missing.safetensors");
+    let out = compare(model, &missing, &[]);
+    assert_exit(&out, 1);
+    assert!(
+        text(&out.stderr).contains("missing.safetensors"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -51,6 +51,9 @@ pub enum Command {
     /// Fit a model's temperature, test-time augmentation and operating points
     /// on held-out images, and record them in its card.
     Calibrate(CalibrateArgs),
+    /// Score two models on the same labelled images: each one's AUC and kappa,
+    /// and how much B gains over A, with a paired bootstrap over patients.
+    Compare(CompareArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -529,4 +532,34 @@ impl From<BenchModeArg> for BenchMode {
             BenchModeArg::Frozen => BenchMode::Frozen,
         }
     }
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Model A (the reference), then model B: differences are B minus A.
+    #[arg(value_name = "MODEL.safetensors", num_args = 2, required = true)]
+    pub models: Vec<PathBuf>,
+    /// The labelled images to score both on: images neither model trained or
+    /// was tuned on (a development split: use --patients).
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: CompareFormat,
+    /// Both models' image-level ROC curves in one SVG.
+    #[arg(long, value_name = "OUT.svg")]
+    pub plot: Option<PathBuf>,
+    /// Bootstrap resamples of the patients (of the images without patient ids).
+    #[arg(long, default_value_t = fracture_train::metrics::BOOTSTRAP_RESAMPLES as u64,
+          value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+    pub resamples: u64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompareFormat {
+    Text,
+    Json,
 }

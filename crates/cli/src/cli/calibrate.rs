@@ -129,7 +129,7 @@ pub(super) fn calibrate(args: CalibrateArgs) -> Result<()> {
 }
 
 /// The model's logits under each view for every image of a development split.
-fn development_predictions(
+pub(super) fn development_predictions(
     model: &fracture_core::Model,
     card: &ModelCard,
     data: &DataArgs,

@@ -7,6 +7,7 @@ mod args;
 mod bars;
 mod bench;
 mod calibrate;
+mod compare;
 mod data;
 mod detect;
 mod kfold;
@@ -42,6 +43,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Card(args) => model_file::card(args),
         Command::Roc(args) => kfold::roc(args),
         Command::Calibrate(args) => calibrate::calibrate(args),
+        Command::Compare(args) => compare::compare(args),
     }
 }
 
