@@ -456,7 +456,7 @@ fn compare_scores_both_models_as_calibrate_did(
         let difference = comparison[level]["difference"].as_f64().unwrap();
         assert!((difference - gain).abs() < 1e-12, "{level}: {difference} vs {gain}");
     }
-    assert_eq!(json["b"]["tta"], "Identity + HorizontalFlip");
+    assert_eq!(json["b"]["tta"], "identity + horizontal_flip");
     assert_eq!(json["b"]["balanced_threshold"], card["operating_points"]["balanced"]);
     assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
 

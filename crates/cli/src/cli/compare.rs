@@ -130,8 +130,16 @@ fn score(path: &Path, args: &CompareArgs) -> Result<(ScoredModel, HeldOut)> {
     Ok((scored, held_out))
 }
 
+/// The card's test-time views as its JSON names them.
 fn views(card: &ModelCard) -> String {
-    let names: Vec<String> = card.tta.iter().map(|view| format!("{view:?}")).collect();
+    let names: Vec<String> = card
+        .tta
+        .iter()
+        .map(|view| match serde_json::to_value(view) {
+            Ok(serde_json::Value::String(name)) => name,
+            _ => format!("{view:?}"),
+        })
+        .collect();
     names.join(" + ")
 }
 
