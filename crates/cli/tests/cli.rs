@@ -456,8 +456,9 @@ fn compare_scores_both_models_as_calibrate_did(
         let difference = comparison[level]["difference"].as_f64().unwrap();
         assert!((difference - gain).abs() < 1e-12, "{level}: {difference} vs {gain}");
     }
-    assert_eq!(json["b"]["tta"], "identity + horizontal_flip");
-    assert_eq!(json["b"]["balanced_threshold"], card["operating_points"]["balanced"]);
+    let described = json["b"]["description"].as_str().unwrap();
+    assert!(described.contains("views identity + horizontal_flip"), "{described}");
+    assert_eq!(json["b"]["threshold"], card["operating_points"]["balanced"]);
     assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
 
     let out = compare(model, model, &["--resamples", "200"]);
@@ -471,6 +472,13 @@ fn compare_scores_both_models_as_calibrate_did(
     }
 
     assert_exit(&fracture(&["compare", s(model), "-i", s(data)]), 2);
+    let out = fracture(&["compare", s(model), s(model)]);
+    assert_exit(&out, 1);
+    assert!(
+        text(&out.stderr).contains("needs the labelled images"),
+        "{}",
+        text(&out.stderr)
+    );
     let missing = dir.join("missing.safetensors");
     let out = compare(model, &missing, &[]);
     assert_exit(&out, 1);
@@ -548,6 +556,68 @@ fn kfold_on_a_mura_layout_prints_the_studys_lines_and_writes_a_report() {
         "{}",
         text(&out.stderr)
     );
+    compare_pairs_kfold_runs_by_image(dir.path(), &report, &parsed);
+}
+
+/// `compare` on two kfold reports pairs their out-of-fold predictions by
+/// image path, whatever their order, and refuses runs over other images.
+fn compare_pairs_kfold_runs_by_image(dir: &Path, report: &Path, parsed: &serde_json::Value) {
+    let variant = |name: &str, edit: &dyn Fn(&mut Vec<serde_json::Value>)| {
+        let mut copy = parsed.clone();
+        edit(copy["predictions"].as_array_mut().unwrap());
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_vec(&copy).unwrap()).unwrap();
+        path
+    };
+    let compare_json = |b: &Path| {
+        let out = fracture(&["compare", s(report), s(b), "--format", "json", "--resamples", "300"]);
+        assert_exit(&out, 0);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["comparison"].clone()
+    };
+
+    let reversed = variant("reversed.json", &|predictions| predictions.reverse());
+    let same = compare_json(&reversed);
+    assert_eq!(same["a"]["images"]["auc"], parsed["pooled"]["auc"]);
+    assert_eq!(same["a"]["studies"]["auc"], parsed["study_level"]["auc"]);
+    for level in ["images", "studies"] {
+        assert_eq!(same[level]["difference"], 0.0, "{level}");
+        assert_eq!(same[level]["ci"], serde_json::json!([0.0, 0.0]), "{level}");
+    }
+
+    let perfect = variant("perfect.json", &|predictions| {
+        for p in predictions.iter_mut() {
+            p["probability"] = if p["positive"].as_bool().unwrap() { 0.9 } else { 0.1 }.into();
+        }
+    });
+    let better = compare_json(&perfect);
+    let gain = 1.0 - parsed["pooled"]["auc"].as_f64().unwrap();
+    assert_eq!(better["b"]["images"]["auc"], 1.0);
+    assert!((better["images"]["difference"].as_f64().unwrap() - gain).abs() < 1e-12);
+    assert!(better["images"]["ci"][0].as_f64().unwrap() >= 0.0);
+
+    let refused = |b: &Path, extra: &[&str], expected: &str| {
+        let mut args = vec!["compare", s(report), s(b)];
+        args.extend_from_slice(extra);
+        let out = fracture(&args);
+        assert_exit(&out, 1);
+        assert!(text(&out.stderr).contains(expected), "{}", text(&out.stderr));
+    };
+    let fewer = variant("fewer.json", &|predictions| {
+        predictions.pop();
+    });
+    refused(&fewer, &[], "predicted different images (1 only in A, 0 only in B");
+    let relabelled = variant("relabelled.json", &|predictions| {
+        let positive = predictions[0]["positive"].as_bool().unwrap();
+        predictions[0]["positive"] = (!positive).into();
+    });
+    refused(
+        &relabelled,
+        &[],
+        "is abnormal in one k-fold run and normal in the other",
+    );
+    refused(&reversed, &["-i", s(dir)], "-i is for model files");
+    let svg = dir.join("report.roc.svg");
+    refused(&svg, &[], "not one of each");
 }
 
 #[test]

@@ -4,9 +4,12 @@
 //! training seed moves the AUC by about 0.01, so a recipe's gain means little
 //! without the interval of the paired difference.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 use crate::calibration::study_metrics;
+use crate::kfold::KfoldReport;
 use crate::metrics::{self, BinaryMetrics, PairedDifference, CI_LEVEL};
 use crate::study;
 
@@ -24,6 +27,17 @@ pub enum CompareError {
         found: usize,
         expected: usize,
     },
+    #[error(
+        "the two k-fold runs predicted different images ({only_a} only in A, {only_b} only in B, e.g. {example}): \
+         compare runs over the same data set"
+    )]
+    DifferentImages {
+        only_a: usize,
+        only_b: usize,
+        example: String,
+    },
+    #[error("{path} is abnormal in one k-fold run and normal in the other")]
+    LabelsDisagree { path: String },
 }
 
 /// One model's calibrated P(abnormal) for every image, and the threshold of
@@ -144,6 +158,64 @@ pub fn compare(a: Scored, b: Scored, cases: Cases, resamples: usize, seed: u64) 
         resamples,
         level: CI_LEVEL,
     })
+}
+
+/// The out-of-fold predictions of two k-fold runs over the same images,
+/// paired by image path: each image was predicted in both by a model that
+/// never saw its patient, so two recipes compare on all the images rather
+/// than on one development split.
+#[derive(Clone, Debug)]
+pub struct PairedOutOfFold {
+    /// A's and B's P(abnormal), in A's order.
+    pub a: Vec<f64>,
+    pub b: Vec<f64>,
+    pub labels: Vec<bool>,
+    /// A's patients, where its run grouped by patient.
+    pub patients: Option<Vec<usize>>,
+    pub study_keys: Vec<String>,
+}
+
+impl PairedOutOfFold {
+    pub fn new(a: &KfoldReport, b: &KfoldReport) -> Result<Self, CompareError> {
+        let b_by_path: HashMap<&str, (bool, f64)> = b
+            .predictions
+            .iter()
+            .map(|p| (p.path.as_str(), (p.positive, p.probability)))
+            .collect();
+        let a_paths: std::collections::HashSet<&str> = a.predictions.iter().map(|p| p.path.as_str()).collect();
+        let only_a: Vec<&str> = a_paths.iter().copied().filter(|p| !b_by_path.contains_key(p)).collect();
+        let only_b: Vec<&str> = b_by_path.keys().copied().filter(|p| !a_paths.contains(p)).collect();
+        if !only_a.is_empty() || !only_b.is_empty() || a.predictions.len() != b.predictions.len() {
+            let example = only_a
+                .iter()
+                .chain(&only_b)
+                .min()
+                .map_or_else(|| "an image predicted twice".to_string(), |p| p.to_string());
+            return Err(CompareError::DifferentImages {
+                only_a: only_a.len(),
+                only_b: only_b.len(),
+                example,
+            });
+        }
+        let mut probabilities_b = Vec::with_capacity(a.predictions.len());
+        for prediction in &a.predictions {
+            let (positive, probability) = b_by_path[prediction.path.as_str()];
+            if positive != prediction.positive {
+                return Err(CompareError::LabelsDisagree {
+                    path: prediction.path.clone(),
+                });
+            }
+            probabilities_b.push(probability);
+        }
+        let held_out = a.held_out("");
+        Ok(Self {
+            a: a.predictions.iter().map(|p| p.probability).collect(),
+            b: probabilities_b,
+            labels: held_out.labels,
+            patients: held_out.groups,
+            study_keys: held_out.study_keys,
+        })
+    }
 }
 
 fn distinct_count(groups: &[usize]) -> usize {

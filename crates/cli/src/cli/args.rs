@@ -51,8 +51,9 @@ pub enum Command {
     /// Fit a model's temperature, test-time augmentation and operating points
     /// on held-out images, and record them in its card.
     Calibrate(CalibrateArgs),
-    /// Score two models on the same labelled images: each one's AUC and kappa,
-    /// and how much B gains over A, with a paired bootstrap over patients.
+    /// Score two models on the same labelled images, or two k-fold runs on their
+    /// out-of-fold predictions: each one's AUC and kappa, and how much B gains
+    /// over A, with a paired bootstrap over patients.
     Compare(CompareArgs),
 }
 
@@ -535,14 +536,18 @@ impl From<BenchModeArg> for BenchMode {
 }
 
 #[derive(Args, Debug)]
+// An optional flattened group still requires its required fields (clap
+// issue 5092); kfold reports need no images.
+#[command(mut_arg("input", |arg| arg.required(false)))]
 pub struct CompareArgs {
-    /// Model A (the reference), then model B: differences are B minus A.
-    #[arg(value_name = "MODEL.safetensors", num_args = 2, required = true)]
+    /// A (the reference), then B: two model files, or two `kfold --report`
+    /// files of runs over the same images. Differences are B minus A.
+    #[arg(value_name = "MODEL.safetensors|REPORT.json", num_args = 2, required = true)]
     pub models: Vec<PathBuf>,
-    /// The labelled images to score both on: images neither model trained or
-    /// was tuned on (a development split: use --patients).
+    /// With model files, the labelled images to score both on: images neither
+    /// model trained or was tuned on (a development split: use --patients).
     #[command(flatten)]
-    pub data: DataArgs,
+    pub data: Option<DataArgs>,
     #[arg(long, value_enum, default_value = "text")]
     pub format: CompareFormat,
     /// Both models' image-level ROC curves in one SVG.
