@@ -8,7 +8,6 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::calibration::study_metrics;
 use crate::kfold::KfoldReport;
 use crate::metrics::{self, BinaryMetrics, PairedDifference, CI_LEVEL};
 use crate::study;
@@ -111,47 +110,29 @@ pub fn compare(a: Scored, b: Scored, cases: Cases, resamples: usize, seed: u64) 
     let each_image_alone: Vec<usize> = (0..n).collect();
     let groups = cases.patients.unwrap_or(&each_image_alone);
 
-    let figures = |scored: &Scored| ModelFigures {
-        images: BinaryMetrics::compute(scored.probabilities, cases.labels, Some(groups), scored.threshold, seed),
-        studies: study_metrics(
-            cases.study_keys,
-            scored.probabilities,
-            cases.labels,
-            Some(groups),
-            scored.threshold,
-            seed,
-        ),
-    };
-    let images = metrics::paired_auc_difference(
-        a.probabilities,
-        b.probabilities,
-        cases.labels,
-        groups,
-        resamples,
-        CI_LEVEL,
-        seed,
-    );
-
     // Both models' studies come out of `group` in the same order (first
     // appearance of each key), so they pair up by position.
     let studies_a = study::group(cases.study_keys, a.probabilities);
     let studies_b = study::group(cases.study_keys, b.probabilities);
     let study_scores = |studies: &[study::Study]| studies.iter().map(|s| s.probability).collect::<Vec<_>>();
+    let (study_scores_a, study_scores_b) = (study_scores(&studies_a), study_scores(&studies_b));
     let study_labels: Vec<bool> = studies_a.iter().map(|s| cases.labels[s.members[0]]).collect();
     let study_groups: Vec<usize> = studies_a.iter().map(|s| groups[s.members[0]]).collect();
-    let studies = metrics::paired_auc_difference(
-        &study_scores(&studies_a),
-        &study_scores(&studies_b),
-        &study_labels,
-        &study_groups,
-        resamples,
-        CI_LEVEL,
-        seed,
-    );
+
+    // The same figures as `calibration::study_metrics`, from the studies grouped once.
+    let figures = |scored: &Scored, study_scores: &[f64]| ModelFigures {
+        images: BinaryMetrics::compute(scored.probabilities, cases.labels, Some(groups), scored.threshold, seed),
+        studies: BinaryMetrics::compute(study_scores, &study_labels, Some(&study_groups), scored.threshold, seed),
+    };
+    let paired = |a: &[f64], b: &[f64], labels: &[bool], groups: &[usize]| {
+        metrics::paired_auc_difference(a, b, labels, groups, resamples, CI_LEVEL, seed)
+    };
+    let images = paired(a.probabilities, b.probabilities, cases.labels, groups);
+    let studies = paired(&study_scores_a, &study_scores_b, &study_labels, &study_groups);
 
     Ok(Comparison {
-        a: figures(&a),
-        b: figures(&b),
+        a: figures(&a, &study_scores_a),
+        b: figures(&b, &study_scores_b),
         images,
         studies,
         patients: cases.patients.map(|_| distinct_count(groups)),
@@ -207,13 +188,12 @@ impl PairedOutOfFold {
             }
             probabilities_b.push(probability);
         }
-        let held_out = a.held_out("");
         Ok(Self {
             a: a.predictions.iter().map(|p| p.probability).collect(),
             b: probabilities_b,
-            labels: held_out.labels,
-            patients: held_out.groups,
-            study_keys: held_out.study_keys,
+            labels: a.predictions.iter().map(|p| p.positive).collect(),
+            patients: a.patient_indices(),
+            study_keys: a.study_keys(),
         })
     }
 }

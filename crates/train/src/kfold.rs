@@ -119,14 +119,11 @@ impl KfoldReport {
             p.brier
         );
         if let Some(study) = &self.study_level {
-            let auc = match (study.auc, study.auc_ci) {
-                (Some(auc), Some((lo, hi))) => format!("{auc:.3} (95% CI {lo:.3}-{hi:.3})"),
-                (Some(auc), None) => format!("{auc:.3}"),
-                _ => "undefined".into(),
-            };
             out += &format!(
-                "Study level ({} studies, mean of their images): ROC AUC {auc}  kappa {:.3}\n",
-                study.n, study.kappa
+                "Study level ({} studies, mean of their images): ROC AUC {}  kappa {:.3}\n",
+                study.n,
+                study.auc_text(),
+                study.kappa
             );
         }
         if let Some(calibration) = &self.calibration {
@@ -145,6 +142,16 @@ impl KfoldReport {
         }
     }
 
+    /// Each prediction's patient as an index, where the run grouped by patient.
+    pub fn patient_indices(&self) -> Option<Vec<usize>> {
+        self.grouped_by_patient.then(|| group_indices(&self.predictions))
+    }
+
+    /// Each prediction's study key (see [`crate::study::study_key`]).
+    pub fn study_keys(&self) -> Vec<String> {
+        study_keys(&self.predictions)
+    }
+
     /// The out-of-fold predictions as held-out predictions to calibrate on.
     /// The folds predicted each image once, without test-time views and at
     /// temperature 1, so its logit is the logit of its probability.
@@ -157,8 +164,8 @@ impl KfoldReport {
         HeldOut {
             view_logits: self.predictions.iter().map(|p| vec![logit(p.probability)]).collect(),
             labels: self.predictions.iter().map(|p| p.positive).collect(),
-            groups: self.grouped_by_patient.then(|| group_indices(&self.predictions)),
-            study_keys: study_keys(&self.predictions),
+            groups: self.patient_indices(),
+            study_keys: self.study_keys(),
             chosen_on: format!(
                 "{} out-of-fold predictions{} of a {}-fold run ({described_as})",
                 self.predictions.len(),

@@ -589,6 +589,16 @@ impl BinaryMetrics {
             confusion,
         }
     }
+
+    /// The AUC and its interval as printouts give them:
+    /// `0.812 (95% CI 0.750-0.870)`.
+    pub fn auc_text(&self) -> String {
+        match (self.auc, self.auc_ci) {
+            (Some(auc), Some((lo, hi))) => format!("{auc:.3} ({:.0}% CI {lo:.3}-{hi:.3})", CI_LEVEL * 100.0),
+            (Some(auc), None) => format!("{auc:.3}"),
+            (None, _) => "undefined".into(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1013,6 +1023,9 @@ mod tests {
         assert!(grouped.auc_ci.is_some());
         let mismatched = BinaryMetrics::compute(&scores, &labels[..3], None, 0.4, 0);
         assert_eq!((mismatched.n, mismatched.auc), (0, None));
+
+        assert_eq!(m.auc_text(), format!("0.750 (95% CI {lo:.3}-{hi:.3})"));
+        assert_eq!(mismatched.auc_text(), "undefined");
     }
 
     #[test]

@@ -92,11 +92,6 @@ pub(super) fn calibrate(args: CalibrateArgs) -> Result<()> {
         &held_out.chosen_on,
     );
 
-    let ci = |m: &fracture_train::metrics::BinaryMetrics| match (m.auc, m.auc_ci) {
-        (Some(auc), Some((lo, hi))) => format!("{auc:.3} (95% CI {lo:.3}-{hi:.3})"),
-        (Some(auc), None) => format!("{auc:.3}"),
-        _ => "undefined".into(),
-    };
     println!("calibrated on {chosen_on}, TTA {:?}", card.tta);
     println!(
         "temperature {temperature:.3}: log loss {:.4} -> {:.4} (what the temperature minimises), \
@@ -109,10 +104,15 @@ pub(super) fn calibrate(args: CalibrateArgs) -> Result<()> {
     );
     println!(
         "images: ROC AUC {}  kappa {:.3} at the balanced point",
-        ci(image),
+        image.auc_text(),
         image.kappa
     );
-    println!("studies ({}): ROC AUC {}  kappa {:.3}", study.n, ci(study), study.kappa);
+    println!(
+        "studies ({}): ROC AUC {}  kappa {:.3}",
+        study.n,
+        study.auc_text(),
+        study.kappa
+    );
     for point in OperatingPoint::ALL {
         let threshold = points.threshold(point);
         let confusion = fracture_train::metrics::Confusion::at_threshold(scores, labels, threshold);

@@ -257,11 +257,6 @@ fn print_text(paired: &Paired, comparison: &Comparison) {
         comparison.level * 100.0,
         comparison.resamples
     );
-    let auc = |m: &BinaryMetrics| match (m.auc, m.auc_ci) {
-        (Some(auc), Some((lo, hi))) => format!("{auc:.3} ({lo:.3}-{hi:.3})"),
-        (Some(auc), None) => format!("{auc:.3}"),
-        _ => "undefined".into(),
-    };
     let gain = |difference: &Option<PairedDifference>| match difference {
         Some(d) => format!(
             "{:+.3} ({:+.3} to {:+.3}; B above A in {:.0}% of resamples)",
@@ -272,7 +267,7 @@ fn print_text(paired: &Paired, comparison: &Comparison) {
         ),
         None => "undefined".into(),
     };
-    println!("{:<24}{:<22}{:<22}B - A", "", "A", "B");
+    println!("{:<24}{:<28}{:<28}B - A", "", "A", "B");
     for (level, fa, fb, difference) in [
         ("images", &comparison.a.images, &comparison.b.images, &comparison.images),
         (
@@ -283,14 +278,14 @@ fn print_text(paired: &Paired, comparison: &Comparison) {
         ),
     ] {
         println!(
-            "{:<24}{:<22}{:<22}{}",
+            "{:<24}{:<28}{:<28}{}",
             format!("{level} ({}) AUC", fa.n),
-            auc(fa),
-            auc(fb),
+            fa.auc_text(),
+            fb.auc_text(),
             gain(difference)
         );
         println!(
-            "{:<24}{:<22.3}{:.3}",
+            "{:<24}{:<28.3}{:.3}",
             format!("{level} kappa, balanced"),
             fa.kappa,
             fb.kappa
