@@ -44,21 +44,39 @@ fn decode_image_inputs_decode_or_fail_cleanly() {
     );
 }
 
+/// Seeds made to fail one check (`scripts/make_structural_fuzz_seeds.py`),
+/// with the message they must fail with.
+const REFUSED_MODEL_SEEDS: [(&str, &str); 1] = [(
+    "densenet-tiny-extra-tensor.safetensors",
+    "unexpected tensor(s): features.extra.weight",
+)];
+
 #[test]
 fn model_file_inputs_load_or_fail_cleanly() {
     let device = candle_core::Device::Cpu;
     let inputs = inputs("model_file");
     assert!(!inputs.is_empty(), "the seed corpus is missing");
+    let mut refused_seen = 0;
     for (path, bytes) in &inputs {
-        if let Ok(file) = fracture_core::weights::ModelFile::from_bytes(bytes, &device) {
-            let built = file.build_model(&device);
-            assert!(
-                built.is_ok() || !path.starts_with_seeds(),
-                "seed {} does not build",
-                path.display()
-            );
+        let built =
+            fracture_core::weights::ModelFile::from_bytes(bytes, &device).and_then(|file| file.build_model(&device));
+        if !path.starts_with_seeds() {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_string_lossy();
+        match REFUSED_MODEL_SEEDS.iter().find(|(seed, _)| *seed == name) {
+            Some((_, message)) => {
+                let error = built.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(
+                    error.contains(message),
+                    "seed {name}: expected `{message}`, got `{error}`"
+                );
+                refused_seen += 1;
+            }
+            None => assert!(built.is_ok(), "seed {name} does not build: {:?}", built.err()),
         }
     }
+    assert_eq!(refused_seen, REFUSED_MODEL_SEEDS.len(), "a refused seed is missing");
 }
 
 #[test]
