@@ -17,6 +17,7 @@ struct Options {
     targets: Vec<&'static str>,
     seconds: u64,
     minimise: bool,
+    coverage: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -24,6 +25,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         targets: Vec::new(),
         seconds: 60,
         minimise: false,
+        coverage: false,
     };
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
@@ -35,6 +37,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     .map_err(|_| format!("--seconds {value}: not a number of seconds"))?;
             }
             "--minimise" => options.minimise = true,
+            "--coverage" => options.coverage = true,
             name => match TARGETS.iter().find(|t| **t == name) {
                 Some(target) => options.targets.push(target),
                 None => {
@@ -49,6 +52,11 @@ fn parse(args: &[String]) -> Result<Options, String> {
     if options.targets.is_empty() {
         options.targets = TARGETS.to_vec();
     }
+    if options.coverage && options.minimise {
+        return Err(
+            "--coverage measures the committed inputs; it does not fuzz, so there is nothing to --minimise".into(),
+        );
+    }
     Ok(options)
 }
 
@@ -58,6 +66,14 @@ fn parse(args: &[String]) -> Result<Options, String> {
 /// it goes to `fuzz/regressions/TARGET/`, which the tests replay.
 pub fn fuzz(args: &[String]) -> Result<(), String> {
     let options = parse(args)?;
+    if options.coverage {
+        let toolchain = tools::ensure_fuzz_coverage_toolchain()?;
+        let cargo_fuzz = tools::ensure_cargo_fuzz()?;
+        for &target in &options.targets {
+            crate::fuzz_coverage::coverage(toolchain, &cargo_fuzz, target)?;
+        }
+        return Ok(());
+    }
     let toolchain = tools::ensure_fuzz_toolchain()?;
     let cargo_fuzz = tools::ensure_cargo_fuzz()?;
     let fuzz_dir = workspace_root().join("fuzz");
@@ -338,5 +354,8 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().targets.len(), TARGETS.len());
         assert!(parse(&["nope".to_string()]).unwrap_err().contains("decode_image"));
         assert!(parse(&["--seconds".to_string(), "x".to_string()]).is_err());
+        let coverage = parse(&["pth_import".to_string(), "--coverage".to_string()]).unwrap();
+        assert!(coverage.coverage && !coverage.minimise);
+        assert!(parse(&["--coverage".to_string(), "--minimise".to_string()]).is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! tools whose pinned version is already installed.
 
 mod fuzz;
+mod fuzz_coverage;
 mod models;
 mod serve;
 mod tools;
@@ -45,7 +46,8 @@ fn usage() -> &'static str {
      site            build the static site into dist/ (trunk build --release; its hook adds the threaded and relaxed-SIMD builds)\n  \
      site-hook       trunk's post-build hook: the threaded and relaxed-SIMD wasm builds and the models' hashes, into trunk's staging folder\n  \
      serve [--port N] build the site and serve it on http://127.0.0.1:N (default 8080)\n  \
-     fuzz [TARGET] [--seconds N] [--minimise]  run the cargo-fuzz targets (all, or one of decode_image, model_file, card, pth_import) for N seconds each (default 60), then say when each last found new coverage; --minimise merges what the run found into fuzz/minimised/ (committed)"
+     fuzz [TARGET] [--seconds N] [--minimise]  run the cargo-fuzz targets (all, or one of decode_image, model_file, card, pth_import) for N seconds each (default 60), then say when each last found new coverage; --minimise merges what the run found into fuzz/minimised/ (committed)\n  \
+     fuzz [TARGET] --coverage  which lines of crates/ the committed fuzz inputs run, file by file, with every line's count in fuzz/coverage/TARGET/lines.txt"
 }
 
 pub(crate) fn workspace_root() -> PathBuf {

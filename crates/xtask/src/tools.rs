@@ -166,6 +166,11 @@ pub fn ensure_fuzz_toolchain() -> Result<&'static str, String> {
     ensure_nightly(&[], &[], "fuzzing")
 }
 
+/// `cargo fuzz coverage` needs llvm-profdata, and the report llvm-cov.
+pub fn ensure_fuzz_coverage_toolchain() -> Result<&'static str, String> {
+    ensure_nightly(&["llvm-tools"], &[], "fuzz coverage")
+}
+
 pub fn ensure_threads_toolchain() -> Result<&'static str, String> {
     ensure_nightly(&["rust-src"], &[WASM_TARGET], "the threaded browser build")
 }
