@@ -195,6 +195,48 @@ fn multi_frame_reads_the_first_frame() {
     assert_close(&grey(&file(object, EXPLICIT_LE)), &[0.0, 1.0]);
 }
 
+/// Two pixels, red and (0, 128, 255), stored colour by plane (Planar
+/// Configuration 1: all R, then all G, then all B).
+fn planar_rgb() -> InMemDicomObject {
+    let mut object = image(2, 1, "RGB", 8, bytes(&[255, 0, 0, 128, 0, 255]));
+    set(&mut object, tags::PLANAR_CONFIGURATION, VR::US, 1u16);
+    object
+}
+
+/// Mid grey (Y = Cb = Cr = 128), then Y 100 with Cr 200: more red, less green.
+fn ybr_full() -> InMemDicomObject {
+    let mut object = image(2, 1, "RGB", 8, bytes(&[128, 128, 128, 100, 128, 200]));
+    set(&mut object, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "YBR_FULL");
+    object
+}
+
+#[test]
+fn planar_rgb_and_ybr_full_decode_to_rgb() {
+    let decoded = preprocess::decode(&file(planar_rgb(), EXPLICIT_LE)).unwrap();
+    assert_close(decoded.as_raw(), &[1.0, 0.0, 0.0, 0.0, 128.0 / 255.0, 1.0]);
+
+    // PS3.3 C.7.6.3.1.2: R = Y + 1.402 (Cr - 128), G = Y - 0.344136 (Cb - 128) - 0.714136 (Cr - 128), B = Y + 1.772 (Cb - 128).
+    let decoded = preprocess::decode(&file(ybr_full(), EXPLICIT_LE)).unwrap();
+    let grey = 128.0 / 255.0;
+    let red = [100.0 + 1.402 * 72.0, 100.0 - 0.714_136 * 72.0, 100.0].map(|v: f32| v / 255.0);
+    assert_close(decoded.as_raw(), &[grey, grey, grey, red[0], red[1], red[2]]);
+}
+
+/// The window of `windowed_monochrome`, one unit narrower, as LINEAR_EXACT.
+fn linear_exact() -> Vec<u8> {
+    let mut object = image(3, 2, "MONOCHROME2", 12, words(&[0, 1000, 1500, 1999, 2000, 4000]));
+    set(&mut object, tags::WINDOW_CENTER, VR::DS, "1500");
+    set(&mut object, tags::WINDOW_WIDTH, VR::DS, "1000");
+    set(&mut object, tags::VOILUT_FUNCTION, VR::CS, "LINEAR_EXACT");
+    file(object, EXPLICIT_LE)
+}
+
+#[test]
+fn linear_exact_windows_without_the_half_unit_shift() {
+    // 0 up to c - w/2 = 1000, 1 above 2000, (x - 1500) / 1000 + 0.5 between.
+    assert_close(&grey(&linear_exact()), &[0.0, 0.0, 0.5, 0.999, 1.0, 1.0]);
+}
+
 /// A JPEG baseline frame (made by the `image` crate) in encapsulated pixel
 /// data: proves the pure-Rust JPEG codec is compiled in.
 fn jpeg_dicom() -> Vec<u8> {
@@ -228,6 +270,43 @@ fn jpeg_baseline_decodes() {
     assert_eq!(values.len(), 256);
     // No window: min/max of a flat JPEG is flat, whatever its level.
     assert!(values.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
+}
+
+/// Two 16×16 JPEG frames in three fragments, the first frame split in two,
+/// so that only the Basic Offset Table says where the second begins.
+fn jpeg_two_frames_with_an_offset_table() -> Vec<u8> {
+    let jpeg = |level: u8| {
+        let flat = image::DynamicImage::ImageLuma8(image::ImageBuffer::from_pixel(16, 16, image::Luma([level])));
+        let mut out = std::io::Cursor::new(Vec::new());
+        flat.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        let mut out = out.into_inner();
+        if out.len() % 2 == 1 {
+            out.push(0);
+        }
+        out
+    };
+    // The first fragment holds only the start-of-image marker.
+    let first = jpeg(60);
+    let fragments = vec![first[..2].to_vec(), first[2..].to_vec(), jpeg(200)];
+    let second_frame_at = (fragments[0].len() + 8 + fragments[1].len() + 8) as u32;
+    let pixel_data = DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PixelFragmentSequence::new(vec![0, second_frame_at], fragments),
+    );
+    let mut object = image(16, 16, "MONOCHROME2", 8, pixel_data);
+    set(&mut object, tags::NUMBER_OF_FRAMES, VR::IS, "2");
+    file(object, uids::JPEG_BASELINE8_BIT)
+}
+
+#[test]
+fn a_jpeg_frame_split_across_fragments_is_gathered_by_the_offset_table() {
+    // The frame header checked against Rows and Columns is in the second
+    // fragment, so this decodes only if the fragments are joined as the
+    // table says; the flat frame is flat.
+    let values = grey(&jpeg_two_frames_with_an_offset_table());
+    assert_eq!(values.len(), 256);
+    assert!(values.iter().all(|v| *v == values[0]), "{values:?}");
 }
 
 /// The codecs would panic on these (dicom-rs copying a larger frame than
@@ -525,6 +604,13 @@ fn write_dicom_fuzz_seeds() {
             file(with_sequence, uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN),
         ),
         ("dicom-jpeg-baseline.dcm", jpeg_dicom()),
+        (
+            "dicom-jpeg-two-frames-offset-table.dcm",
+            jpeg_two_frames_with_an_offset_table(),
+        ),
+        ("dicom-rgb-planar.dcm", file(planar_rgb(), EXPLICIT_LE)),
+        ("dicom-ybr-full.dcm", file(ybr_full(), EXPLICIT_LE)),
+        ("dicom-linear-exact.dcm", linear_exact()),
         ("dicom-rle.dcm", rle_dicom(8, 8, &rle_pixels)),
     ];
     let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/decode_image");
