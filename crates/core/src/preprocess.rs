@@ -117,6 +117,9 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb32FImage> {
             "{width}x{height} JPEG: the decoder cannot read a side over {MAX_JPEG_SIDE} pixels"
         )));
     }
+    if format == ImageFormat::Jpeg {
+        jpeg_holds_its_blocks(bytes.len(), width, height)?;
+    }
     let image = DynamicImage::from_decoder(decoder).map_err(|e| Error::Decode(e.to_string()))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(Error::Decode("image has no pixels".into()));
@@ -147,6 +150,24 @@ pub(crate) fn check_pixel_budget(width: u32, height: u32) -> Result<()> {
 /// like any other (in builds with overflow checks, a panic). The format's own
 /// limit is 65,535.
 const MAX_JPEG_SIDE: u32 = 65_528;
+
+/// A JPEG codes every 8×8 block of its full-resolution component with at
+/// least one Huffman code of at least one bit (the DC difference), so a file
+/// of fewer bytes than that cannot hold its image, whatever markers it has.
+/// zune-jpeg would decode the missing blocks from whatever follows as filler,
+/// and in builds with overflow checks panic when the DC prediction it sums
+/// over them overflows (found by `cargo xtask fuzz decode_image`).
+fn jpeg_holds_its_blocks(file_len: usize, width: u32, height: u32) -> Result<()> {
+    let blocks = u64::from(width.div_ceil(8)) * u64::from(height.div_ceil(8));
+    let least = blocks.div_ceil(8);
+    if (file_len as u64) < least {
+        return Err(Error::Decode(format!(
+            "{width}x{height} JPEG in {file_len} bytes: its {blocks} blocks of 8x8 pixels need at least \
+             {least} (a bit each), so the file is truncated or corrupt"
+        )));
+    }
+    Ok(())
+}
 
 /// Whether a JPEG's last scan is followed by its end-of-image marker. The
 /// decoder fills a cut-off file's missing rows with grey and says nothing,
@@ -262,6 +283,29 @@ mod tests {
         };
         assert!(decode(&tall(65_529)).unwrap_err().to_string().contains("8x65529 JPEG"));
         assert!(!decode(&tall(65_528)).is_err_and(|e| e.to_string().contains("cannot read a side")));
+    }
+
+    /// Found by `cargo xtask fuzz decode_image`: 644 bytes declaring a
+    /// 65499x224 colour JPEG, with an end marker; zune-jpeg summed filler DC
+    /// differences over 229,264 blocks until the prediction overflowed.
+    #[test]
+    fn a_jpeg_too_small_for_its_blocks_is_refused() {
+        let bytes =
+            include_bytes!("../../../fuzz/regressions/decode_image/crash-657a6d01bc889e3bbd34749192f5749f9b65f6e5");
+        let error = decode(bytes).unwrap_err().to_string();
+        assert!(error.contains("65499x224 JPEG in 644 bytes"), "{error}");
+        // A whole flat image is far above the bound; the same file declaring
+        // more blocks than its bytes can code is refused.
+        let flat = encoded(
+            image::DynamicImage::ImageLuma8(image::GrayImage::new(256, 256)),
+            ImageFormat::Jpeg,
+        );
+        assert!(decode(&flat).is_ok());
+        let frame = flat.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        let mut enlarged = flat.clone();
+        enlarged[frame + 5..frame + 9].copy_from_slice(&[0x10, 0x00, 0x10, 0x00]);
+        let error = decode(&enlarged).unwrap_err().to_string();
+        assert!(error.contains("4096x4096 JPEG in"), "{error}");
     }
 
     #[test]
