@@ -548,6 +548,26 @@ fn image_with_a_sequence() -> InMemDicomObject {
     object
 }
 
+/// Sequences inside items inside sequences, 40 deep: the guard walks them
+/// recursively, so it stops at a depth no real header reaches.
+#[test]
+fn sequences_nested_too_deep_are_refused() {
+    let mut inner = InMemDicomObject::from_element_iter([DataElement::new(tags::CODE_VALUE, VR::SH, "R-10206")]);
+    for _ in 0..40 {
+        inner = InMemDicomObject::from_element_iter([DataElement::new(
+            tags::VIEW_CODE_SEQUENCE,
+            VR::SQ,
+            dicom_core::DicomValue::new_sequence(vec![inner], dicom_core::Length::UNDEFINED),
+        )]);
+    }
+    let mut object = image(2, 2, "MONOCHROME2", 16, words(&[100, 200, 300, 500]));
+    for element in inner.into_iter() {
+        object.put(element);
+    }
+    let error = preprocess::decode(&file(object, EXPLICIT_LE)).unwrap_err().to_string();
+    assert!(error.contains("nested more than 32 deep"), "{error}");
+}
+
 #[test]
 fn implicit_vr_and_sequences_pass_the_length_guard() {
     let object = image_with_a_sequence();
