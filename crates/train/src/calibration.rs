@@ -202,11 +202,16 @@ pub fn study_metrics(
     threshold: f64,
     seed: u64,
 ) -> BinaryMetrics {
-    let studies = crate::study::group(keys, scores);
-    let study_scores: Vec<f64> = studies.iter().map(|s| s.probability).collect();
-    let study_labels: Vec<bool> = studies.iter().map(|s| labels[s.members[0]]).collect();
-    let study_groups: Option<Vec<usize>> = groups.map(|g| studies.iter().map(|s| g[s.members[0]]).collect());
-    BinaryMetrics::compute(&study_scores, &study_labels, study_groups.as_deref(), threshold, seed)
+    use crate::study::{group, of_first_image, probabilities};
+    let studies = group(keys, scores);
+    let study_groups = groups.map(|g| of_first_image(&studies, g));
+    BinaryMetrics::compute(
+        &probabilities(&studies),
+        &of_first_image(&studies, labels),
+        study_groups.as_deref(),
+        threshold,
+        seed,
+    )
 }
 
 /// How well P(abnormal) matches the observed rate on held-out predictions.

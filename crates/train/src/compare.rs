@@ -114,10 +114,9 @@ pub fn compare(a: Scored, b: Scored, cases: Cases, resamples: usize, seed: u64) 
     // appearance of each key), so they pair up by position.
     let studies_a = study::group(cases.study_keys, a.probabilities);
     let studies_b = study::group(cases.study_keys, b.probabilities);
-    let study_scores = |studies: &[study::Study]| studies.iter().map(|s| s.probability).collect::<Vec<_>>();
-    let (study_scores_a, study_scores_b) = (study_scores(&studies_a), study_scores(&studies_b));
-    let study_labels: Vec<bool> = studies_a.iter().map(|s| cases.labels[s.members[0]]).collect();
-    let study_groups: Vec<usize> = studies_a.iter().map(|s| groups[s.members[0]]).collect();
+    let (study_scores_a, study_scores_b) = (study::probabilities(&studies_a), study::probabilities(&studies_b));
+    let study_labels = study::of_first_image(&studies_a, cases.labels);
+    let study_groups = study::of_first_image(&studies_a, groups);
 
     // The same figures as `calibration::study_metrics`, from the studies grouped once.
     let figures = |scored: &Scored, study_scores: &[f64]| ModelFigures {

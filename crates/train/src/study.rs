@@ -61,6 +61,17 @@ pub fn group(keys: &[String], probabilities: &[f64]) -> Vec<Study> {
         .collect()
 }
 
+/// Each study's mean probability, in the order of `studies`.
+pub fn probabilities(studies: &[Study]) -> Vec<f64> {
+    studies.iter().map(|s| s.probability).collect()
+}
+
+/// A per-image value of each study taken from its first image: a study's
+/// images share their label (MURA labels studies) and their patient.
+pub fn of_first_image<T: Copy>(studies: &[Study], per_image: &[T]) -> Vec<T> {
+    studies.iter().map(|s| per_image[s.members[0]]).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

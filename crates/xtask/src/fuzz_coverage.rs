@@ -43,12 +43,11 @@ pub fn coverage(toolchain: &str, cargo_fuzz: &Path, target: &str) -> Result<(), 
         .map_err(|e| format!("cargo fuzz coverage {target}: cannot start: {e}"))?;
     if !output.status.success() {
         let log = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let lines: Vec<&str> = log.lines().collect();
         return Err(format!(
             "cargo fuzz coverage {target}: failed ({})\n{}",
             output.status,
-            tail.join("\n")
+            lines[lines.len().saturating_sub(30)..].join("\n")
         ));
     }
 
